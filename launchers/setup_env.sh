@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates or reuses the project's virtualenv (.venv, or $VENV) and installs the pinned
+# dependencies. Sourced by launchers/quickstart.sh and tests/run.sh; idempotent and quick
+# when nothing changed (a stamp file records the hash of the requirement files).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating virtualenv $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.megatron_mixln_stamp"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/constraints-cpu.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing dependencies into $VENV (first run: a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # A CUDA torch that is already installed is kept; otherwise the pinned CPU build.
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints-cpu.txt" torch
+    fi
+    # Pin torch to whatever is installed now, so no requirement can swap it for another build.
+    keep_torch="$(mktemp)"
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$keep_torch"
+    DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -c "$keep_torch" -r "$ROOT/requirements.txt"
+    rm -f "$keep_torch"
+    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+    echo "$want" > "$stamp"
+fi
+export VENV
+export PATH="$VENV/bin:$PATH"

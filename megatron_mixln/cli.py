@@ -1,0 +1,40 @@
+"""Map typed config dataclasses onto argparse flags one to one (field_name <-> --field-name)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def _base_type(tp):
+    """int | None -> int; bool stays bool."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None = None, skip=()):
+    """One flag per init field. Defaults are SUPPRESSed so only flags the user gave are seen."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_text, metavar=tp.__name__.upper())
+    return group
+
+
+def given_fields(ns: argparse.Namespace, cls) -> dict:
+    """The dataclass fields present in a parsed namespace (i.e. given on the command line)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {k: v for k, v in vars(ns).items() if k in names}

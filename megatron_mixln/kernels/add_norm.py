@@ -1,0 +1,72 @@
+"""One entry point for "residual add, then norm", whatever implementation runs it.
+
+Every norm position of the model reduces to this pattern:
+
+    s   = residual_scale * residual + x      (skipped when residual is None: s = x)
+    out = norm(s) * out_scale                (RMSNorm or LayerNorm, statistics in fp32)
+
+Pre-LN carries `s` on as the new residual stream and feeds `out` to the next
+sublayer; Post-LN/DeepNorm keep only `out`; LNS passes out_scale = 1/sqrt(l).
+The model calls `add_norm` only, so the placement logic is written once and the
+implementation (`torch`, `triton`, `apex`) is a dispatch detail.
+"""
+from __future__ import annotations
+
+import torch
+
+IMPLS = ("auto", "torch", "triton", "apex")
+KINDS = ("rmsnorm", "layernorm")
+
+
+def add_norm_torch(x, residual, weight, bias, eps, residual_scale=1.0, out_scale=1.0, kind="rmsnorm"):
+    """Reference implementation in plain PyTorch (autograd does the backward).
+
+    The sum is formed in fp32 and normalised before any rounding; the returned
+    residual is rounded to x's dtype (the residual stream keeps the model dtype).
+    """
+    s = x.float()
+    if residual is not None:
+        s = s + residual.float() * residual_scale if residual_scale != 1.0 else s + residual.float()
+    if kind == "rmsnorm":
+        y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        mean = s.mean(-1, keepdim=True)
+        c = s - mean
+        y = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+    y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    if out_scale != 1.0:
+        y = y * out_scale
+    return y.to(x.dtype), (s.to(x.dtype) if residual is not None else None)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """`auto` means Triton on CUDA and PyTorch elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"norm_impl: unknown implementation {impl!r}; allowed: {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def add_norm(x, residual, weight, bias, eps, residual_scale=1.0, out_scale=1.0, kind="rmsnorm", impl="auto"):
+    """Returns (normed, new_residual); new_residual is None when residual is None."""
+    impl = resolve_impl(impl, x.device)
+    if impl == "torch":
+        return add_norm_torch(x, residual, weight, bias, eps, residual_scale, out_scale, kind)
+    if impl == "triton":
+        from megatron_mixln.kernels.triton_add_norm import add_norm_triton
+
+        return add_norm_triton(x, residual, weight, bias, eps, residual_scale, out_scale, kind)
+    from megatron_mixln.kernels.apex_add_norm import add_norm_apex
+
+    return add_norm_apex(x, residual, weight, bias, eps, residual_scale, out_scale, kind)

@@ -1,0 +1,95 @@
+"""The model's typed config. Field names follow Megatron-LM's flags (--hidden-size -> hidden_size)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from megatron_mixln.model.positions import POSITIONS, format_positions, resolve_positions
+from megatron_mixln.model.presets import preset
+
+NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _help("vocabulary size (rows of the embedding and LM head)", default=32000)
+    hidden_size: int = _help("model width", default=512)
+    ffn_hidden_size: int = _help("SwiGLU inner width", default=1368)
+    num_layers: int = _help("number of transformer blocks", default=12)
+    num_attention_heads: int = _help("query heads", default=8)
+    num_query_groups: int | None = _help("key/value heads for grouped-query attention (default: = heads)", default=None)
+    seq_length: int = _help("maximum sequence length", default=256)
+    rotary_base: float = _help("RoPE base", default=10000.0)
+    normalization: str = _help("RMSNorm or LayerNorm", default="RMSNorm")
+    norm_epsilon: float = _help("epsilon of every norm", default=1e-6)
+    norm_position: str = _help(
+        f"one of {', '.join(POSITIONS)}, 'mix' (Mix-LN), or a per-layer list such as 'post*3,pre*9'", default="pre"
+    )
+    post_ln_layers: int | None = _help("mix: number of leading Post-LN layers k (overrides the fraction)", default=None)
+    post_ln_fraction: float = _help("mix: k = floor(fraction * num_layers)", default=0.25)
+    final_norm: bool = _help("norm before the LM head", default=True)
+    tie_embeddings: bool = _help("share the embedding and LM-head weights", default=False)
+    init_method_std: float = _help("std of the normal init of linear and embedding weights", default=0.02)
+    scaled_embedding_init: bool = _help("embedding std sqrt(2/5)=0.632, as the Mix-LN reference code", default=False)
+    scaled_output_init: bool = _help("o_proj/down_proj std = init_method_std/sqrt(2L)", default=False)
+    norm_impl: str = _help("add+norm implementation: auto, torch, triton or apex", default="auto")
+    positions: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "seq_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.num_query_groups <= 0:
+            raise ValueError(f"num_query_groups: must be a positive integer, got {self.num_query_groups}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads: {self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"hidden_size/num_attention_heads: head dim must be even for RoPE")
+        kind = NORMALIZATIONS.get(self.normalization.lower())
+        if kind is None:
+            raise ValueError(f"normalization: unknown {self.normalization!r}; allowed: RMSNorm, LayerNorm")
+        self.normalization = "RMSNorm" if kind == "rmsnorm" else "LayerNorm"
+        if self.norm_epsilon <= 0 or self.init_method_std <= 0 or self.rotary_base <= 0:
+            raise ValueError("norm_epsilon, init_method_std and rotary_base: must be positive")
+        from megatron_mixln.kernels.add_norm import IMPLS
+
+        if self.norm_impl not in IMPLS:
+            raise ValueError(f"norm_impl: unknown {self.norm_impl!r}; allowed: {', '.join(IMPLS)}")
+        self.positions = resolve_positions(
+            self.norm_position, self.num_layers, self.post_ln_layers, self.post_ln_fraction
+        )
+
+    @property
+    def norm_kind(self) -> str:
+        return self.normalization.lower()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def positions_str(self) -> str:
+        return format_positions(self.positions)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A preset's shape with any field overridden (vocab size, sequence length, a shape field...)."""
+        return cls(**{**preset(name), **overrides})
+
+    def replace(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}

@@ -1,0 +1,41 @@
+"""Weight initialisation (MIXLN.md §2), applied after construction so meta-built models can use it too."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.positions import deepnorm_init_gain
+
+SCALED_EMBEDDING_STD = math.sqrt(2.0 / 5.0)  # the Mix-LN reference code's embedding std
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module) -> None:
+    """N(0, std) everywhere; optional scaled embedding and scaled output projections;
+    DeepNorm layers use xavier_normal with the DeepNet gain on v, o, gate, up, down (q, k gain 1)."""
+    cfg = model.config
+    std = cfg.init_method_std
+    embed_std = SCALED_EMBEDDING_STD if cfg.scaled_embedding_init else std
+    out_std = std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else std
+    nn.init.normal_(model.embed.weight, 0.0, embed_std)
+    if not cfg.tie_embeddings:
+        nn.init.normal_(model.lm_head.weight, 0.0, std)
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        gain = deepnorm_init_gain(block.position, cfg.num_layers)
+        if gain is not None:
+            for lin in (attn.q_proj, attn.k_proj):
+                nn.init.xavier_normal_(lin.weight, gain=1.0)
+            for lin in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                nn.init.xavier_normal_(lin.weight, gain=gain)
+        else:
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                nn.init.normal_(lin.weight, 0.0, std)
+            for lin in (attn.o_proj, mlp.down_proj):
+                nn.init.normal_(lin.weight, 0.0, out_std)
+    for m in model.modules():
+        if isinstance(m, Norm):
+            m.reset_parameters()

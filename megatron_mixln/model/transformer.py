@@ -1,0 +1,53 @@
+"""The LLaMA decoder: embedding -> blocks (each with its own norm position) -> final norm -> LM head."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from megatron_mixln.model.block import Block
+from megatron_mixln.model.config import ModelConfig
+from megatron_mixln.model.init import init_weights
+from megatron_mixln.model.norms import Norm
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, n) for n in range(1, config.num_layers + 1))
+        self.final_norm = (
+            Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
+            if config.final_norm
+            else nn.Identity()
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if not any(p.is_meta for p in self.parameters()):
+            init_weights(self)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(self.final_norm(h))
+
+
+def build_model(config: ModelConfig, device: str | torch.device | None = None) -> Transformer:
+    """Build on `device`; on "meta" no memory is used and weights are left uninitialised
+    (call `model.to_empty(device=...)` then `init_weights(model)` to materialise)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return Transformer(config)
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Unique parameters (a tied head is counted once)."""
+    params = {id(p): p for p in model.parameters()}
+    if exclude_embeddings:
+        for m in (model.embed, model.lm_head):
+            params.pop(id(m.weight), None)
+    return sum(p.numel() for p in params.values())

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools/model_summary.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_7b_mix_summary_on_meta():
+    r = _run("--preset", "7b", "--norm-position", "mix", "--post-ln-layers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "6,738,415,616 total" in r.stdout
+    assert f"{6_738_415_616 - 2 * 32000 * 4096:,} without embeddings" in r.stdout
+    assert "norm positions: post*2,pre*30" in r.stdout
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:2].strip().isdigit() and len(l.split()) == 5]
+    assert [row[1] for row in rows] == ["post"] * 2 + ["pre"] * 30
+    total_gib = 16 * 6_738_415_616 / 1024**3
+    assert f"{total_gib:.2f}" in r.stdout
+
+
+def test_bad_flag_is_a_clear_error():
+    r = _run("--preset", "71m", "--norm-position", "mix", "--post-ln-layers", "13")
+    assert r.returncode == 2 and "post_ln_layers" in r.stderr

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Per-layer norm positions, parameter counts and training memory of a model, without allocating it.
+
+    python tools/model_summary.py --preset 7b --norm-position mix --post-ln-layers 2
+"""
+from __future__ import annotations
+
+import argparse
+
+from megatron_mixln.cli import add_dataclass_args, given_fields
+from megatron_mixln.model import PRESETS, ModelConfig, build_model, count_parameters
+
+GIB = 1024**3
+
+
+def memory_table(n_params: int) -> list[tuple[str, float, float]]:
+    """(what, GiB in bf16 setup, GiB in fp32 setup).
+
+    bf16 column: bf16 weights + bf16 grads + fp32 master weights + fp32 Adam m, v (DeepSpeed/Megatron
+    mixed precision, 2+2+12 = 16 bytes/param). fp32 column: fp32 weights, grads, Adam m, v (16 bytes/param).
+    """
+    return [
+        ("weights", 2 * n_params / GIB, 4 * n_params / GIB),
+        ("gradients", 2 * n_params / GIB, 4 * n_params / GIB),
+        ("Adam states (+ fp32 master for bf16)", 12 * n_params / GIB, 8 * n_params / GIB),
+        ("total model states", 16 * n_params / GIB, 16 * n_params / GIB),
+    ]
+
+
+def summarize(cfg: ModelConfig) -> str:
+    model = build_model(cfg, device="meta")
+    total = count_parameters(model)
+    no_embed = count_parameters(model, exclude_embeddings=True)
+    lines = [
+        f"layers {cfg.num_layers}, hidden {cfg.hidden_size}, ffn {cfg.ffn_hidden_size}, heads "
+        f"{cfg.num_attention_heads} (kv {cfg.num_query_groups}), vocab {cfg.vocab_size}, "
+        f"{cfg.normalization}, tied={cfg.tie_embeddings}, final_norm={cfg.final_norm}",
+        f"norm positions: {cfg.positions_str}",
+        "",
+        f"{'layer':>5}  {'position':<9} {'residual a':>10} {'out scale':>9} {'params':>14}",
+    ]
+    for block in model.layers:
+        n = sum(p.numel() for p in block.parameters())
+        lines.append(
+            f"{block.layer_number:>5}  {block.position:<9} {block.residual_scale:>10.4f} {block.out_scale:>9.4f} {n:>14,}"
+        )
+    lines += [
+        "",
+        f"parameters: {total:,} total, {no_embed:,} without embeddings",
+        "",
+        f"{'memory (GiB)':<40} {'bf16 mixed':>11} {'fp32':>9}",
+    ]
+    lines += [f"{what:<40} {b:>11.2f} {f:>9.2f}" for what, b, f in memory_table(total)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), help="model shape; other flags override it")
+    add_dataclass_args(parser, ModelConfig, "model")
+    args = parser.parse_args(argv)
+    given = given_fields(args, ModelConfig)
+    try:
+        cfg = ModelConfig.from_preset(args.preset, **given) if args.preset else ModelConfig(**given)
+    except ValueError as e:
+        parser.error(str(e))
+    print(summarize(cfg))
+
+
+if __name__ == "__main__":
+    main()
