@@ -12,19 +12,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.megatron_mixln_stamp"
 want="$(cat "$ROOT/requirements.txt" "$ROOT/constraints-cpu.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+pip_quiet() {  # pip, minus the "find-links location is ignored" noise some machines' pip.conf causes
+    "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing dependencies into $VENV (first run: a few minutes)"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    pip_quiet install -q --upgrade pip
     # A CUDA torch that is already installed is kept; otherwise the pinned CPU build.
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-        "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints-cpu.txt" torch
+        pip_quiet install -q -c "$ROOT/constraints-cpu.txt" torch
     fi
     # Pin torch to whatever is installed now, so no requirement can swap it for another build.
     keep_torch="$(mktemp)"
     "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$keep_torch"
-    DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -c "$keep_torch" -r "$ROOT/requirements.txt"
+    DS_BUILD_OPS=0 pip_quiet install -q -c "$keep_torch" -r "$ROOT/requirements.txt"
     rm -f "$keep_torch"
-    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
+    pip_quiet install -q --no-deps -e "$ROOT"
     echo "$want" > "$stamp"
 fi
 export VENV

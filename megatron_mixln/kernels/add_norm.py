@@ -60,11 +60,16 @@ def _triton_available() -> bool:
 
 def add_norm(x, residual, weight, bias, eps, residual_scale=1.0, out_scale=1.0, kind="rmsnorm", impl="auto"):
     """Returns (normed, new_residual); new_residual is None when residual is None."""
+    if kind not in KINDS:
+        raise ValueError(f"add_norm: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
     impl = resolve_impl(impl, x.device)
     if impl == "torch":
         return add_norm_torch(x, residual, weight, bias, eps, residual_scale, out_scale, kind)
     if impl == "triton":
-        from megatron_mixln.kernels.triton_add_norm import add_norm_triton
+        try:
+            from megatron_mixln.kernels.triton_add_norm import add_norm_triton
+        except ImportError as e:
+            raise ImportError(f"--norm-impl triton needs the triton package (pip install triton): {e}") from e
 
         return add_norm_triton(x, residual, weight, bias, eps, residual_scale, out_scale, kind)
     from megatron_mixln.kernels.apex_add_norm import add_norm_apex

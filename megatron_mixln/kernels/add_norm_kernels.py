@@ -21,6 +21,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 MAX_FUSED_N = 65536  # a row must fit in one program's registers
 
@@ -120,19 +121,36 @@ def _add_norm_bwd_kernel(
         tl.store(DB_PARTIAL + pid * N + cols, db_acc, mask=col_ok)
 
 
-def launch_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of n elements.
-
-    Small rows are packed several to a program (a tile of ~4k elements) so that each program still
-    moves enough bytes; num_warps grows with the tile so each thread holds 8-32 values.
-    """
+def launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for rows of n elements: small rows are packed several to a program (a
+    tile of ~4k elements) so that each program still moves enough bytes."""
     if n > MAX_FUSED_N:
         raise ValueError(f"add_norm (triton): hidden size {n} > {MAX_FUSED_N} does not fit one program")
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(16, 4096 // block_n))
-    tile = block_m * block_n
-    num_warps = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
-    return block_m, block_n, num_warps
+    return max(1, min(16, 4096 // block_n)), block_n
+
+
+def _warp_choices(configs, named_args, **kwargs):
+    """Keep the num_warps that give each thread 2-32 elements of the tile: fewer wastes threads;
+    ptxas for sm_90 puts the backward at ~6 registers per element (fp32 dy, s, ŝ, w·dy, ds and the
+    dw partial; tests/kernels/compile_sm90.py prints them), so much more than 32 would spill."""
+    tile = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
+    keep = [c for c in configs if 2 * 32 * c.num_warps <= tile <= 32 * 32 * c.num_warps]
+    return keep or [min(configs, key=lambda c: abs(tile - 8 * 32 * c.num_warps))]
+
+
+def _autotuned(kernel, key):
+    """On a GPU, num_warps is timed once per key (plus the tensors' dtypes) and the fastest kept;
+    the kernels write only fresh outputs, so re-running them while timing is harmless. The CPU
+    interpreter ignores num_warps, so there the plain kernel is launched."""
+    if not isinstance(kernel, JITFunction):
+        return kernel
+    configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _warp_choices})(kernel)
+
+
+add_norm_fwd_kernel = _autotuned(_add_norm_fwd_kernel, ["N", "IS_RMS", "HAS_RESIDUAL", "HAS_BIAS"])
+add_norm_bwd_kernel = _autotuned(_add_norm_bwd_kernel, ["N", "IS_RMS", "HAS_DRES", "STORE_DR", "HAS_BIAS"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,30 +159,32 @@ def _num_sms(device_index: int) -> int:
 
 
 def backward_programs(m: int, block_m: int, device: torch.device) -> int:
-    """How many programs share the backward: a few per SM (enough to hide memory latency), and
-    never more than there are row tiles. The (programs, N) partial buffer stays small next to
-    the (M, N) tensors. Under the CPU interpreter a handful, so the multi-program path is tested."""
-    per_sm = 4
-    target = _num_sms(device.index or 0) * per_sm if device.type == "cuda" else 4
-    return max(1, min(target, triton.cdiv(m, block_m)))
+    """How many programs share the backward: two per SM, but each with at least 32 rows, because
+    the (programs, N) fp32 partials are written and read once more: 8·P·N bytes against 8·M·N for
+    the bf16 tensors, i.e. P/M of the traffic (3% at 4k tokens, 0.4% at 64k). Under the CPU
+    interpreter at most 4, so that the multi-program path and the partial sums are exercised."""
+    tiles = triton.cdiv(m, block_m)
+    if device.type != "cuda":
+        return max(1, min(4, tiles))
+    return max(1, min(2 * _num_sms(device.index or 0), triton.cdiv(m, 32), tiles))
 
 
 def add_norm_fwd(x, residual, weight, bias, eps, residual_scale, out_scale, is_rms):
     """x, residual: (M, N) contiguous. Returns y, s (empty when residual is None), rstd, mean
     (empty for RMSNorm); rstd and mean are fp32 of shape (M,)."""
     m, n = x.shape
-    block_m, block_n, num_warps = launch_config(n)
+    block_m, block_n = launch_config(n)
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else x.new_empty(0)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     mean = torch.empty(m if not is_rms else 0, device=x.device, dtype=torch.float32)
     if m:
-        _add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
             y, s if residual is not None else y, rstd, mean if not is_rms else rstd,
             m, n, eps, residual_scale, out_scale,
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_N=block_n,
         )
     return y, s, rstd, mean
 
@@ -173,21 +193,21 @@ def add_norm_bwd(dy, dres, s, weight, rstd, mean, residual_scale, out_scale, is_
     """dy, dres (or None), s: (M, N) contiguous. Returns dx, dr (empty unless store_dr), dw, db
     (empty unless has_bias); dw and db are fp32, reduced over the rows."""
     m, n = dy.shape
-    block_m, block_n, num_warps = launch_config(n)
+    block_m, block_n = launch_config(n)
     programs = backward_programs(m, block_m, dy.device)
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m  # whole tiles each
+    rows_per_program = max(1, triton.cdiv(triton.cdiv(m, programs), block_m)) * block_m  # whole tiles
     programs = max(1, triton.cdiv(m, rows_per_program))
     dx = torch.empty_like(dy, dtype=s.dtype)
     dr = torch.empty_like(dx) if store_dr else dx.new_empty(0)
     dw_partial = torch.empty(programs, n, device=dy.device, dtype=torch.float32)
     db_partial = torch.empty(programs if has_bias else 0, n, device=dy.device, dtype=torch.float32)
     if m:
-        _add_norm_bwd_kernel[(programs,)](
+        add_norm_bwd_kernel[(programs,)](
             dy, dres if dres is not None else dy, s, weight, rstd, mean if not is_rms else rstd,
             dx, dr if store_dr else dx, dw_partial, db_partial if has_bias else dw_partial,
             m, n, rows_per_program, residual_scale, out_scale,
             IS_RMS=is_rms, HAS_DRES=dres is not None, STORE_DR=store_dr, HAS_BIAS=has_bias,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_N=block_n,
         )
     else:
         dw_partial.zero_()

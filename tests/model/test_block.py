@@ -1,10 +1,10 @@
-"""Each norm position against the naive reference in reference.py: forward and all gradients."""
+"""Each norm position against the naive reference in model_reference.py: forward and all gradients."""
 import pytest
 import torch
 
 from megatron_mixln.model import ModelConfig, build_model
 from megatron_mixln.model.positions import POSITIONS
-from reference import block_ref, norm_ref
+from model_reference import block_ref, norm_ref
 
 
 def _perturb_norms(model, gen):
