@@ -1,0 +1,172 @@
+"""GPT pretraining samples over one split of an indexed dataset, with Megatron's exact semantics.
+
+Three index arrays, all built from one seeded ``np.random.RandomState`` exactly as megatron-core
+builds them (so a seed gives the same samples here and there):
+
+  * document index: the split's documents tiled once per epoch and shuffled (the last epoch
+    shuffled separately when it is used for less than 80 %);
+  * sample index: (position in the document index, token offset) where sample k starts. Samples
+    are ``seq_length + 1`` tokens, may span documents, and consecutive samples share one token
+    (the last target of one is the first input of the next), so one epoch of T tokens gives
+    ``(T - 1) // seq_length`` samples;
+  * shuffle index: a permutation of the samples.
+
+As in Megatron, a "document" here is a sequence of the indexed dataset (they are the same for
+files written without sentence splitting).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .index_cache import cached_arrays
+from .indexed_dataset import IndexedDataset
+
+_CHUNK = 1 << 24  # document positions per vectorized step of the sample-index build
+_SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
+
+
+def num_epochs_for(num_samples: int | None, tokens_per_epoch: int, seq_length: int) -> int:
+    """Fewest epochs that hold ``num_samples`` samples of ``seq_length + 1`` tokens."""
+    if num_samples is None:
+        return 1
+    needed = num_samples * seq_length + 1
+    return max(1, -(-needed // tokens_per_epoch))
+
+
+def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState,
+                         separate_final_epoch: bool) -> np.ndarray:
+    if not separate_final_epoch or num_epochs == 1:
+        index = np.tile(np.asarray(documents, np.int32), num_epochs)
+        rng.shuffle(index)
+        return index
+    first = build_document_index(documents, num_epochs - 1, rng, False)
+    last = build_document_index(documents, 1, rng, False)
+    return np.concatenate((first, last))
+
+
+def build_sample_index(sequence_lengths: np.ndarray, document_index: np.ndarray,
+                       seq_length: int, num_samples: int) -> np.ndarray:
+    """``(num_samples + 1, 2)`` array of (document position, offset) where sample k starts.
+
+    Sample k starts at token ``k * seq_length`` of the concatenation of the documents in
+    ``document_index`` order; found by binary search over the documents' cumulative ends, in
+    chunks so memory does not grow with the number of epochs.
+    """
+    out = np.empty((num_samples + 1, 2), np.int64)
+    k, first_token = 0, 0
+    for c0 in range(0, len(document_index), _CHUNK):
+        lengths = sequence_lengths[document_index[c0:c0 + _CHUNK]].astype(np.int64)
+        ends = first_token + np.cumsum(lengths)
+        # Samples starting inside this chunk: positions k * seq_length < ends[-1].
+        k_end = min(num_samples + 1, -(-int(ends[-1]) // seq_length))
+        positions = np.arange(k, k_end, dtype=np.int64) * seq_length
+        doc = np.searchsorted(ends, positions, side="right")  # first document ending after it
+        out[k:k_end, 0] = c0 + doc
+        out[k:k_end, 1] = positions - (ends[doc] - lengths[doc])
+        k, first_token = k_end, int(ends[-1])
+        if k > num_samples:
+            break
+    assert k == num_samples + 1, (k, num_samples)
+    return out
+
+
+def build_shuffle_index(num_samples: int, total_size: int,
+                        rng: np.random.RandomState) -> np.ndarray:
+    dtype = np.uint32 if total_size < np.iinfo(np.uint32).max - 1 else np.int64
+    first = np.arange(num_samples, dtype=dtype)
+    rng.shuffle(first)
+    if num_samples == total_size:
+        return first
+    last = np.arange(num_samples, total_size, dtype=dtype)
+    rng.shuffle(last)
+    return np.concatenate((first, last))
+
+
+def build_gpt_indices(sequence_lengths: np.ndarray, documents: np.ndarray, seq_length: int,
+                      seed: int, num_samples: int | None) -> dict[str, np.ndarray]:
+    """The three index arrays, exactly as megatron-core's ``GPTDataset`` builds them."""
+    tokens_per_epoch = int(sequence_lengths[documents].sum(dtype=np.int64))
+    num_epochs = num_epochs_for(num_samples, tokens_per_epoch, seq_length)
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    separate_final_epoch = False
+    if num_epochs > 1:
+        sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+        from_final = num_samples - sans_final
+        separate_final_epoch = from_final < int(_SEPARATE_FINAL_EPOCH_THRESHOLD * per_epoch)
+    rng = np.random.RandomState(seed)
+    document_index = build_document_index(documents, num_epochs, rng, separate_final_epoch)
+    total = (num_epochs * tokens_per_epoch - 1) // seq_length
+    sample_index = build_sample_index(sequence_lengths, document_index, seq_length, total)
+    first = sans_final if separate_final_epoch else total
+    shuffle_index = build_shuffle_index(first, total, rng)
+    return {"document_index": document_index, "sample_index": sample_index,
+            "shuffle_index": shuffle_index}
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Samples ``{"tokens": int64[seq_length + 1]}`` from documents ``[begin, end)`` of a dataset.
+
+    ``num_samples=None`` builds exactly one epoch. ``len()`` is the number of samples built,
+    which is at least ``num_samples`` (whole epochs are built, as in Megatron).
+    """
+
+    def __init__(self, indexed: IndexedDataset, document_range: tuple[int, int], seq_length: int,
+                 seed: int, num_samples: int | None, cache_dir: str | None = None,
+                 split_name: str = "train") -> None:
+        begin, end = document_range
+        if seq_length < 1:
+            raise DataError(f"seq_length must be >= 1, got {seq_length}")
+        if not 0 <= begin < end <= len(indexed):
+            raise DataError(f"{indexed.path_prefix}: {split_name} split [{begin}, {end}) is empty "
+                            f"or outside its {len(indexed)} documents")
+        self.indexed = indexed
+        self.seq_length, self.seed, self.split_name = seq_length, seed, split_name
+        documents = np.arange(begin, end, dtype=np.int32)
+        tokens = int(indexed.sequence_lengths[begin:end].sum(dtype=np.int64))
+        if tokens <= seq_length:
+            raise DataError(f"{indexed.path_prefix}: the {split_name} split (documents "
+                            f"[{begin}, {end})) has {tokens} tokens, fewer than one sample of "
+                            f"seq_length + 1 = {seq_length + 1}")
+        idx = indexed.path_prefix + ".idx"
+        description = {
+            "class": "GPTDataset", "version": 1, "prefix": os.path.abspath(indexed.path_prefix),
+            "idx_bytes": os.path.getsize(idx), "sequences": len(indexed), "tokens": tokens,
+            "split": split_name, "range": [begin, end], "seq_length": seq_length, "seed": seed,
+            "num_samples": num_samples,
+        }
+        arrays = cached_arrays(
+            cache_dir, f"GPTDataset-{split_name}", description,
+            ["document_index", "sample_index", "shuffle_index"],
+            lambda: build_gpt_indices(indexed.sequence_lengths, documents, seq_length, seed,
+                                      num_samples))
+        self.document_index = arrays["document_index"]
+        self.sample_index = arrays["sample_index"]
+        self.shuffle_index = arrays["shuffle_index"]
+        self.num_samples = num_samples
+        self.tokens_per_epoch = tokens
+
+    def __len__(self) -> int:
+        return len(self.sample_index) - 1
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"tokens": self.tokens_at(i)}
+
+    def tokens_at(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+        k = int(self.shuffle_index[i % len(self)])
+        (doc_begin, off_begin), (doc_end, off_end) = self.sample_index[k], self.sample_index[k + 1]
+        doc_begin, off_begin, doc_end, off_end = map(int, (doc_begin, off_begin, doc_end, off_end))
+        get = self.indexed.get
+        if doc_begin == doc_end:
+            parts = [get(int(self.document_index[doc_begin]), off_begin, off_end - off_begin + 1)]
+        else:
+            parts = [get(int(self.document_index[doc_begin]), off_begin)]
+            parts += [get(int(self.document_index[d])) for d in range(doc_begin + 1, doc_end)]
+            parts.append(get(int(self.document_index[doc_end]), 0, off_end + 1))
+        return np.concatenate(parts).astype(np.int64)

@@ -1,0 +1,87 @@
+"""A small process pool for shard tasks that notices dead workers.
+
+``multiprocessing.Pool`` waits forever for the result of a worker killed by the OOM killer, and
+``ProcessPoolExecutor`` cannot stop running tasks on error. Here each worker pulls tasks from a
+queue and reports progress, results and errors on another; the parent watches the workers' exit
+codes, and on any error terminates them at once (finished shards stay on disk for a resume).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import traceback
+from typing import Callable
+
+from .errors import DataError
+from .inputs import Task
+from .shard_worker import ShardSettings, init_worker, process_task
+
+
+def _worker_main(tokenizer_spec: str, settings: ShardSettings, tasks, results) -> None:
+    init_worker(tokenizer_spec, lambda r: results.put(("progress", r)))
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        try:
+            results.put(("done", task.ordinal, process_task(task, settings)))
+        except BaseException as err:  # noqa: BLE001 -- reported to the parent, which re-raises
+            is_data_error = isinstance(err, DataError)
+            results.put(("error", task.ordinal,
+                         str(err) if is_data_error else traceback.format_exc(), is_data_error))
+            return
+
+
+def run_in_workers(todo: list[Task], settings: ShardSettings, tokenizer_spec: str, workers: int,
+                   on_progress: Callable[[tuple], None], on_done: Callable[[int, dict], None],
+                   still_needed: Callable[[Task], bool]) -> None:
+    """Run ``todo`` on ``workers`` processes; tasks are handed out in order, at most two per
+    worker ahead, and skipped once ``still_needed`` says no (``--max-docs`` reached)."""
+    ctx = multiprocessing.get_context()
+    tasks, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(tokenizer_spec, settings, tasks, results),
+                         daemon=True) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    waiting, outstanding = list(todo), 0
+    try:
+        while waiting or outstanding:
+            while waiting and outstanding < 2 * workers:
+                task = waiting.pop(0)
+                if still_needed(task):
+                    tasks.put(task)
+                    outstanding += 1
+            try:
+                message = results.get(timeout=0.2)
+            except queue_module.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise DataError(
+                        f"a tokenizer worker (pid {dead[0].pid}) died with exit code "
+                        f"{dead[0].exitcode} (killed, e.g. out of memory?); finished shards are "
+                        f"kept, rerun the same command to resume") from None
+                continue
+            if message[0] == "progress":
+                on_progress(message[1])
+            elif message[0] == "done":
+                outstanding -= 1
+                on_done(message[1], message[2])
+            else:
+                _, ordinal, text, is_data_error = message
+                if is_data_error:
+                    raise DataError(text)
+                raise RuntimeError(f"tokenizer worker failed on task {ordinal}:\n{text}")
+        for _ in procs:
+            tasks.put(None)
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        for q in (tasks, results):
+            q.cancel_join_thread()
+            q.close()
