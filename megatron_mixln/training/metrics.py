@@ -1,0 +1,86 @@
+"""Where numbers go: the console, RUN_DIR/metrics.jsonl (one JSON object per line, `kind` = train,
+valid, grad_norms or event) and, optionally, Weights & Biases. Only rank 0 writes.
+
+Nothing from the environment is ever logged: the configs are the only run metadata, and wandb
+reads its key from its own login, never from us.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | None, enabled: bool, config: dict, wandb_project: str | None = None,
+                 wandb_name: str | None = None, wandb_mode: str = "offline"):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._file = None
+        self._wandb = None
+        if not enabled:
+            return
+        if run_dir:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.json"), "w") as fh:
+                json.dump(config, fh, indent=1, default=str)
+            self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)  # line-buffered
+        if wandb_project and wandb_mode != "disabled":
+            self._wandb = _start_wandb(wandb_project, wandb_name, wandb_mode, run_dir, config)
+
+    def log(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        if self._file:
+            self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}" if "/" not in k else k: v for k, v in values.items()
+                             if isinstance(v, (int, float))}, step=step)
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _start_wandb(project, name, mode, run_dir, config):
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("--wandb-project given but wandb is not importable; logging to metrics.jsonl only")
+        return None
+    try:
+        return wandb.init(project=project, name=name, mode=mode, dir=run_dir, config=config)
+    except Exception as exc:  # wandb must never stop a training run
+        print(f"[metrics] wandb disabled: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def format_train_line(step: int, train_iters: int, v: dict) -> str:
+    parts = [f"step {step:>6d}/{train_iters}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.3e}"]
+    gn = v.get("grad_norm")
+    parts.append(f"grad norm {gn:.3f}" if gn is not None and math.isfinite(gn) else f"grad norm {gn}")
+    parts.append(f"tok/s {v['tokens_per_sec']:,.0f}")
+    if v.get("mfu") is not None:
+        parts.append(f"mfu {100 * v['mfu']:.1f}%")
+    parts.append(f"mem {v['memory_gib']:.2f} GiB")
+    if v.get("skipped_steps"):
+        parts.append(f"skipped {v['skipped_steps']}")
+    return " | ".join(parts)

@@ -1,0 +1,263 @@
+"""The training loop: one function for a step, one for the run.
+
+A step = `gradient_accumulation_steps` micro-batches per data-parallel rank, then one optimizer
+update at the LR of that step. The reported loss is the mean over the whole global batch.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_mixln.diagnostics import flatten_grad_norms, layer_grad_norms
+from megatron_mixln.model import ModelConfig
+from megatron_mixln.training.checkpoint import (
+    TrainState, check_resume_layout, inspect_checkpoint, load_checkpoint, save_checkpoint,
+)
+from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
+from megatron_mixln.training.data import build_datasets, micro_batches, validation_batches
+from megatron_mixln.training.distributed import (
+    data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
+)
+from megatron_mixln.training.ds_config import build_ds_config, zero_stage_of
+from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
+from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
+from megatron_mixln.training.loss import make_token_loss_fn
+from megatron_mixln.training.metrics import MetricsLogger, format_train_line
+from megatron_mixln.training.model_setup import build_model_and_optimizer
+from megatron_mixln.training.schedule import lr_at, set_lr
+from megatron_mixln.training.signals import PreemptionFlag
+from megatron_mixln.training.stability import SpikeDetector, StepGuard
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean NLL over the global batch
+    grad_norm: float | None  # global gradient norm before clipping
+    applied: bool  # False: non-finite gradients, update skipped
+    stop_requested: bool  # some rank got a preemption signal
+    layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
+
+
+def _grad_getter(engine, state=None):
+    """Where full (averaged) gradients live between the last backward and the step."""
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        getter = lambda p: p.grad  # noqa: E731
+    else:
+        from deepspeed.utils import safe_get_full_grad
+
+        getter = safe_get_full_grad  # ZeRO-1/2/3 partitions and bf16 fp32 buffers; collective, all ranks call it
+    if state is not None and state.tp_size > 1:
+        from megatron_mixln.parallel import tensor_parallel_grad_getter
+
+        getter = tensor_parallel_grad_getter(state, getter)  # TP shards gathered: TP=1's per-layer norms
+    return getter
+
+
+def _plain_grad_norm(engine, state=None) -> float:
+    """ZeRO-0 fp32: DeepSpeed does not keep the norm, and every rank holds the full averaged grads
+    (of its TP shard / pipeline stage: those pieces are summed over the model-parallel group)."""
+    from megatron_mixln.parallel import global_grad_norm
+
+    return global_grad_norm(engine.module, state)
+
+
+def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_flag: bool,
+               want_layer_norms: bool, state=None) -> StepResult:
+    device = torch.device(engine.device)
+    ga = engine.gradient_accumulation_steps()
+    layer_norms, grad_norm = None, None
+    if is_pipeline_engine(engine):
+        # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
+        # its loss is already averaged over data-parallel ranks. (Per-layer gradient norms would need
+        # a hook before its optimizer step; not wired yet.)
+        set_lr(engine.optimizer, lr)
+        guard.arm()
+        data = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in islice(batches, ga))
+        local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+    else:
+        local_loss = torch.zeros((), device=device)
+        for _ in range(ga):
+            tokens = next(batches).to(device)
+            loss = token_loss_fn(engine(tokens[:, :-1]), tokens[:, 1:]).mean()
+            engine.backward(loss)  # DeepSpeed scales by 1/ga and all-reduces at the boundary
+            local_loss += loss.detach().float() / ga
+            if engine.is_gradient_accumulation_boundary():
+                if want_layer_norms:
+                    layer_norms = layer_grad_norms(engine.module, _grad_getter(engine, state))
+                if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+                    grad_norm = _plain_grad_norm(engine, state)
+                set_lr(engine.optimizer, lr)
+                guard.arm()
+            engine.step()  # a no-op except at the boundary
+    if grad_norm is None:
+        norm = engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+    # One all_reduce for the loss and the preemption flag. TP ranks hold replicas of their DP
+    # rank's loss, so the world mean is the data-parallel mean.
+    stats = torch.stack([local_loss, torch.tensor(float(stop_flag), device=device)])
+    dist.all_reduce(stats)
+    world = dist.get_world_size()
+    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms)
+
+
+def _num_params(model, state=None) -> int:
+    """The whole model's parameter count (TP shards and pipeline stages summed; collective)."""
+    from megatron_mixln.parallel import global_num_parameters
+
+    return global_num_parameters(model, state)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> dict:
+    """Train (or resume) to --train-iters. `datasets` = (train, valid) skips --data-path (tests).
+
+    Returns a summary: per-step history, evaluations, the final TrainState and why it stopped.
+    """
+    init_distributed()
+    state = setup_model_parallel(cfg)
+    dp_rank, dp_size = data_parallel_rank_and_size(state)
+    dp_group = data_parallel_group(state)
+    global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp_size
+    ga = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
+    ds_config = build_ds_config(cfg, global_batch, ga)
+    # Bad inputs fail here, before the model is built.
+    meta = inspect_checkpoint(cfg.load, model_config) if cfg.load else None
+    if meta:
+        check_resume_layout(meta, cfg.load, dp_size, zero_stage_of(ds_config),
+                            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    if cfg.save:
+        _check_writable(cfg.save, "--save")
+    if datasets is None:
+        datasets = build_datasets(cfg, model_config.seq_length, global_batch, model_config.vocab_size)
+    train_ds, valid_ds = datasets
+
+    _seed_everything(cfg.seed)
+    engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
+    ts = load_checkpoint(engine, cfg.load, meta["tag"]) if meta else TrainState()
+
+    n_params = _num_params(engine.module, state)
+    run_config = {
+        "model": model_config.to_dict(), "training": cfg.to_dict(), "positions": model_config.positions_str,
+        "world_size": dist.get_world_size(), "data_parallel_size": dp_size, "global_batch_size": global_batch,
+        "gradient_accumulation_steps": ga, "zero_stage": zero_stage_of(ds_config), "parameters": n_params,
+    }
+    logger = MetricsLogger(cfg.run_directory, is_rank0(), run_config, cfg.wandb_project,
+                           cfg.wandb_name or model_config.norm_position, cfg.wandb_mode)
+    if meta:
+        logger.log("event", ts.iteration, {"event": "resumed", "from": cfg.load, "tag": meta["tag"]})
+        logger.print(f"resumed from {cfg.load} ({meta['tag']}): iteration {ts.iteration}, "
+                     f"{ts.consumed_samples} samples consumed")
+    logger.print(f"model: {n_params:,} parameters, positions {model_config.positions_str}; world {dist.get_world_size()}"
+                 f" (data-parallel {dp_size}), global batch {global_batch} = micro {cfg.micro_batch_size} x dp "
+                 f"{dp_size} x accumulation {ga}, ZeRO stage {zero_stage_of(ds_config)}, "
+                 f"{'bf16' if cfg.bf16 else 'fp32'}")
+
+    tokens_per_step = global_batch * model_config.seq_length
+    embed_params = model_config.vocab_size * model_config.hidden_size  # whatever rank/stage holds it
+    fpt = flops_per_token(n_params, embed_params, model_config.num_layers, model_config.hidden_size,
+                          model_config.seq_length)
+    peak = cfg.peak_tflops or default_peak_tflops(cfg.bf16)
+    token_loss_fn = make_token_loss_fn(state)
+    guard = StepGuard(engine)
+    spikes = SpikeDetector(cfg.spike_factor)
+    preempt = PreemptionFlag()
+    batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
+    history, evals = [], []
+    stop_reason = None
+    window_time, window_steps, window_losses = 0.0, 0, []
+    try:
+        while ts.iteration < cfg.train_iters:
+            step = ts.iteration + 1
+            lr = lr_at(step, cfg)
+            want_layers = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
+            t0 = time.perf_counter()
+            res = train_step(engine, batches, lr, guard, token_loss_fn, preempt.requested, want_layers, state)
+            window_time += time.perf_counter() - t0
+            window_steps += 1
+            if math.isfinite(res.loss):
+                window_losses.append(res.loss)
+            ts.iteration, ts.consumed_samples = step, ts.consumed_samples + global_batch
+
+            bad = not res.applied or not math.isfinite(res.loss)
+            ts.skipped_steps += int(bad)
+            ts.bad_steps_in_a_row = ts.bad_steps_in_a_row + 1 if bad else 0
+            history.append({"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                            "applied": res.applied, "consumed_samples": ts.consumed_samples})
+            if bad:
+                logger.print(f"step {step}: non-finite loss/gradients (loss {res.loss}, grad norm {res.grad_norm}); "
+                             f"update skipped ({ts.bad_steps_in_a_row} in a row, {ts.skipped_steps} in total)")
+                logger.log("event", step, {"event": "skipped_step", "loss": res.loss, "grad_norm": res.grad_norm})
+            spike_mean = spikes.update(res.loss)
+            if spike_mean is not None:
+                logger.print(f"step {step}: loss spike {res.loss:.4f} > {cfg.spike_factor} x running mean {spike_mean:.4f}")
+                logger.log("event", step, {"event": "loss_spike", "loss": res.loss, "running_mean": spike_mean})
+
+            if step % cfg.log_interval == 0 or step == cfg.train_iters:
+                tps = tokens_per_step * window_steps / max(window_time, 1e-9)
+                # Like Megatron: the loss of a log line is the mean over its window (finite steps only).
+                loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
+                values = {"loss": loss, "lr": lr, "grad_norm": res.grad_norm, "tokens_per_sec": tps,
+                          "mfu": fpt * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
+                          "memory_gib": memory_gib(), "consumed_samples": ts.consumed_samples,
+                          "skipped_steps": ts.skipped_steps}
+                logger.log("train", step, values)
+                logger.print(format_train_line(step, cfg.train_iters, values))
+                window_time, window_steps, window_losses = 0.0, 0, []
+            if res.layer_norms is not None:
+                logger.log("grad_norms", step, flatten_grad_norms(res.layer_norms))
+
+            if cfg.eval_iters > 0 and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
+                n_valid = cfg.eval_iters * global_batch
+                result = evaluate(engine, validation_batches(valid_ds, n_valid, cfg.micro_batch_size, dp_rank, dp_size),
+                                  token_loss_fn, dp_group)
+                evals.append({"step": step, **result})
+                logger.log("valid", step, result)
+                logger.print(f"step {step}: validation loss {result['valid_loss']:.4f} | perplexity "
+                             f"{result['valid_ppl']:.3f} ({result['valid_tokens']:,} tokens)")
+
+            if ts.bad_steps_in_a_row >= cfg.max_bad_steps:
+                stop_reason = "diverged"
+            elif res.stop_requested:
+                stop_reason = "preempted"
+            elif cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
+                stop_reason = "exit_interval"
+            periodic = cfg.save_interval and step % cfg.save_interval == 0
+            if cfg.save and (stop_reason or periodic or step == cfg.train_iters):
+                tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, cfg.keep_last, dp_size,
+                                      cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+                logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
+            if stop_reason:
+                break
+    finally:
+        preempt.restore()
+        logger.close()
+    if stop_reason == "preempted":
+        where = f"checkpoint saved in {cfg.save}" if cfg.save else "no --save given, nothing saved"
+        if is_rank0():
+            print(f"preemption signal ({preempt.signal_name or 'on another rank'}) at iteration {ts.iteration}: "
+                  f"{where}; exiting cleanly", flush=True)
+    return {"history": history, "evals": evals, "train_state": asdict(ts), "stop_reason": stop_reason or "done",
+            "engine": engine, "global_batch_size": global_batch, "gradient_accumulation_steps": ga}
+
+
+def _check_writable(path: str, flag: str) -> None:
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot create the directory: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable")

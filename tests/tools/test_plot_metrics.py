@@ -1,0 +1,62 @@
+"""tools/plot_metrics.py: run directories -> loss/perplexity curves and per-layer grad-norm plots."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import plot_metrics  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_dir(path, position, positions, layers=3, steps=(10, 20, 30), extra_lines=()):
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump({"model": {"norm_position": position, "num_layers": layers}, "positions": positions}, fh)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
+        for s in steps:
+            fh.write(json.dumps({"kind": "train", "step": s, "loss": 10.0 / s, "lr": 1e-3}) + "\n")
+            fh.write(json.dumps({"kind": "grad_norms", "step": s, **{
+                f"grad_norm/layer_{l:02d}/{sub}": (l + 1) * s * 1e-3 for l in range(1, layers + 1)
+                for sub in ("attn", "mlp", "attn_norm", "mlp_norm")}}) + "\n")
+        fh.write(json.dumps({"kind": "valid", "step": steps[-1], "valid_loss": 3.0, "valid_ppl": 20.09}) + "\n")
+        for line in extra_lines:
+            fh.write(line + "\n")
+    return str(path)
+
+
+def test_plots_of_two_runs(tmp_path):
+    mix = _run_dir(tmp_path / "mix", "mix", "post,pre*2")
+    pre = _run_dir(tmp_path / "pre", "pre", "pre*3",
+                   extra_lines=[json.dumps({"kind": "train", "step": 20, "loss": 99.0}), '{"kind": "tr'])
+    out = tmp_path / "plots"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), mix, pre, "--out", str(out)],
+                          capture_output=True, text=True, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert proc.returncode == 0, proc.stderr
+    expected = {"loss.png", "perplexity.png", "grad_norms_Mix-LN_k_1.png", "grad_norm_heatmap_Mix-LN_k_1.png",
+                "grad_norms_Pre-LN.png", "grad_norm_heatmap_Pre-LN.png"}
+    assert set(os.listdir(out)) == expected
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+    assert "Mix-LN (k=1)" in proc.stdout and "validation perplexity 20.090 at step 30" in proc.stdout
+
+
+def test_tables_and_labels(tmp_path):
+    run = plot_metrics.load_run(_run_dir(tmp_path / "r", "mix", "post*3,pre*9", layers=12,
+                                         extra_lines=[json.dumps({"kind": "train", "step": 20, "loss": 99.0})]))
+    assert run["label"] == "Mix-LN (k=3)"
+    assert [r["loss"] for r in run["train"]] == [1.0, 99.0, 10.0 / 30]  # a re-logged step: the last wins
+    steps, table = plot_metrics.grad_norm_table(run)
+    assert steps == [10, 20, 30] and list(table) == ["attn", "mlp", "attn_norm", "mlp_norm"]
+    assert sorted(table["attn"]) == list(range(1, 13))
+    assert table["mlp"][12] == pytest.approx([0.13, 0.26, 0.39])
+
+
+def test_missing_metrics_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plot_metrics.load_run(str(tmp_path))

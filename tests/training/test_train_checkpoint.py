@@ -1,0 +1,126 @@
+"""Checkpoints: exact resume, RNG round trip, the `latest` pointer under a crash, pruning, safe
+loading, and --load errors."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from training_testlib import run_and_destroy, tiny_datasets, tiny_model, tiny_train
+
+from megatron_mixln.training import checkpoint as ckpt
+from megatron_mixln.training.config import UsageError
+
+RUN = dict(train_iters=6, zero_stage=1, eval_iters=1, eval_interval=3)
+
+
+def test_stop_and_resume_matches_uninterrupted(single_rank, tmp_path):
+    full = run_and_destroy(tiny_model(), tiny_train(**RUN), tiny_datasets())
+    save = str(tmp_path / "ckpt")
+    first = run_and_destroy(tiny_model(), tiny_train(save=save, exit_interval=3, **RUN), tiny_datasets())
+    assert first["stop_reason"] == "exit_interval" and first["train_state"]["iteration"] == 3
+    assert ckpt.read_latest(save) == "iter_0000003"
+    second = run_and_destroy(tiny_model(), tiny_train(load=save, **RUN), tiny_datasets())
+    assert [h["step"] for h in second["history"]] == [4, 5, 6]
+    for a, b in zip(first["history"] + second["history"], full["history"]):
+        assert a["consumed_samples"] == b["consumed_samples"] and a["lr"] == b["lr"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=0)
+    assert second["evals"][-1]["valid_ppl"] == pytest.approx(full["evals"][-1]["valid_ppl"], rel=1e-6)
+
+
+def test_rng_states_round_trip(single_rank, tmp_path):
+    from megatron_mixln.training.trainer import pretrain
+
+    summary = pretrain(tiny_model(), tiny_train(train_iters=1, eval_iters=0), tiny_datasets())
+    engine = summary["engine"]
+    state = ckpt.TrainState(iteration=1, consumed_samples=4)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ckpt.save_checkpoint(engine, str(tmp_path), state, tiny_model(), tiny_train(), keep_last=0)
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    loaded = ckpt.load_checkpoint(engine, str(tmp_path), "iter_0000001")
+    assert loaded == state
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+    engine.destroy()
+
+
+def test_crash_before_pointer_move_keeps_previous_checkpoint(single_rank, tmp_path, monkeypatch):
+    save = str(tmp_path / "ckpt")
+    real_write_latest = ckpt._write_latest
+    calls = []
+
+    def dies_on_second_save(save_dir, tag):
+        calls.append(tag)
+        if len(calls) == 2:  # the new tag's files are all written; the process "dies" now
+            raise KeyboardInterrupt("simulated kill between save and pointer move")
+        real_write_latest(save_dir, tag)
+
+    monkeypatch.setattr(ckpt, "_write_latest", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_and_destroy(tiny_model(), tiny_train(save=save, save_interval=2, keep_last=0, **RUN), tiny_datasets())
+    monkeypatch.setattr(ckpt, "_write_latest", real_write_latest)
+    assert calls == ["iter_0000002", "iter_0000004"]
+    assert os.path.isdir(os.path.join(save, "iter_0000004"))  # the torn one exists...
+    assert ckpt.read_latest(save) == "iter_0000002"  # ...but is not pointed at
+    # Also tear the new checkpoint's files, as a kill mid-write would.
+    for name in os.listdir(os.path.join(save, "iter_0000004")):
+        with open(os.path.join(save, "iter_0000004", name), "wb") as fh:
+            fh.write(b"\0" * 10)
+    resumed = run_and_destroy(tiny_model(), tiny_train(load=save, **RUN), tiny_datasets())
+    assert [h["step"] for h in resumed["history"]] == [3, 4, 5, 6]
+
+
+def test_keep_last_prunes_old_checkpoints(single_rank, tmp_path):
+    save = str(tmp_path / "ckpt")
+    run_and_destroy(tiny_model(), tiny_train(save=save, save_interval=1, keep_last=2, **RUN), tiny_datasets())
+    assert sorted(t for t in os.listdir(save) if t.startswith("iter_")) == ["iter_0000005", "iter_0000006"]
+    assert ckpt.read_latest(save) == "iter_0000006"
+
+
+def test_loading_never_unpickles(single_rank, tmp_path, monkeypatch):
+    save = str(tmp_path / "ckpt")
+    run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
+    seen = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    run_and_destroy(tiny_model(), tiny_train(load=save, **{**RUN, "train_iters": 2}), tiny_datasets())
+    assert seen and all(w is True for w in seen), seen
+
+
+def test_load_errors_name_the_problem(single_rank, tmp_path):
+    with pytest.raises(UsageError, match=r"--load .*nowhere: no such directory"):
+        ckpt.inspect_checkpoint(str(tmp_path / "nowhere"), tiny_model())
+    with pytest.raises(UsageError, match=r"no 'latest' file"):
+        ckpt.inspect_checkpoint(str(tmp_path), tiny_model())
+    save = str(tmp_path / "ckpt")
+    run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
+    with pytest.raises(UsageError, match=r"hidden_size: checkpoint 32 vs now 64"):
+        ckpt.inspect_checkpoint(save, tiny_model(hidden_size=64))
+    with pytest.raises(UsageError, match=r"norm positions: checkpoint 'post,pre' vs now 'pre\*2'"):
+        ckpt.inspect_checkpoint(save, tiny_model(norm_position="pre", post_ln_layers=None))
+    # ...and it fails before training: pretrain raises before building anything.
+    from megatron_mixln.training.trainer import pretrain
+
+    with pytest.raises(UsageError, match="num_layers: checkpoint 2 vs now 3"):
+        pretrain(tiny_model(num_layers=3), tiny_train(load=save), tiny_datasets())
+
+
+def test_resume_layout_must_match_for_partitioned_states(single_rank, tmp_path):
+    save = str(tmp_path / "ckpt")
+    run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())  # ZeRO-1, dp 1
+    meta = ckpt.inspect_checkpoint(save, tiny_model())
+    assert (meta["zero_stage"], meta["data_parallel_size"]) == (1, 1)
+    ckpt.check_resume_layout(meta, save, data_parallel_size=1, zero_stage=1)
+    with pytest.raises(UsageError, match="written with ZeRO stage 1 on 1 data-parallel ranks; this run has ZeRO stage 1 on 2"):
+        ckpt.check_resume_layout(meta, save, data_parallel_size=2, zero_stage=1)
+    with pytest.raises(UsageError, match="this run has ZeRO stage 3 on 1"):
+        ckpt.check_resume_layout(meta, save, data_parallel_size=1, zero_stage=3)
+    ckpt.check_resume_layout({**meta, "zero_stage": 0}, save, data_parallel_size=4, zero_stage=0)  # full states: any size
