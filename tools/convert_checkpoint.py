@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Convert a checkpoint between parallel layouts (logic: megatron_mixln/parallel/checkpoint_convert.py).
+
+  # a DeepSpeed TP=2 x PP=2 run -> one plain state dict (model.safetensors + config.json)
+  python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/x/plain --to plain
+  # plain -> DeepSpeed layout for TP=1, PP=1 (plain engine) or TP=2 x PP=2 (pipeline engine)
+  python tools/convert_checkpoint.py --input runs/x/plain --output runs/y/ckpt --to deepspeed --tp 1 --pp 1
+  python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/y/ckpt --to deepspeed --tp 2 --pp 2
+
+Then resume with engine.load_checkpoint(dir, load_optimizer_states=False): weights, step counters,
+LR scheduler and client state carry over; optimizer moments restart (they are not converted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--to", choices=("plain", "deepspeed"), default="plain")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    p.add_argument("--engine", choices=("plain", "pipeline"), default=None,
+                   help="DeepSpeed engine the output is for (default: pipeline if --pp > 1 else plain)")
+    p.add_argument("--tag", default=None, help="input DeepSpeed tag (default: the 'latest' file)")
+    p.add_argument("--out-tag", default=None, help="output DeepSpeed tag (default: the input tag)")
+    p.add_argument("--config", default=None, help="ModelConfig JSON, when the input carries none")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size recorded in the output metadata")
+    args = p.parse_args(argv)
+
+    from megatron_mixln.model import ModelConfig
+    from megatron_mixln.parallel.checkpoint_convert import convert
+
+    config = None
+    if args.config:
+        with open(args.config) as f:
+            config = ModelConfig(**json.load(f))
+    try:
+        summary = convert(args.input, args.output, to=args.to, tp=args.tp, pp=args.pp, engine=args.engine,
+                          tag=args.tag, out_tag=args.out_tag, config=config, dp=args.dp)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"convert_checkpoint: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
