@@ -11,7 +11,7 @@ from megatron_mixln.parallel.layers import ColumnParallelLinear, RowParallelLine
 from megatron_mixln.parallel.mappings import SEQ_DIM, gather_from_tp_last_dim
 from megatron_mixln.parallel.pipeline import (
     EmbeddingPipe, HeadPipe, build_pipeline_module, check_deepspeed_config, check_pipeline_config,
-    init_stage_like_full_model, stage_partition,
+    init_stage_like_full_model, pipeline_layer_grad_norms, stage_partition,
 )
 from megatron_mixln.parallel.reductions import global_grad_norm, global_num_parameters
 from megatron_mixln.parallel.sequence_parallel import allreduce_sequence_parallel_grads, mark_sequence_parallel_params
@@ -43,7 +43,7 @@ __all__ = [
     "check_parallel_sizes", "check_parallel_config", "check_tensor_parallel_config", "check_pipeline_config",
     "check_deepspeed_config", "apply_tensor_parallel", "allreduce_sequence_parallel_grads",
     "mark_sequence_parallel_params", "vocab_parallel_cross_entropy", "vocab_parallel_lm_loss",
-    "build_pipeline_module", "init_stage_like_full_model", "stage_partition", "EmbeddingPipe", "HeadPipe",
+    "build_pipeline_module", "pipeline_layer_grad_norms", "init_stage_like_full_model", "stage_partition", "EmbeddingPipe", "HeadPipe",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "SEQ_DIM", "gather_from_tp_last_dim",
     "tp_partition_dim", "split_tp", "merge_tp", "load_plain_state_dict", "local_plain_state_dict",
     "gather_plain_tensors", "tensor_parallel_grad_getter", "global_num_parameters", "global_grad_norm",

@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -220,12 +221,32 @@ def save_plain(plain: dict, out_dir: str, config=None, metadata: dict | None = N
     tensors = {k: v.detach().contiguous().clone() for k, v in plain.items()}
     if "lm_head.weight" in tensors and "embed.weight" in tensors and config is not None and config.tie_embeddings:
         del tensors["lm_head.weight"]  # tied: stored once (safetensors refuses shared storage)
-    save_file(tensors, os.path.join(out_dir, PLAIN_WEIGHTS))
+    # Each file is written under a temporary name and renamed: a kill never leaves a torn file.
+    _write_atomically(os.path.join(out_dir, PLAIN_WEIGHTS), lambda tmp: save_file(tensors, tmp))
     if config is not None:
-        with open(os.path.join(out_dir, PLAIN_CONFIG), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        _write_atomically(os.path.join(out_dir, PLAIN_CONFIG),
+                          lambda tmp: Path(tmp).write_text(json.dumps(config.to_dict(), indent=2)))
     if metadata:
-        torch.save(metadata, os.path.join(out_dir, PLAIN_TRAINER_STATE))
+        _write_atomically(os.path.join(out_dir, PLAIN_TRAINER_STATE), lambda tmp: torch.save(metadata, tmp))
+
+
+def _write_atomically(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path: str, tag: str | None = None) -> tuple[dict, object]:
+    """A plain dir or a DeepSpeed checkpoint of any TP/PP layout -> (full state dict, ModelConfig or None)."""
+    if is_plain_dir(path):
+        plain, config, _ = load_plain(path)
+        return plain, config
+    plain, metadata, _ = read_deepspeed_checkpoint(path, resolve_tag(path, tag))
+    return plain, config_from_metadata(metadata)
 
 
 def load_plain(in_dir: str) -> tuple[dict, object, dict]:

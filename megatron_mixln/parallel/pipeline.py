@@ -298,3 +298,19 @@ def _check_same_groups(pipe, state) -> None:
         raise RuntimeError(f"pipeline grid TP ranks {grid.slice_group} != {list(state.tp_ranks)}")
     if list(grid.dp_group) != list(state.dp_ranks) or list(grid.pp_group) != list(state.pp_ranks):
         raise RuntimeError("pipeline grid DP/PP ranks differ from initialize_model_parallel's")
+
+
+def pipeline_layer_grad_norms(pipe, state, get_grad) -> list[dict]:
+    """`layer_grad_norms` of the whole model from its pipeline stages: each stage measures its own
+    blocks, one all_gather over the pipeline group puts every layer's row on every rank, in
+    layer order. Collective over the PP group (and over TP inside `get_grad` when it gathers shards)."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from megatron_mixln.diagnostics import layer_grad_norms
+
+    blocks = [m for _, m in sorted(local_layers(pipe).items()) if isinstance(m, Block)]
+    rows = layer_grad_norms(SimpleNamespace(layers=blocks), get_grad)
+    per_stage = [None] * state.pp_size
+    dist.all_gather_object(per_stage, rows, group=state.pp_group)
+    return sorted((row for stage in per_stage for row in stage), key=lambda row: row["layer"])

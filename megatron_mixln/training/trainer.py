@@ -5,6 +5,7 @@ update at the LR of that step. The reported loss is the mean over the whole glob
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -68,6 +69,23 @@ def _plain_grad_norm(engine, state=None) -> float:
     return global_grad_norm(engine.module, state)
 
 
+@contextlib.contextmanager
+def _before_model_step(engine, fn):
+    """Run fn inside the pipeline engine's train_batch, after its gradient reduction and before the
+    update (`_take_model_step` is looked up on the instance, so shadowing it there hooks it)."""
+    take_model_step = engine._take_model_step
+
+    def hooked(*args, **kwargs):
+        fn()
+        return take_model_step(*args, **kwargs)
+
+    engine._take_model_step = hooked
+    try:
+        yield
+    finally:
+        del engine._take_model_step
+
+
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_flag: bool,
                want_layer_norms: bool, state=None) -> StepResult:
     device = torch.device(engine.device)
@@ -75,12 +93,20 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     layer_norms, grad_norm = None, None
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
-        # its loss is already averaged over data-parallel ranks. (Per-layer gradient norms would need
-        # a hook before its optimizer step; not wired yet.)
+        # its loss is already averaged over data-parallel ranks.
         set_lr(engine.optimizer, lr)
         guard.arm()
         data = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in islice(batches, ga))
-        local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+        if want_layer_norms:
+            from megatron_mixln.parallel import pipeline_layer_grad_norms
+
+            collected = []
+            with _before_model_step(engine, lambda: collected.extend(
+                    pipeline_layer_grad_norms(engine.module, state, _grad_getter(engine, state)))):
+                local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+            layer_norms = collected
+        else:
+            local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
     else:
         local_loss = torch.zeros((), device=device)
         for _ in range(ga):
