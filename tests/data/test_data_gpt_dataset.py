@@ -3,11 +3,11 @@ seeds behave, and the on-disk index cache is built once (by rank 0 under torch.d
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_mixln.data import GPTDataset, IndexedDataset
 from megatron_mixln.data import gpt_dataset as gpt_module
@@ -111,11 +111,7 @@ def test_index_cache_is_reused(indexed, tmp_path, monkeypatch):
         GPTDataset(indexed, (0, 800), SEQ, 10, 400, cache_dir=str(tmp_path))
 
 
-def _rank_main(rank, world, init_file, prefix, cache_dir, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+def _rank_job(rank, world_size, tmpdir, prefix, cache_dir):
     calls = []
     original = gpt_module.build_gpt_indices
 
@@ -125,24 +121,16 @@ def _rank_main(rank, world, init_file, prefix, cache_dir, out_dir):
 
     gpt_module.build_gpt_indices = counting
     ds = GPTDataset(IndexedDataset(prefix), (0, 600), SEQ, 11, 300, cache_dir=cache_dir)
-    np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.stack([ds[i]["tokens"] for i in range(30)]))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump({"built": len(calls)}, fh)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"built": len(calls), "tokens": torch.from_numpy(np.stack([ds[i]["tokens"] for i in range(30)]))}
 
 
 @pytest.mark.slow
-def test_rank0_builds_and_other_ranks_load(train_prefix, tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
+def test_rank0_builds_and_other_ranks_load(train_prefix, tmp_path):
+    from spawn_testlib import run_spawned
 
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), train_prefix, str(tmp_path / "cache"),
-                               str(tmp_path)), nprocs=2, join=True)
-    built = [json.load(open(tmp_path / f"rank{r}.json"))["built"] for r in range(2)]
-    assert built == [1, 0]
-    assert np.array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
+    results = run_spawned(_rank_job, 2, train_prefix, str(tmp_path / "cache"))
+    assert [r["built"] for r in results] == [1, 0]
+    assert torch.equal(results[0]["tokens"], results[1]["tokens"])
 
 
 def test_errors(indexed):

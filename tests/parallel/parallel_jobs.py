@@ -1,4 +1,4 @@
-"""Jobs run on several processes by the tests (see parallel_spawn.run_distributed).
+"""Jobs run on several processes by the tests (see spawn_testlib.run_spawned).
 
 Every job compares a parallel layout against a single-process computation done in the same process
 from the same seed, and returns errors/losses as plain numbers for the test to assert on.

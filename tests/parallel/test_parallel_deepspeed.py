@@ -4,7 +4,7 @@ ZeRO-1, saved, converted and resumed at TP=1 x PP=1 and back at TP=2 x PP=2; DP=
 """
 import pytest
 
-from parallel_spawn import run_distributed
+from spawn_testlib import run_spawned
 
 TOL = 1e-5
 
@@ -13,7 +13,7 @@ TOL = 1e-5
 def results():
     from parallel_jobs import deepspeed_layouts_job
 
-    return run_distributed(deepspeed_layouts_job, 4)
+    return run_spawned(deepspeed_layouts_job, 4)
 
 
 def _close(got, want):

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from parallel_spawn import run_distributed
+from spawn_testlib import run_spawned
 
 TOL = 1e-5
 TRAIN_ITERS, EXIT_AT = 5, 3
@@ -88,7 +88,7 @@ def pretrain_layouts_job(rank, world_size, tmpdir):
 
 @pytest.fixture(scope="module")
 def results():
-    return run_distributed(pretrain_layouts_job, 2)[0]
+    return run_spawned(pretrain_layouts_job, 2)[0]
 
 
 def _close(got, want):

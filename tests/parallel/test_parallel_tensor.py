@@ -6,7 +6,7 @@ on its numbers for both ranks.
 import pytest
 
 from parallel_jobs import TP_CASES, tiny_config
-from parallel_spawn import run_distributed
+from spawn_testlib import run_spawned
 
 TOL = 1e-5
 VARIANTS = ("tp", "sp", "sp_manual")
@@ -16,7 +16,7 @@ VARIANTS = ("tp", "sp", "sp_manual")
 def results():
     from parallel_jobs import tp_equivalence_job
 
-    return run_distributed(tp_equivalence_job, 2)
+    return run_spawned(tp_equivalence_job, 2)
 
 
 def _expected_norm_params(case):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-import traceback
 
 import numpy as np
 import torch
 
+from spawn_testlib import LOOPBACK_ENV, run_spawned  # noqa: F401  (re-exported for the tests)
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PYTHON = sys.executable
-LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 TINY_MODEL = dict(vocab_size=256, hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=2,
                   seq_length=16, norm_position="mix", post_ln_layers=1)
@@ -66,39 +65,7 @@ def run_and_destroy(model_config, train_config, datasets):
     return strip(summary)
 
 
-# --- multi-process jobs -------------------------------------------------------------------
-
-def _worker(rank, world_size, tmpdir, fn, args):
-    os.environ.update(LOOPBACK_ENV)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world_size)
-    try:
-        result = fn(rank, world_size, tmpdir, *args)
-        torch.save(result, os.path.join(tmpdir, f"result_{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(tmpdir, f"error_{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def run_spawned(fn, world_size: int, *args) -> list:
-    """fn(rank, world_size, tmpdir, *args) on `world_size` processes -> per-rank results
-    (plain data: dicts/lists of numbers and strings, loaded with weights_only=True)."""
-    import torch.multiprocessing as mp
-
-    os.environ.update(LOOPBACK_ENV)
-    with tempfile.TemporaryDirectory() as tmpdir:
-        try:
-            mp.spawn(_worker, args=(world_size, tmpdir, fn, args), nprocs=world_size, join=True)
-        except Exception as exc:
-            errors = [open(os.path.join(tmpdir, f)).read() for f in sorted(os.listdir(tmpdir)) if f.startswith("error_")]
-            raise RuntimeError("distributed job failed:\n" + "\n".join(errors)) from exc
-        return [torch.load(os.path.join(tmpdir, f"result_{r}.pt"), weights_only=True) for r in range(world_size)]
+# --- multi-process jobs: spawn_testlib.run_spawned (shared with the other test directories) ---
 
 
 # --- subprocesses of the entry point --------------------------------------------------------

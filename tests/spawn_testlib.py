@@ -1,7 +1,8 @@
 """Run a function on N local processes (gloo over loopback only) and collect what each rank returns.
 
-Rendezvous is a `file://` in a temporary directory (no TCP store), and gloo's own connections are
-pinned to `lo` by GLOO_SOCKET_IFNAME, so nothing listens on or talks to a non-loopback address.
+Shared by every test directory (tests/conftest.py puts this folder on sys.path). The rendezvous is
+a `file://` in a temporary directory (no TCP store) and gloo's connections are pinned to `lo` by
+GLOO_SOCKET_IFNAME, so nothing listens on or talks to a non-loopback address.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+                "WANDB_MODE": "disabled"}
 
 
 def _worker(rank, world_size, tmpdir, fn, args):
@@ -33,7 +35,7 @@ def _worker(rank, world_size, tmpdir, fn, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args) -> list:
+def run_spawned(fn, world_size: int, *args) -> list:
     """fn(rank, world_size, tmpdir, *args) on `world_size` processes; returns the per-rank results
     (loaded with weights_only=True: return dicts/lists of tensors, numbers and strings)."""
     os.environ.update(LOOPBACK_ENV)
