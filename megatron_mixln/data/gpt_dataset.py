@@ -17,6 +17,7 @@ files written without sentence splitting).
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -136,6 +137,9 @@ class GPTDataset(torch.utils.data.Dataset):
         description = {
             "class": "GPTDataset", "version": 1, "prefix": os.path.abspath(indexed.path_prefix),
             "idx_bytes": os.path.getsize(idx), "sequences": len(indexed), "tokens": tokens,
+            # The indices depend on these lengths alone: a re-made dataset with the same counts
+            # and sizes (e.g. the same documents in another order) must not reuse a stale cache.
+            "lengths_sha1": hashlib.sha1(indexed.sequence_lengths[begin:end]).hexdigest(),
             "split": split_name, "range": [begin, end], "seq_length": seq_length, "seed": seed,
             "num_samples": num_samples,
         }

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import IndexedDatasetError
-from .fileio import commit, temp_path
+from .fileio import commit, fsync_dir, temp_path
 from .indexed_dataset import (CHUNK, CODE_OF_DTYPE, MAGIC, VERSION, IndexedDataset, bin_path,
                               check_fits, idx_path, iter_chunks)
 
@@ -100,6 +100,23 @@ def write_index(path: str, dtype: np.dtype, n_seq: int, n_doc: int,
         raise
 
 
+def install(bin_tmp: str, idx_tmp: str, path_prefix: str) -> None:
+    """Move a finished ``.bin``/``.idx`` pair (temporary names, the .idx already fsynced) onto
+    ``path_prefix``'s final names.
+
+    Two renames cannot be atomic together, so the previous ``.idx`` is removed first: a kill between
+    the steps leaves the final names without an ``.idx`` (a clean "not found" for readers, redone by
+    a rerun), never a new ``.bin`` beside the old ``.idx`` (whose lengths could happen to fit it).
+    """
+    final_idx = idx_path(path_prefix)
+    if os.path.exists(final_idx):
+        os.remove(final_idx)
+        fsync_dir(final_idx)
+    commit(bin_tmp, bin_path(path_prefix))
+    os.replace(idx_tmp, final_idx)
+    fsync_dir(final_idx)
+
+
 class IndexedDatasetWriter:
     """Append documents to ``<prefix>.bin``/``.idx``; nothing appears under the final names until
     ``finalize()`` (a killed writer leaves only ``*.tmp-<pid>`` files behind).
@@ -168,6 +185,7 @@ class IndexedDatasetWriter:
         """Write the .idx, then move both files to their final names."""
         if self._finished:
             return
+        idx_tmp = temp_path(idx_path(self.path_prefix)) + ".full"
         try:
             self._bin.close()
             n_seq, n_doc = self._lengths.count, self._doc_ends.count + 1
@@ -176,11 +194,11 @@ class IndexedDatasetWriter:
                 yield np.zeros(1, np.int64)
                 yield from self._doc_ends.chunks()
 
-            idx_tmp = temp_path(idx_path(self.path_prefix)) + ".full"
             write_index(idx_tmp, self.dtype, n_seq, n_doc, self._lengths.chunks, doc_chunks)
-            commit(self._bin_tmp, bin_path(self.path_prefix))
-            os.replace(idx_tmp, idx_path(self.path_prefix))
+            install(self._bin_tmp, idx_tmp, self.path_prefix)
         except BaseException:
+            if os.path.exists(idx_tmp):
+                os.remove(idx_tmp)
             self.abort()
             raise
         self._cleanup()
@@ -258,8 +276,7 @@ def merge_indexed_datasets(prefixes: Sequence[str], out_prefix: str,
                           else os.path.getsize(bin_path(src.path_prefix)))
                 _copy_bytes(bin_path(src.path_prefix), dst, nbytes)
         write_index(idx_tmp, dtype, n_seq, n_doc, length_chunks, doc_chunks)
-        commit(bin_tmp, out_bin)
-        os.replace(idx_tmp, idx_path(out_prefix))
+        install(bin_tmp, idx_tmp, out_prefix)
     finally:
         for tmp in (bin_tmp, idx_tmp):
             if os.path.exists(tmp):

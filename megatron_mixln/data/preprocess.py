@@ -94,6 +94,10 @@ def _validate(opts: PreprocessOptions):
     if opts.append_eod and tokenizer.eod is None:
         raise DataError(f"--append-eod: tokenizer {tokenizer.name} has no end-of-document "
                         f"(eos) token")
+    if opts.append_eod and not 0 <= tokenizer.eod < tokenizer.vocab_size:
+        raise DataError(f"--append-eod: the end-of-document id {tokenizer.eod} of tokenizer "
+                        f"{tokenizer.name} is outside its vocabulary 0..{tokenizer.vocab_size - 1} "
+                        f"(and the output dtype chosen from it)")
     if opts.hf_dataset:
         return tokenizer, plan_hf_tasks(opts.hf_dataset, opts.hf_config, opts.hf_split), []
     files = expand_inputs(opts.inputs)
@@ -103,8 +107,11 @@ def _validate(opts: PreprocessOptions):
 
 
 def _settings_hash(opts: PreprocessOptions, tokenizer, dtype: str) -> str:
+    # The eod id is not always in the tokenizer's file (a Hugging Face tokenizer_config.json).
+    eod = tokenizer.eod if opts.append_eod else None
     blob = json.dumps({"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint,
-                       "keys": opts.json_keys, "eod": opts.append_eod, "strict": opts.strict,
+                       "keys": opts.json_keys, "eod": opts.append_eod, "eod_id": eod,
+                       "strict": opts.strict,
                        "dtype": dtype, "max_docs": opts.max_docs}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -258,6 +265,9 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
     for key in opts.json_keys:
         final = os.path.abspath(output_prefix_for(opts.output_prefix, key))
         _clean_stale_temps(final)
+        summary_file = summary_path_for(opts.output_prefix, key)
+        if os.path.exists(summary_file):  # must not outlive the data it describes (a kill below)
+            os.remove(summary_file)
         docs, tokens = merge_indexed_datasets(
             [shard_prefix(shard_dir, t.identity(settings_hash), key) for t in tasks[:used]],
             final, max_documents=opts.max_docs)
@@ -288,7 +298,7 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
             "docs_per_s": round(docs / max(elapsed, 1e-9), 1),
             "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
         }
-        atomic_write_json(summary_path_for(opts.output_prefix, key), summary)
+        atomic_write_json(summary_file, summary)
         summaries[key] = summary
     if not opts.keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)

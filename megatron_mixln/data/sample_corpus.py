@@ -103,7 +103,11 @@ def iter_documents(min_chars: int) -> Iterator[dict]:
             text = text.strip()
             if len(text) < min_chars:
                 continue
-            digest = hashlib.sha1(" ".join(text.split()).encode("utf-8", "replace")).digest()
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a "\udc80" escape: not text
+                continue
+            digest = hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest()
             if digest in seen:
                 continue
             seen.add(digest)

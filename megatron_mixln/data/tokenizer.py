@@ -108,8 +108,13 @@ class HFTokenizer(Tokenizer):
         config = {}
         config_path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as fh:
-                config = json.load(fh)
+            try:
+                with open(config_path, encoding="utf-8") as fh:
+                    config = json.load(fh)
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                raise TokenizerError(f"{config_path}: not valid JSON ({err})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"{config_path}: expected a JSON object")
         for attr, key in _HF_CONFIG_KEYS.items():
             setattr(self, attr, self._special_id(config.get(key), _HF_CANDIDATES[attr]))
 

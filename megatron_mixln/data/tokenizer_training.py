@@ -44,20 +44,23 @@ def iter_text_lines(files: list[str], keys: list[str]) -> Iterator[str]:
     """Non-empty lines of the ``keys`` fields of every JSON line; bad lines are skipped."""
     for path in files:
         opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as fh:
-            for raw in fh:
-                try:
-                    obj = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                for key in keys:
-                    value = obj.get(key)
-                    if isinstance(value, str):
-                        for line in value.splitlines():
-                            if line.strip():
-                                yield line
+        try:
+            with opener(path, "rb") as fh:
+                for raw in fh:
+                    try:
+                        obj = json.loads(raw)
+                    except (ValueError, UnicodeDecodeError):
+                        continue
+                    if not isinstance(obj, dict):
+                        continue
+                    for key in keys:
+                        value = obj.get(key)
+                        if isinstance(value, str):
+                            for line in value.splitlines():
+                                if line.strip():
+                                    yield line
+        except (OSError, EOFError) as err:  # e.g. a truncated gzip download
+            raise DataError(f"{path}: cannot be read ({err})") from None
 
 
 def _check(opts: TokenizerTrainOptions) -> list[str]:
@@ -85,9 +88,18 @@ def train_tokenizer(opts: TokenizerTrainOptions) -> str:
     files = _check(opts)
     spm.set_random_generator_seed(opts.seed)
     model = io.BytesIO()
+    read_errors: list[DataError] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            yield from iter_text_lines(files, opts.json_keys)
+        except DataError as err:  # sentencepiece would turn it into a RuntimeError
+            read_errors.append(err)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter_text_lines(files, opts.json_keys), model_writer=model,
+            sentence_iterator=sentences(), model_writer=model,
             vocab_size=opts.vocab_size, model_type=opts.model_type,
             pad_id=opts.pad_id, eos_id=opts.eos_id, unk_id=opts.unk_id, bos_id=opts.bos_id,
             character_coverage=opts.character_coverage, input_sentence_size=opts.max_sentences,
@@ -95,6 +107,8 @@ def train_tokenizer(opts: TokenizerTrainOptions) -> str:
             split_digits=opts.split_digits, num_threads=opts.num_threads,
             train_extremely_large_corpus=False, minloglevel=2)
     except RuntimeError as err:
+        if read_errors:
+            raise read_errors[0] from None
         raise DataError(f"sentencepiece training on {len(files)} file(s) failed: {err} "
                         f"(too little text for --vocab-size {opts.vocab_size}? try a smaller "
                         f"one)") from None

@@ -8,8 +8,12 @@ codes, and on any error terminates them at once (finished shards stay on disk fo
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import queue as queue_module
+import signal
+import sys
 import traceback
 from typing import Callable
 
@@ -18,10 +22,36 @@ from .inputs import Task
 from .shard_worker import ShardSettings, init_worker, process_task
 
 
-def _worker_main(tokenizer_spec: str, settings: ShardSettings, tasks, results) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make sure a worker does not outlive a killed parent (``kill -9``, the OOM killer): it
+    would go on tokenizing its task, then wait for the next one forever."""
+    # Only where the parent is the OS parent too (fork, spawn; not forkserver).
+    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent_pid:  # the parent died before that took effect
+            os._exit(1)
+
+
+def _next_task(tasks) -> Task | None:
+    parent = multiprocessing.parent_process()
+    while True:
+        if parent is not None and not parent.is_alive():  # where the above is not available
+            os._exit(1)
+        try:
+            return tasks.get(timeout=1.0)
+        except queue_module.Empty:
+            pass
+
+
+def _worker_main(tokenizer_spec: str, settings: ShardSettings, tasks, results,
+                 parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     init_worker(tokenizer_spec, lambda r: results.put(("progress", r)))
     while True:
-        task = tasks.get()
+        task = _next_task(tasks)
         if task is None:
             return
         try:
@@ -40,7 +70,8 @@ def run_in_workers(todo: list[Task], settings: ShardSettings, tokenizer_spec: st
     worker ahead, and skipped once ``still_needed`` says no (``--max-docs`` reached)."""
     ctx = multiprocessing.get_context()
     tasks, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(tokenizer_spec, settings, tasks, results),
+    procs = [ctx.Process(target=_worker_main,
+                         args=(tokenizer_spec, settings, tasks, results, os.getpid()),
                          daemon=True) for _ in range(workers)]
     for proc in procs:
         proc.start()

@@ -111,6 +111,27 @@ def test_index_cache_is_reused(indexed, tmp_path, monkeypatch):
         GPTDataset(indexed, (0, 800), SEQ, 10, 400, cache_dir=str(tmp_path))
 
 
+def test_index_cache_is_not_reused_for_a_remade_dataset(tmp_path):
+    """Same documents in another order: same file sizes, sequence and token counts."""
+    from megatron_mixln.data import IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, size=n) for n in rng.integers(1, 60, size=200)]
+
+    def make(order) -> IndexedDataset:
+        with IndexedDatasetWriter(str(tmp_path / "d"), np.uint16) as writer:
+            for i in order:
+                writer.add_document(docs[i])
+        return IndexedDataset(str(tmp_path / "d"))
+
+    cache = str(tmp_path / "cache")
+    GPTDataset(make(range(200)), (0, 200), 16, 1, 300, cache_dir=cache)
+    remade = make(rng.permutation(200))
+    cached = GPTDataset(remade, (0, 200), 16, 1, 300, cache_dir=cache)
+    fresh = GPTDataset(remade, (0, 200), 16, 1, 300)
+    assert all(np.array_equal(cached[i]["tokens"], fresh[i]["tokens"]) for i in range(len(fresh)))
+
+
 def _rank_job(rank, world_size, tmpdir, prefix, cache_dir):
     calls = []
     original = gpt_module.build_gpt_indices

@@ -3,6 +3,7 @@ any worker count / chunking / kill-and-resume, and every kind of bad input repor
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -91,6 +92,30 @@ def test_kill_then_rerun_resumes_and_matches(tmp_path, corpus, spm_model):
     assert shards["reused"] == len(done_before) and shards["processed"] == 10 - len(done_before)
     assert {p: os.stat(p).st_mtime_ns for p in done_before} == done_before  # not redone
     assert same_files(out + "_text_document", reference["output_prefix"])
+
+
+def test_workers_do_not_outlive_a_killed_parent(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    line = json.dumps({"text": " ".join(str(j % 90) for j in range(200))})
+    for i in range(4):
+        write_lines(tmp_path / f"in-{i}.jsonl", [line] * 20000)
+    cmd = [PYTHON, os.path.join(REPO, "tools", "preprocess_c4.py"), "--input",
+           str(tmp_path / "in-*.jsonl"), "--tokenizer", "null:100", "--output-prefix",
+           str(tmp_path / "out"), "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=tool_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.time() + 120
+    while len(workers) < 2 and proc.poll() is None and time.time() < deadline:
+        workers = psutil.Process(proc.pid).children()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer or kill -9 do
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    try:
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers {[p.pid for p in alive]} outlived their parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 BAD_LINES = [
@@ -239,3 +264,74 @@ def test_no_documents_at_all_is_an_error(tmp_path, spm_model):
     with pytest.raises(DataError, match=r"no documents for JSON key 'text' .*'missing_key': 3"):
         run(tmp_path / "out", [path], spm_model)
     assert not glob.glob(str(tmp_path / "out_text_document*"))
+
+
+def test_a_kill_between_the_final_renames_never_pairs_new_data_with_old_files(tmp_path,
+                                                                             monkeypatch):
+    """Same document count and token total, other lengths: a new .bin beside the old .idx would
+    read back without any error as wrongly cut documents."""
+    old = write_lines(tmp_path / "old.jsonl", [json.dumps({"text": "1 2"}),
+                                               json.dumps({"text": "3 4 5"})])
+    new = write_lines(tmp_path / "new.jsonl", [json.dumps({"text": "7 8 9"}),
+                                               json.dumps({"text": "6 5"})])
+    prefix = run(tmp_path / "out", [old], "null:100")["text"]["output_prefix"]
+    real_replace = os.replace
+
+    def killed_at_the_index_rename(src, dst):
+        if dst == prefix + ".idx":
+            raise KeyboardInterrupt("simulated kill")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_index_rename)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out", [new], "null:100")
+    monkeypatch.undo()
+    try:
+        ds = IndexedDataset(prefix)
+    except DataError as err:
+        assert "not found" in str(err)
+    else:  # whatever is there must be one consistent run: here, the old one
+        assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2], [3, 4, 5]]
+    assert not os.path.exists(prefix + ".summary.json")  # it described the old data
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    run(tmp_path / "out", [new], "null:100")  # the rerun finishes the job
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == [[7, 8, 9], [6, 5]]
+
+
+def test_shards_of_another_end_of_document_id_are_not_resumed_from(tmp_path):
+    """A Hugging Face tokenizer's eos comes from tokenizer_config.json, outside tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [f"document number {i} about some things" for i in range(50)]
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200,
+                                                       special_tokens=["<unk>", "</s>", "<eot>"]))
+    tok.save(str(tok_dir / "tokenizer.json"))
+    data = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in texts])
+    first = run(tmp_path / "out", [data], str(tok_dir), append_eod=True, keep_shards=True)["text"]
+    assert {int(d[-1]) for d in IndexedDataset(first["output_prefix"])} == {1}  # "</s>"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eot>"}))
+    second = run(tmp_path / "out", [data], str(tok_dir), append_eod=True, keep_shards=True)["text"]
+    assert second["shards"]["reused"] == 0
+    assert {int(d[-1]) for d in IndexedDataset(second["output_prefix"])} == {2}  # "<eot>"
+
+
+def test_an_end_of_document_id_outside_the_vocabulary_is_refused_up_front(tmp_path):
+    """A tokenizer.json whose ids have a gap: eos 70000 in a 40-id vocabulary (uint16 output)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [f"document number {i}" for i in range(20)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"]))
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"]["</s>"] = 70000
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    data = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in texts])
+    with pytest.raises(DataError, match=r"--append-eod: .*end-of-document id 70000 .*outside"):
+        run(tmp_path / "out", [data], str(tmp_path / "tokenizer.json"), append_eod=True)
+    assert not glob.glob(str(tmp_path / "out*"))

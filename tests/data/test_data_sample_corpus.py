@@ -31,3 +31,20 @@ def test_corpus_is_c4_shaped_deterministic_and_deduplicated(tmp_path):
     assert len(records) == a["documents"]["train"] + a["documents"]["validation"]
     assert 0.3 <= sum(len(r["text"].encode()) for r in records) / 2**20 < 0.35
     assert 0 < a["documents"]["validation"] < a["documents"]["train"]
+
+
+def test_docstrings_that_are_not_utf8_text_are_skipped(tmp_path, monkeypatch):
+    from megatron_mixln.data import sample_corpus
+
+    source = tmp_path / "src" / "mod.py"
+    source.parent.mkdir()
+    prose = "An ordinary docstring of a function, long enough to be kept in the corpus. " * 4
+    source.write_text(f'"""A lone \\udc80 surrogate. {prose}"""\n\n'
+                      f'def f():\n    """{prose}"""\n', encoding="utf-8")
+    monkeypatch.setattr(sample_corpus, "iter_source_files",
+                        lambda: iter([("stdlib", str(source.parent), "mod.py")]))
+    out = make_sample_corpus(CorpusOptions(str(tmp_path / "c4"), target_mb=1, train_shards=1,
+                                           valid_shards=0))
+    with gzip.open(out["train"][0], "rt", encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [r["url"] for r in records] == ["pydoc://stdlib/mod.py#f"]

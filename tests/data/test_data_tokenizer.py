@@ -56,6 +56,9 @@ def test_hugging_face_tokenizer_json(tmp_path, corpus):
     # tokenizer_config.json, when present, names the special tokens.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<s>"}}))
     assert build_tokenizer(str(tmp_path / "tokenizer.json")).eod == 2
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: not valid JSON"):
+        build_tokenizer(str(tmp_path))
 
 
 def test_null_tokenizer():
@@ -99,5 +102,17 @@ def test_training_errors_are_clear(tmp_path, corpus):
         train_tokenizer(opts)
     opts.vocab_size, opts.bos_id = 500, 1  # bos and eos both 1
     with pytest.raises(DataError, match="distinct"):
+        train_tokenizer(opts)
+    assert not (tmp_path / "t.model").exists()
+
+
+def test_training_on_a_truncated_gzip_names_the_file(tmp_path, corpus):
+    with open(corpus["train"][0], "rb") as fh:
+        data = fh.read()
+    cut = tmp_path / "c4-train.00000-of-00001.json.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    opts = TokenizerTrainOptions(inputs=[str(cut)], output_prefix=str(tmp_path / "t"),
+                                 vocab_size=300)
+    with pytest.raises(DataError, match=rf"^{cut}: cannot be read \(Compressed file ended"):
         train_tokenizer(opts)
     assert not (tmp_path / "t.model").exists()
