@@ -155,7 +155,7 @@ def bench_one(make, kind, m, n, device, dtype, measure):
         y, s = fn(x, r, w, b)
         torch.autograd.grad((y, s), inputs, (dy, ds))  # returns grads: no accumulation into .grad
 
-    fwd_bwd()  # compile / autotune outside the timing
+    fwd_bwd()  # compile outside the timing
     return measure(fwd), measure(fwd_bwd)
 
 

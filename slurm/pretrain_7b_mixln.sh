@@ -3,6 +3,7 @@
 # lr 5e-4, ~10% warm-up, cosine to 0.1x, Adam without weight decay, batch 512 x 256 tokens, bf16,
 # ZeRO-3. Multi-node A100/H100 (8 GPUs per node).
 #
+#   mkdir -p logs                                      # Slurm opens --output before the script runs
 #   sbatch slurm/pretrain_7b_mixln.sh                  # 4 nodes x 8 GPUs
 #   sbatch --nodes 8 slurm/pretrain_7b_mixln.sh
 #   DATA=/data/c4_t5 TOKENIZER=/data/t5/spiece.model CKPT=/ckpt/7b-mixln sbatch slurm/pretrain_7b_mixln.sh
@@ -16,7 +17,8 @@
 #   SLURM_LOCALID/SLURM_NTASKS), so srun's signal forwarding reaches the trainers. (torchrun would
 #   not forward SIGUSR1, and kills its workers 30 s after a SIGTERM -- too short to save 7B states.)
 # LAUNCHER=deepspeed: DeepSpeed's launcher over a hostfile generated from the allocation (needs
-#   passwordless ssh/pdsh between nodes); USR1 is then delivered to the trainers by a small srun step.
+#   passwordless ssh/pdsh between nodes); USR1 is then delivered to the trainers by a small srun step
+#   (to the trainers only: DeepSpeed's launcher processes have no USR1 handler and would die of it).
 #
 #SBATCH --job-name=mixln-7b
 #SBATCH --nodes=4
@@ -47,6 +49,7 @@ export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" TOKENIZERS_PARALLELISM=false
 export WANDB_MODE="${WANDB_MODE:-offline}"
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-12}"  # srun >= 22.05 no longer inherits --cpus-per-task
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 args=(
@@ -66,7 +69,7 @@ echo "[$(date)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NN
 
 if [ "$LAUNCHER" = srun ]; then
     srun --kill-on-bad-exit=1 --cpu-bind=none "$PY" -m megatron_mixln.pretrain "${args[@]}" &
-    forward_usr1() { trapped=1; echo "[$(date)] SIGUSR1: asking the trainers to save and exit"; kill -USR1 "$TRAIN_PID"; }
+    forward_usr1() { trapped=1; echo "[$(date)] SIGUSR1: asking the trainers to save and exit"; kill -USR1 "$TRAIN_PID" || true; }
 else
     HOSTFILE="$CKPT/hostfile.$SLURM_JOB_ID"
     scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$GPUS_PER_NODE/" > "$HOSTFILE"
@@ -76,8 +79,11 @@ else
     forward_usr1() {
         trapped=1
         echo "[$(date)] SIGUSR1: asking the trainers to save and exit"
-        # One task per node signals this job's trainers there (they were started by the launcher, not srun).
-        srun --overlap --ntasks-per-node=1 bash -c 'pkill -USR1 -u "$(id -u)" -f "megatron_mixln[.]pretrain"' || true
+        # One task per node signals this job's trainers there (they were started by the launcher, not srun):
+        # `python -u -m megatron_mixln.pretrain`, not the launcher's `--module megatron_mixln.pretrain`.
+        # The task counts are explicit: srun would otherwise take the job's SLURM_NTASKS.
+        srun --overlap --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
+            bash -c 'pkill -USR1 -u "$(id -u)" -f "[-]m megatron_mixln[.]pretrain"' || true
     }
 fi
 TRAIN_PID=$!

@@ -60,8 +60,11 @@ def run_label(config: dict, run_dir: str) -> str:
         return os.path.basename(os.path.normpath(run_dir))
     label = NAMES.get(position, position)
     if position == "mix":
-        k = config.get("positions", "").split(",")[0]
-        k = k.split("*")[1] if k.startswith("post*") else ("1" if k == "post" else "?")
+        first = config.get("positions", "").split(",")[0]  # "post*3", "post", or "pre*N" when k = 0
+        if first.startswith("post*"):
+            k = first.split("*")[1]
+        else:
+            k = "1" if first == "post" else "0" if first.startswith("pre") else "?"
         label += f" (k={k})"
     return label
 

@@ -21,7 +21,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 MAX_FUSED_N = 65536  # a row must fit in one program's registers
 
@@ -130,27 +129,17 @@ def launch_config(n: int) -> tuple[int, int]:
     return max(1, min(16, 4096 // block_n)), block_n
 
 
-def _warp_choices(configs, named_args, **kwargs):
-    """Keep the num_warps that give each thread 2-32 elements of the tile: fewer wastes threads;
-    ptxas for sm_90 puts the backward at ~6 registers per element (fp32 dy, s, ŝ, w·dy, ds and the
-    dw partial; tests/kernels/compile_sm90.py prints them), so much more than 32 would spill."""
-    tile = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
-    keep = [c for c in configs if 2 * 32 * c.num_warps <= tile <= 32 * 32 * c.num_warps]
-    return keep or [min(configs, key=lambda c: abs(tile - 8 * 32 * c.num_warps))]
+def num_warps(block_m: int, block_n: int) -> int:
+    """num_warps of both kernels for a [block_m, block_n] tile: each thread gets ~8 elements (2 to
+    32 warps). ptxas for sm_90 puts the backward at ~6 registers per element (fp32 dy, s, ŝ, w·dy,
+    ds and the dw partial; tests/kernels/compile_sm90.py prints registers and spills per config).
 
-
-def _autotuned(kernel, key):
-    """On a GPU, num_warps is timed once per key (plus the tensors' dtypes) and the fastest kept;
-    the kernels write only fresh outputs, so re-running them while timing is harmless. The CPU
-    interpreter ignores num_warps, so there the plain kernel is launched."""
-    if not isinstance(kernel, JITFunction):
-        return kernel
-    configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _warp_choices})(kernel)
-
-
-add_norm_fwd_kernel = _autotuned(_add_norm_fwd_kernel, ["N", "IS_RMS", "HAS_RESIDUAL", "HAS_BIAS"])
-add_norm_bwd_kernel = _autotuned(_add_norm_bwd_kernel, ["N", "IS_RMS", "HAS_DRES", "STORE_DR", "HAS_BIAS"])
+    A pure function of the shape, deliberately not timed by Triton's autotuner: the row reductions'
+    summation order depends on num_warps, and a timing-based pick differs between processes. Under
+    tensor parallelism without sequence parallelism every TP rank normalises the same replicated
+    rows and updates its replicated norm weights from its own dW, so those ranks must run the same
+    configuration to stay bitwise identical (and a resumed run must reproduce the same numbers)."""
+    return max(2, min(32, block_m * block_n // (8 * 32)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,12 +168,12 @@ def add_norm_fwd(x, residual, weight, bias, eps, residual_scale, out_scale, is_r
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     mean = torch.empty(m if not is_rms else 0, device=x.device, dtype=torch.float32)
     if m:
-        add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        _add_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
             y, s if residual is not None else y, rstd, mean if not is_rms else rstd,
             m, n, eps, residual_scale, out_scale,
             IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m, block_n),
         )
     return y, s, rstd, mean
 
@@ -202,12 +191,12 @@ def add_norm_bwd(dy, dres, s, weight, rstd, mean, residual_scale, out_scale, is_
     dw_partial = torch.empty(programs, n, device=dy.device, dtype=torch.float32)
     db_partial = torch.empty(programs if has_bias else 0, n, device=dy.device, dtype=torch.float32)
     if m:
-        add_norm_bwd_kernel[(programs,)](
+        _add_norm_bwd_kernel[(programs,)](
             dy, dres if dres is not None else dy, s, weight, rstd, mean if not is_rms else rstd,
             dx, dr if store_dr else dx, dw_partial, db_partial if has_bias else dw_partial,
             m, n, rows_per_program, residual_scale, out_scale,
             IS_RMS=is_rms, HAS_DRES=dres is not None, STORE_DR=store_dr, HAS_BIAS=has_bias,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m, block_n),
         )
     else:
         dw_partial.zero_()

@@ -24,7 +24,6 @@ weights: consolidate them with DeepSpeed's zero_to_fp32 first.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -50,12 +49,11 @@ _LAYOUT_KEYS = ("module", "optimizer", "param_shapes", "frozen_param_shapes", "s
 def _deepspeed_record_types() -> list:
     """Plain record types DeepSpeed may write into its state files (allowed, nothing else is)."""
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
+        from megatron_mixln.training.checkpoint_io import deepspeed_safe_globals
+
+        return deepspeed_safe_globals()
+    except ImportError:  # converting without DeepSpeed installed: its records cannot occur
         return []
-    return [fragment_address, ZeroStageEnum, LossScaler]
 
 
 def _load(path):
@@ -132,7 +130,7 @@ def read_deepspeed_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[di
             prefix = pipeline_layer_prefix(idx, num_layers)
             plain.update({prefix + k: v for k, v in merged.items()})
         return plain, meta, {"engine": "pipeline", "tp": tp, "pp": len(mp_files) // tp}
-    modules = [_load(os.path.join(path, f))["module"] for f in mp_files]
+    modules = [meta_file["module"]] + [_load(os.path.join(path, f))["module"] for f in mp_files[1:]]
     if any(m is None for m in modules):
         raise ValueError(f"{path}: mp_rank files hold no module and there are no layer files")
     return merge_tp(modules), meta, {"engine": "plain", "tp": len(mp_files), "pp": 1}
@@ -165,6 +163,9 @@ def write_deepspeed_checkpoint(plain: dict, out_dir: str, tag: str, tp: int, pp:
     """Split a plain state dict into DeepSpeed's on-disk layout for a TP x PP run (see module doc)."""
     num_layers = _check_target(plain, config, tp, pp, engine)
     path = os.path.join(out_dir, tag)
+    if os.path.isdir(path) and os.listdir(path):
+        # Another layout's files would stay next to ours (readers pick layer files over mp_rank files).
+        raise ValueError(f"{path}: already exists and is not empty; write to a new --output or --out-tag")
     os.makedirs(path, exist_ok=True)
     shards = [split_tp(plain, tp, r) for r in range(tp)]
     meta = dict(metadata or {})
@@ -311,10 +312,6 @@ def convert(src: str, dst: str, to: str = "plain", tp: int = 1, pp: int = 1, eng
         raise ValueError(f"to: unknown {to!r}; allowed: plain, deepspeed")
     return {"source": source, "target": {"format": to, "tp": tp, "pp": pp, "engine": engine},
             "tensors": len(plain), "parameters": sum(v.numel() for k, v in plain.items())}
-
-
-def list_checkpoint_files(ckpt_dir: str, tag: str | None = None) -> list[str]:
-    return sorted(glob.glob(os.path.join(ckpt_dir, resolve_tag(ckpt_dir, tag), "*")))
 
 
 # ---------------------------------------------------------------- resuming

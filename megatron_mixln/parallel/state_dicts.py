@@ -8,8 +8,8 @@ to the other, and is also the mapping of DeepSpeed's per-layer checkpoint files.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from megatron_mixln.parallel.mappings import all_gather_along
 from megatron_mixln.parallel.sharding import split_tp, tp_partition_dim
 
 
@@ -61,9 +61,7 @@ def load_plain_state_dict(module, full_state_dict: dict, state=None) -> None:
 
 
 def _gather_tp(tensor: torch.Tensor, dim: int, state) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(state.tp_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=state.tp_group)
-    return torch.cat(parts, dim=dim)
+    return all_gather_along(tensor, dim, state.tp_group)
 
 
 @torch.no_grad()

@@ -58,11 +58,18 @@ def load_config_file(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    # YAML reads `lr: 5e-4` (no dot) as a string: convert as the flag's own type would.
+    numeric = {a.dest: a.type for a in build_parser()._actions if a.type in (int, float)}
     out = {}
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in _MODEL_FIELDS | _TRAIN_FIELDS | _EXTRA_FIELDS:
             raise UsageError(f"--config {path}: unknown key {key!r} (not a flag of this program)")
+        if name in numeric and isinstance(value, str):
+            try:
+                value = numeric[name](value)
+            except ValueError:
+                raise UsageError(f"--config {path}: {key}: expected {numeric[name].__name__}, got {value!r}") from None
         out[name] = value
     return out
 

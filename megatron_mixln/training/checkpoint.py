@@ -115,7 +115,7 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
     if dist.get_rank() == 0:
         meta = {"tag": tag, "train_state": asdict(train_state), "model_config": model_config.to_dict(),
                 "world_size": dist.get_world_size(), "data_parallel_size": data_parallel_size,
-                "zero_stage": engine.zero_optimization_stage(),
+                "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
                 "tensor_model_parallel_size": tensor_model_parallel_size,
                 "pipeline_model_parallel_size": pipeline_model_parallel_size}
         _atomic_write(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1, default=str))
@@ -182,11 +182,13 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig) -> dict:
 
 
 def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero_stage: int,
-                        tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
+                        tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                        bf16: bool | None = None) -> None:
     """DeepSpeed files are per TP/PP rank: the same TP x PP layout, or a converted checkpoint.
     ZeRO >= 1 shards optimizer (and for stage 3 model) states over data-parallel ranks: a
     checkpoint can only be resumed with the same stage and data-parallel size (a converted one,
-    which has no optimizer states, with any)."""
+    which has no optimizer states, with any). DeepSpeed's optimizer states (files and keys) also
+    differ between fp32 and bf16 runs: the same --bf16 setting too."""
     layout = meta.get("converted") or meta
     saved_tp = layout.get("tensor_model_parallel_size", 1)
     saved_pp = layout.get("pipeline_model_parallel_size", 1)
@@ -200,6 +202,13 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         )
     if meta.get("converted"):
         return
+    saved_bf16 = meta.get("bf16")
+    if bf16 is not None and saved_bf16 is not None and saved_bf16 != bf16:
+        raise UsageError(
+            f"--load {load_dir} ({meta['tag']}) was written {'with' if saved_bf16 else 'without'} --bf16; this "
+            f"run has {'--bf16' if bf16 else 'no --bf16'}, and DeepSpeed's optimizer states differ between the "
+            "two. Resume with the same precision"
+        )
     saved_dp, saved_stage = meta.get("data_parallel_size"), meta.get("zero_stage")
     if saved_stage is None or saved_dp is None:
         return

@@ -1,6 +1,6 @@
 """Checkpoint file I/O that never unpickles arbitrary objects.
 
-DeepSpeed's own checkpoint engine calls torch.load(weights_only=False). We swap in one that loads
+DeepSpeed's own checkpoint engine unpickles whatever a file holds. We swap in one that loads
 with weights_only=True; the few plain data types DeepSpeed writes into its optimizer files
 (a namedtuple, an enum, the loss-scaler record) are registered as safe globals -- nothing else is.
 """

@@ -126,10 +126,6 @@ def data_parallel_group(state=None):
     return state.dp_group if state is not None else None  # None = the world group
 
 
-def device_of(engine) -> torch.device:
-    return torch.device(engine.device) if not isinstance(engine.device, torch.device) else engine.device
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()

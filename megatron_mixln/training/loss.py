@@ -17,11 +17,6 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), reduction="none").view_as(labels)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over the micro-batch: what is back-propagated."""
-    return token_losses(logits, labels).mean()
-
-
 def make_token_loss_fn(state=None):
     """Per-token loss for this run: plain CE, or the vocab-parallel one when TP > 1."""
     if state is not None and state.tp_size > 1:

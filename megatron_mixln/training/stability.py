@@ -75,7 +75,3 @@ class SpikeDetector:
         self.ema = self.beta * self.ema + (1 - self.beta) * loss
         self.count += 1
         return None
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""

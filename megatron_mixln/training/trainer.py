@@ -86,27 +86,34 @@ def _before_model_step(engine, fn):
         del engine._take_model_step
 
 
-def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_flag: bool,
+def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
                want_layer_norms: bool, state=None) -> StepResult:
+    """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
+    that arrives during the step stops the run after this step, not after the next one."""
     device = torch.device(engine.device)
     ga = engine.gradient_accumulation_steps()
     layer_norms, grad_norm = None, None
+    plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
         # its loss is already averaged over data-parallel ranks.
         set_lr(engine.optimizer, lr)
         guard.arm()
         data = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in islice(batches, ga))
-        if want_layer_norms:
-            from megatron_mixln.parallel import pipeline_layer_grad_norms
+        collected, norms = [], []
 
-            collected = []
-            with _before_model_step(engine, lambda: collected.extend(
-                    pipeline_layer_grad_norms(engine.module, state, _grad_getter(engine, state)))):
-                local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
-            layer_norms = collected
-        else:
+        def before_step():
+            if want_layer_norms:
+                from megatron_mixln.parallel import pipeline_layer_grad_norms
+
+                collected.extend(pipeline_layer_grad_norms(engine.module, state, _grad_getter(engine, state)))
+            if plain_fp32:  # as below: DeepSpeed keeps no norm for a plain fp32 optimizer
+                norms.append(_plain_grad_norm(engine, state))
+
+        with _before_model_step(engine, before_step):
             local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+        layer_norms = collected if want_layer_norms else None
+        grad_norm = norms[0] if norms else None
     else:
         local_loss = torch.zeros((), device=device)
         for _ in range(ga):
@@ -117,7 +124,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
             if engine.is_gradient_accumulation_boundary():
                 if want_layer_norms:
                     layer_norms = layer_grad_norms(engine.module, _grad_getter(engine, state))
-                if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+                if plain_fp32:
                     grad_norm = _plain_grad_norm(engine, state)
                 set_lr(engine.optimizer, lr)
                 guard.arm()
@@ -127,7 +134,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
         grad_norm = None if norm is None else float(norm)
     # One all_reduce for the loss and the preemption flag. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
-    stats = torch.stack([local_loss, torch.tensor(float(stop_flag), device=device)])
+    stats = torch.stack([local_loss, torch.tensor(float(stop_requested()), device=device)])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms)
@@ -162,7 +169,7 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
     meta = inspect_checkpoint(cfg.load, model_config) if cfg.load else None
     if meta:
         check_resume_layout(meta, cfg.load, dp_size, zero_stage_of(ds_config),
-                            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+                            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)
     if cfg.save:
         _check_writable(cfg.save, "--save")
     if datasets is None:
@@ -209,7 +216,7 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
             lr = lr_at(step, cfg)
             want_layers = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
             t0 = time.perf_counter()
-            res = train_step(engine, batches, lr, guard, token_loss_fn, preempt.requested, want_layers, state)
+            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state)
             window_time += time.perf_counter() - t0
             window_steps += 1
             if math.isfinite(res.loss):

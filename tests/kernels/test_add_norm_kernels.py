@@ -10,7 +10,7 @@ from triton_env import needs_kernels  # noqa: E402
 
 from megatron_mixln.kernels import triton_add_norm  # noqa: E402
 from megatron_mixln.kernels.add_norm import add_norm_torch  # noqa: E402
-from megatron_mixln.kernels.add_norm_kernels import _warp_choices, launch_config  # noqa: E402
+from megatron_mixln.kernels.add_norm_kernels import launch_config, num_warps  # noqa: E402
 
 pytestmark = needs_kernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -49,6 +49,37 @@ def test_triton_mixed_dtypes(kind):
         w_dtype=torch.float32, r_dtype=torch.float32,
     )
     assert_close(got, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_bf16_residual_in_fp32_model(kind):
+    # fp32 activations, a bf16 residual: s and every grad but the residual's are fp32; the
+    # residual's grad is rounded to bf16 (its dtype), hence the bf16 tolerance.
+    got, ref = run_case(
+        triton_add_norm.add_norm_triton, kind, torch.float32, (4, 9, 48), "deepnorm+grad", r_dtype=torch.bfloat16,
+    )
+    assert got["s"].dtype == got["dx"].dtype == torch.float32 and got["dresidual"].dtype == torch.bfloat16
+    assert_close({k: v for k, v in got.items() if k != "dresidual"}, {k: v for k, v in ref.items() if k != "dresidual"},
+                 torch.float32)
+    assert_close({"dresidual": got["dresidual"]}, {"dresidual": ref["dresidual"]}, torch.bfloat16)
+
+
+@pytest.mark.parametrize("residual_scale", [1.0, 2.5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_only_new_residual_has_a_gradient(kind, residual_scale):
+    """The normed output unused, only s = a*r + x carried on: dx = ds, dr = a*ds, dw = db = 0."""
+    g = torch.Generator().manual_seed(0)
+    x, r, ds = (torch.randn(3, 5, 33, generator=g).to(DEVICE) for _ in range(3))
+    w = (torch.randn(33, generator=g) + 1).to(DEVICE).requires_grad_()
+    b = torch.randn(33, generator=g).to(DEVICE).requires_grad_() if kind == "layernorm" else None
+    x.requires_grad_()
+    r.requires_grad_()
+    _, s = triton_add_norm.add_norm_triton(x, r, w, b, 1e-6, residual_scale, 0.5, kind)
+    s.backward(ds)
+    torch.testing.assert_close(x.grad, ds)
+    torch.testing.assert_close(r.grad, residual_scale * ds)
+    for p in (w, b):
+        assert p is None or p.grad is None or not p.grad.any()
 
 
 def test_triton_empty_input():
@@ -96,16 +127,33 @@ def test_launch_config():
         launch_config(65537)
 
 
-def test_autotune_warp_choices():
-    """The GPU autotuner times only num_warps giving each thread 2-32 elements (or the closest)."""
-    import triton
+def test_num_warps_is_a_function_of_the_tile():
+    """~8 elements per thread, 2 to 32 warps."""
+    assert num_warps(*launch_config(100)) == 8  # 16 x 128 tile
+    assert num_warps(*launch_config(4096)) == 16
+    assert num_warps(*launch_config(8192)) == 32
+    assert num_warps(*launch_config(65536)) == 32
+    assert num_warps(*launch_config(1)) == 2
 
-    configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16, 32)]
 
-    def warps(block_m, block_n):
-        return [c.num_warps for c in _warp_choices(configs, {}, BLOCK_M=block_m, BLOCK_N=block_n)]
+def test_launch_configuration_is_not_timed():
+    """No Triton autotuner (a timing-based pick of num_warps, which changes the row reductions'
+    summation order): TP ranks normalising the same replicated rows in different processes must get
+    bitwise-equal outputs and norm-weight gradients, or their replicated norm weights drift apart.
+    Checked in a fresh process without the interpreter, where the kernels are built for a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    assert warps(1, 4096) == [4, 8, 16, 32]
-    assert warps(1, 8192) == [8, 16, 32]
-    assert warps(1, 65536) == [32]
-    assert warps(16, 1) == [2]
+    code = (
+        "import triton\n"
+        "from megatron_mixln.kernels import add_norm_kernels as K\n"
+        "tuned = [n for n, v in vars(K).items() if isinstance(v, triton.runtime.Autotuner)]\n"
+        "assert not tuned, tuned\n"
+        "print('OK')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip().endswith("OK"), out.stdout + out.stderr

@@ -190,38 +190,43 @@ def pipeline_train(engine, cfg, state, steps):
 
 
 def plain_engine(deepspeed, cfg, state, make_optimizer, make_scheduler=None, zero_stage=0, sequence_parallel=False,
-                 state_dict=None):
+                 state_dict=None, micro_batches=1):
     torch.manual_seed(0)
     model = build_model(cfg)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     apply_tensor_parallel(model, state, sequence_parallel=sequence_parallel)
     opt = make_optimizer(model.parameters())
+    micro = GLOBAL_BATCH // (state.dp_size * micro_batches)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=make_scheduler(opt) if make_scheduler else None,
-                                      config=ds_config(GLOBAL_BATCH // state.dp_size, 1, state.dp_size, zero_stage),
+                                      config=ds_config(micro, micro_batches, state.dp_size, zero_stage),
                                       mpu=state.mpu)
     return engine
 
 
 def plain_train(engine, cfg, state, steps):
+    """One optimizer step per global batch, over `gradient_accumulation_steps` micro-batches."""
     import torch.distributed as dist
 
+    micro_batches = engine.gradient_accumulation_steps()
     losses = []
     for step in steps:
         tokens, labels = step_batch(cfg, step)
-        (t, l), = rows_of(tokens, labels, state.dp_rank, state.dp_size, 1)
-        loss = vocab_parallel_cross_entropy(engine(t), l).mean()
-        engine.backward(loss)
-        engine.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean, group=state.dp_group)
-        losses.append(float(mean) / state.dp_size)
+        total = torch.zeros(())
+        for t, l in rows_of(tokens, labels, state.dp_rank, state.dp_size, micro_batches):
+            loss = vocab_parallel_cross_entropy(engine(t), l).mean()
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach() / micro_batches
+        dist.all_reduce(total, group=state.dp_group)
+        losses.append(float(total) / state.dp_size)
     return losses
 
 
 def deepspeed_layouts_job(rank, world_size, tmpdir):
     """PP=2 x DP=2; TP=2 x PP=2 (+SP, ZeRO-1), saved, converted, resumed at TP=1 x PP=1 and back at
-    TP=2 x PP=2; DP=2 x TP=2 with ZeRO-1. Every loss is compared with single-process training."""
+    TP=2 x PP=2; DP=2 x TP=2 with ZeRO-1, and with SP + accumulation under ZeRO-2/3. Every loss is compared
+    with single-process training."""
     import os
 
     import torch.distributed as dist
@@ -300,8 +305,14 @@ def deepspeed_layouts_job(rank, world_size, tmpdir):
     out["dp2_tp2_zero1_partition_count"] = int(engine.optimizer.partition_count[0]) if hasattr(engine.optimizer, "partition_count") else -1
     del engine
 
-    # DP=2 x TP=2 with sequence parallelism and ZeRO-3 (DeepSpeed partitions the TP shards over DP)
-    engine = plain_engine(deepspeed, cfg, state, adamw, zero_stage=3, sequence_parallel=True, state_dict=sd0)
-    out["dp2_tp2_sp_zero3"] = plain_train(engine, cfg, state, range(3))
-    out["dp2_tp2_sp_zero3_partitioned"] = all(hasattr(p, "ds_id") for p in engine.module.parameters())
+    # DP=2 x TP=2 with sequence parallelism, 2 accumulated micro-batches per step, ZeRO-2 and ZeRO-3
+    # (DeepSpeed partitions the TP shards over DP). SGD, not Adam: Adam's update hardly changes when
+    # a gradient is scaled, so it would not see norm gradients summed over TP twice (or tp times).
+    out["dp2_tp2_sp_ref"] = reference_losses(cfg, sd0, sgd, range(3))
+    for stage in (2, 3):
+        engine = plain_engine(deepspeed, cfg, state, sgd, zero_stage=stage, sequence_parallel=True, state_dict=sd0,
+                              micro_batches=MICRO_BATCHES)
+        out[f"dp2_tp2_sp_zero{stage}"] = plain_train(engine, cfg, state, range(3))
+        out[f"dp2_tp2_sp_zero{stage}_partitioned"] = all(hasattr(p, "ds_id") for p in engine.module.parameters())
+        del engine
     return out

@@ -82,6 +82,17 @@ def test_plain_engine_layout_round_trip(tmp_path):
         write_deepspeed_checkpoint(sd, str(tmp_path / "z"), "t", tp=2, pp=1, engine="plain", config=None)
 
 
+def test_writing_into_a_used_tag_is_refused(tmp_path):
+    """A TP2xPP2 conversion and then a TP1 one into the same tag would leave both layouts' files there;
+    readers take the layer files, i.e. the first (stale) weights."""
+    cfg, sd = full_state_dict()
+    write_deepspeed_checkpoint(sd, str(tmp_path), "t", tp=2, pp=2, engine="pipeline", config=cfg)
+    other = {k: v + 1 for k, v in sd.items()}
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        write_deepspeed_checkpoint(other, str(tmp_path), "t", tp=1, pp=1, engine="plain", config=cfg)
+    _equal(read_deepspeed_checkpoint(str(tmp_path), "t")[0], sd)
+
+
 def test_plain_format_with_config_and_tied_head(tmp_path):
     cfg, sd = full_state_dict(tie_embeddings=True)
     save_plain(sd, str(tmp_path), cfg, {"global_steps": 3})

@@ -50,6 +50,8 @@ def test_tables_and_labels(tmp_path):
     run = plot_metrics.load_run(_run_dir(tmp_path / "r", "mix", "post*3,pre*9", layers=12,
                                          extra_lines=[json.dumps({"kind": "train", "step": 20, "loss": 99.0})]))
     assert run["label"] == "Mix-LN (k=3)"
+    assert plot_metrics.run_label({"model": {"norm_position": "mix"}, "positions": "pre*12"}, "r") == "Mix-LN (k=0)"
+    assert plot_metrics.run_label({"model": {"norm_position": "mix"}, "positions": "post,pre*11"}, "r") == "Mix-LN (k=1)"
     assert [r["loss"] for r in run["train"]] == [1.0, 99.0, 10.0 / 30]  # a re-logged step: the last wins
     steps, table = plot_metrics.grad_norm_table(run)
     assert steps == [10, 20, 30] and list(table) == ["attn", "mlp", "attn_norm", "mlp_norm"]

@@ -71,8 +71,33 @@ def test_sigusr1_mid_run_stops_after_the_step(single_rank, tmp_path, monkeypatch
     save = str(tmp_path / "ckpt")
     summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, save=save), tiny_datasets())
     summary["engine"].destroy()
-    # The flag is read at the start of step 3 and all-reduced with its loss: step 3 finishes, then save.
+    # The flag is read after step 3's compute and all-reduced with its loss: step 3 finishes, then save.
     assert summary["stop_reason"] == "preempted"
     assert [h["step"] for h in summary["history"]] == [1, 2, 3]
     assert ckpt.read_latest(save) == "iter_0000003"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler restored
+
+
+def test_signal_during_a_step_stops_after_that_step(single_rank, tmp_path, monkeypatch):
+    """The flag is read at the end of the step it arrived in, not at the start of the next one: a
+    signal during step 2 saves at step 2 (no extra step inside a scheduler's grace period)."""
+    from megatron_mixln.training import trainer
+    from megatron_mixln.training.loss import token_losses
+
+    calls = []
+
+    def loss_fn(logits, labels):
+        calls.append(1)
+        if len(calls) == 3:  # step 2's first micro-batch (2 per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return token_losses(logits, labels)
+
+    monkeypatch.setattr(trainer, "make_token_loss_fn", lambda state=None: loss_fn)
+    before = signal.getsignal(signal.SIGTERM)
+    save = str(tmp_path / "ckpt")
+    summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, save=save, eval_iters=0), tiny_datasets())
+    summary["engine"].destroy()
+    assert summary["stop_reason"] == "preempted"
+    assert [h["step"] for h in summary["history"]] == [1, 2]
+    assert ckpt.read_latest(save) == "iter_0000002"
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored

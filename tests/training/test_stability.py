@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training_testlib import tiny_datasets, tiny_model, tiny_train
+from training_testlib import run_spawned, tiny_datasets, tiny_model, tiny_train
 
 from megatron_mixln.training import checkpoint as ckpt
 from megatron_mixln.training import trainer
@@ -76,6 +76,50 @@ def test_diverged_run_exits_with_a_message(monkeypatch, capsys):
     monkeypatch.setattr(trainer, "pretrain", lambda m, c: {"stop_reason": "diverged"})
     assert main_mod.main(["--max-bad-steps", "4", "--hidden-size", "32", "--num-attention-heads", "2"]) == 3
     assert "4 consecutive steps had non-finite loss or gradients" in capsys.readouterr().err
+
+
+def _poisoned_forward_run(**train):
+    """3 steps; every forward of step 2 returns NaN (a hook on the engine's module: for the pipeline
+    engine that is this rank's stage, so the NaN travels down the pipeline)."""
+    real_step = trainer.train_step
+    calls = []
+
+    def step(engine, *args, **kwargs):
+        calls.append(1)
+        hook = engine.module.register_forward_hook(lambda m, i, out: out * float("nan")) if len(calls) == 2 else None
+        try:
+            return real_step(engine, *args, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    trainer.train_step = step
+    try:
+        run = trainer.pretrain(tiny_model(), tiny_train(train_iters=3, eval_iters=0, zero_stage=0, **train),
+                               tiny_datasets())
+    finally:
+        trainer.train_step = real_step
+    run["engine"].destroy()
+    return [{k: h[k] for k in ("loss", "grad_norm", "applied")} for h in run["history"]]
+
+
+def _pipeline_job(rank, world_size, tmpdir):
+    return _poisoned_forward_run(pipeline_model_parallel_size=2, micro_batch_size=1)
+
+
+@pytest.mark.slow
+def test_pipeline_engine_skips_nan_steps_and_reports_the_grad_norm(single_rank):
+    """PP=2 with ZeRO-0 fp32: the NaN step is skipped by the guard inside the pipeline engine's
+    train_batch, and every step has the model's gradient norm (DeepSpeed keeps none for a plain
+    fp32 optimizer), equal to the single-process run's."""
+    reference = _poisoned_forward_run()
+    for history in run_spawned(_pipeline_job, 2):
+        assert [h["applied"] for h in history] == [h["applied"] for h in reference] == [True, False, True]
+        assert math.isnan(history[1]["loss"])
+        for got, want in zip(history, reference):
+            if got["applied"]:
+                assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+                assert got["grad_norm"] is not None and got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
 
 
 def test_spike_detector():

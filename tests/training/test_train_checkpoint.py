@@ -124,3 +124,18 @@ def test_resume_layout_must_match_for_partitioned_states(single_rank, tmp_path):
     with pytest.raises(UsageError, match="this run has ZeRO stage 3 on 1"):
         ckpt.check_resume_layout(meta, save, data_parallel_size=1, zero_stage=3)
     ckpt.check_resume_layout({**meta, "zero_stage": 0}, save, data_parallel_size=4, zero_stage=0)  # full states: any size
+
+
+def test_resume_with_another_precision_fails_before_building(single_rank, tmp_path, monkeypatch):
+    """fp32 and bf16 runs write different DeepSpeed optimizer states (files, keys): a switch is refused
+    up front, not with DeepSpeed's FileNotFoundError/KeyError after the model is built."""
+    save = str(tmp_path / "ckpt")
+    run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
+    assert ckpt.inspect_checkpoint(save, tiny_model())["bf16"] is False
+    from megatron_mixln.training import trainer
+
+    built = []
+    monkeypatch.setattr(trainer, "build_model_and_optimizer", lambda *a, **k: built.append(1))
+    with pytest.raises(UsageError, match=r"iter_0000001\) was written without --bf16; this run has --bf16"):
+        trainer.pretrain(tiny_model(), tiny_train(load=save, bf16=True, **{**RUN, "train_iters": 2}), tiny_datasets())
+    assert not built

@@ -66,6 +66,18 @@ def test_config_file_then_flags_override(tmp_path):
         parse_configs(["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_config_file_numbers_in_exponent_form(tmp_path):
+    """YAML 1.1 reads `5e-4` (no dot) as a string; the flag's type converts it, as on the command line."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 5e-4\nmin-lr: 5e-5\nadam_eps: 1e-8\ntrain-iters: '150000'\n"
+                    "hidden-size: 32\nnum-attention-heads: 2\n")
+    _, train = parse_configs(["--config", str(path)])
+    assert (train.lr, train.min_lr, train.adam_eps, train.train_iters) == (5e-4, 5e-5, 1e-8, 150000)
+    path.write_text("train-iters: 1e5\n")
+    with pytest.raises(UsageError, match=r"--config .*run.yaml: train-iters: expected int, got '1e5'"):
+        parse_configs(["--config", str(path)])
+
+
 def test_every_field_has_a_flag():
     flags = {a.dest for a in build_parser()._actions}
     for name in TrainingConfig.__dataclass_fields__:
