@@ -21,8 +21,10 @@ KINDS = ("rmsnorm", "layernorm")
 def add_norm_torch(x, residual, weight, bias, eps, residual_scale=1.0, out_scale=1.0, kind="rmsnorm"):
     """Reference implementation in plain PyTorch (autograd does the backward).
 
-    The sum is formed in fp32 and normalised before any rounding; the returned
-    residual is rounded to x's dtype (the residual stream keeps the model dtype).
+    The sum is formed in fp32 and normalised before any rounding. Both outputs take
+    `out_dtype(x, residual)`: x's dtype, or with a residual the promoted dtype of the two, as
+    unfused `norm(x + residual)` would give -- so under autocast an fp32 residual stream stays
+    fp32 when a bf16 sublayer output is added to it.
     """
     s = x.float()
     if residual is not None:
@@ -38,7 +40,12 @@ def add_norm_torch(x, residual, weight, bias, eps, residual_scale=1.0, out_scale
         y = y + bias.float()
     if out_scale != 1.0:
         y = y * out_scale
-    return y.to(x.dtype), (s.to(x.dtype) if residual is not None else None)
+    dtype = out_dtype(x, residual)
+    return y.to(dtype), (s.to(dtype) if residual is not None else None)
+
+
+def out_dtype(x, residual) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

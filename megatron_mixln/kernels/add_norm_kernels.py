@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_mixln.kernels.add_norm import out_dtype
+
 MAX_FUSED_N = 65536  # a row must fit in one program's registers
 
 
@@ -163,8 +165,9 @@ def add_norm_fwd(x, residual, weight, bias, eps, residual_scale, out_scale, is_r
     (empty for RMSNorm); rstd and mean are fp32 of shape (M,)."""
     m, n = x.shape
     block_m, block_n = launch_config(n)
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    dtype = out_dtype(x, residual)
+    y = torch.empty_like(x, dtype=dtype)
+    s = torch.empty_like(x, dtype=dtype) if residual is not None else x.new_empty(0)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     mean = torch.empty(m if not is_rms else 0, device=x.device, dtype=torch.float32)
     if m:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mixln.kernels.add_norm import out_dtype
+
 INSTALL_HINT = (
     "--norm-impl apex needs NVIDIA apex built with its CUDA extensions "
     "(git clone https://github.com/NVIDIA/apex && cd apex && "
@@ -39,4 +41,5 @@ def add_norm_apex(x, residual, weight, bias, eps, residual_scale=1.0, out_scale=
         y = layer_norm(s, weight.float(), bias.float(), shape, eps=eps)
     if out_scale != 1.0:
         y = y * out_scale
-    return y.to(x.dtype), (s.to(x.dtype) if residual is not None else None)
+    dtype = out_dtype(x, residual)
+    return y.to(dtype), (s.to(dtype) if residual is not None else None)

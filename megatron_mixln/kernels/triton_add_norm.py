@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from megatron_mixln.kernels import add_norm_kernels as kernels
+from megatron_mixln.kernels.add_norm import out_dtype
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -44,9 +45,10 @@ def add_norm_fwd(
 def _(x, residual, weight, bias, eps, residual_scale, out_scale, is_rms):
     m = x.numel() // x.shape[-1]
     stat = x.new_empty(m, dtype=torch.float32)
+    dtype = out_dtype(x, residual)
     return (
-        x.new_empty(x.shape),
-        x.new_empty(x.shape) if residual is not None else x.new_empty(0),
+        x.new_empty(x.shape, dtype=dtype),
+        x.new_empty(x.shape, dtype=dtype) if residual is not None else x.new_empty(0),
         stat,
         stat.new_empty(0 if is_rms else m),
     )

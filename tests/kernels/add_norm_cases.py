@@ -38,10 +38,12 @@ def run_case(impl, kind, dtype, shape, case, w_dtype=None, r_dtype=None, noncont
     r = rand(*shape, dt=r_dtype or dtype, scale=2.0) if has_res else None
     w = rand(n, dt=w_dtype or dtype, scale=0.5) + 1
     b = rand(n, dt=w_dtype or dtype, scale=0.1) if kind == "layernorm" else None
-    gy = rand(*shape)
+    # outputs take the promoted dtype of x and the residual, as unfused norm(x + residual) would
+    out_dtype = dtype if r is None else torch.promote_types(dtype, r.dtype)
+    gy = rand(*shape, dt=out_dtype)
     if noncontig:
         gy = gy.transpose(0, 1).contiguous().transpose(0, 1)
-    gs = rand(*shape) if grad_res else None
+    gs = rand(*shape, dt=out_dtype) if grad_res else None
     assert not noncontig or not x.is_contiguous()
 
     inputs = {"x": x, "residual": r, "weight": w, "bias": b}
@@ -53,8 +55,8 @@ def run_case(impl, kind, dtype, shape, case, w_dtype=None, r_dtype=None, noncont
 
     y, s = forward(impl, got_leaves)
     y_ref, s_ref = reference(*[ref_leaves.get(k) for k in ("x", "residual", "weight", "bias")], 1e-6, a, c, kind)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert (s is None) == (not has_res)
+    assert y.dtype == out_dtype and y.shape == x.shape
+    assert (s is None) == (not has_res) and (s is None or s.dtype == out_dtype)
     outs, grads = [y], [gy]
     outs_ref, grads_ref = [y_ref], [gy.double()]
     if gs is not None:

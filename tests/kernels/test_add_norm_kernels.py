@@ -43,11 +43,13 @@ def test_triton_noncontiguous_inputs(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_mixed_dtypes(kind):
-    # bf16 activations with fp32 weights (mixed precision) and an fp32 residual stream.
+    # bf16 activations with fp32 weights (mixed precision) and an fp32 residual stream: the outputs
+    # are fp32 (the stream stays fp32, as eager bf16 + fp32 would), x's gradient bf16.
     got, ref = run_case(
         triton_add_norm.add_norm_triton, kind, torch.bfloat16, (4, 9, 48), "deepnorm+grad",
         w_dtype=torch.float32, r_dtype=torch.float32,
     )
+    assert got["y"].dtype == got["s"].dtype == torch.float32 and got["dx"].dtype == torch.bfloat16
     assert_close(got, ref, torch.bfloat16)
 
 

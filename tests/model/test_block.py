@@ -84,3 +84,17 @@ def test_final_norm_is_applied_for_every_position_and_can_be_disabled():
     for layer in m2.layers:
         h = layer(h)
     torch.testing.assert_close(m2(tokens), h @ m2.lm_head.weight.T)
+
+
+def test_residual_stream_keeps_fp32_under_autocast():
+    """fp32 parameters under bf16 autocast: sublayer outputs are bf16, but adding them to the fp32
+    stream must give fp32 (as eager `x + attn_out` would), for every position family."""
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, ffn_hidden_size=48, num_layers=4, num_attention_heads=4,
+                      norm_position="pre,post,peri,deepnorm", norm_impl="torch")
+    model = build_model(cfg)
+    tokens = torch.randint(0, 50, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.embed(tokens)
+        for layer in model.layers:
+            h = layer(h)
+            assert h.dtype == torch.float32, layer.position
