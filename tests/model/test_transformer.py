@@ -26,7 +26,7 @@ def test_every_preset_builds_on_meta_with_the_naive_count(name):
     assert count_parameters(peri) == _naive_count(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers, 32000, 4)
 
 
-@pytest.mark.parametrize("name", ["9m", "20m", "35m", "60m", "71m", "100m", "130m"])
+@pytest.mark.parametrize("name", ["9m", "20m", "35m", "60m", "71m", "100m", "130m", "250m", "350m"])
 def test_forward_backward_of_cpu_sized_presets(name):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(name, norm_position="mix")
