@@ -22,11 +22,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         pip_quiet install -q -c "$ROOT/constraints-cpu.txt" torch
     fi
-    # Pin torch to whatever is installed now, so no requirement can swap it for another build.
-    keep_torch="$(mktemp)"
-    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$keep_torch"
-    DS_BUILD_OPS=0 pip_quiet install -q -c "$keep_torch" -r "$ROOT/requirements.txt"
-    rm -f "$keep_torch"
+    # Every other package at the version the tests ran with (constraints-cpu.txt), and torch pinned to
+    # whatever is installed now, so no requirement can swap a CUDA build for another one.
+    constraints="$(mktemp)"
+    grep -v '^torch==' "$ROOT/constraints-cpu.txt" > "$constraints"
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >> "$constraints"
+    DS_BUILD_OPS=0 pip_quiet install -q -c "$constraints" -r "$ROOT/requirements.txt"
+    rm -f "$constraints"
     pip_quiet install -q --no-deps -e "$ROOT"
     echo "$want" > "$stamp"
 fi
