@@ -11,7 +11,6 @@ a plain directory from tools/convert_checkpoint.py. Writes layer_analysis.json, 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -92,6 +91,7 @@ def plot(result: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_mixln.data.fileio import atomic_write_json
     from megatron_mixln.diagnostics import angular_distances, layer_removal_drop, perplexity
 
     args = parse_args(argv)
@@ -110,10 +110,7 @@ def main(argv=None) -> int:
         "layer_removal": None if args.skip_removal else layer_removal_drop(model, data),
     }
     os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, "layer_analysis.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(args.out, "layer_analysis.json"))
+    atomic_write_json(os.path.join(args.out, "layer_analysis.json"), result)
     plot(result, args.out)
     print(f"perplexity of the full model: {result['perplexity']:.3f}")
     print("angular distance to the next layer (n = 1):")

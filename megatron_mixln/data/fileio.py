@@ -61,3 +61,20 @@ def atomic_write_json(path: str, obj: Any) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_write_with(path: str, write) -> None:
+    """For writers that take a file name (e.g. safetensors' save_file): write(tmp), fsync, rename."""
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        commit(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import torch
 
+from megatron_mixln.data.fileio import atomic_open, atomic_write_json, atomic_write_with
 from megatron_mixln.parallel.sharding import merge_tp, split_tp
 from megatron_mixln.parallel.state_dicts import pipeline_layer_prefix
+from megatron_mixln.training.checkpoint_io import safe_load
 
 PLAIN_WEIGHTS, PLAIN_CONFIG, PLAIN_TRAINER_STATE = "model.safetensors", "config.json", "trainer_state.pt"
 CONVERTED = "converted.json"  # marks a converted DeepSpeed checkpoint: load it with load_optimizer_states=False
@@ -46,20 +47,9 @@ _LAYOUT_KEYS = ("module", "optimizer", "param_shapes", "frozen_param_shapes", "s
                 "checkpoint_parallel_dimensions")
 
 
-def _deepspeed_record_types() -> list:
-    """Plain record types DeepSpeed may write into its state files (allowed, nothing else is)."""
-    try:
-        from megatron_mixln.training.checkpoint_io import deepspeed_safe_globals
-
-        return deepspeed_safe_globals()
-    except ImportError:  # converting without DeepSpeed installed: its records cannot occur
-        return []
-
-
 def _load(path):
     try:
-        with torch.serialization.safe_globals(_deepspeed_record_types()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_load(path, map_location="cpu")
     except Exception as exc:  # e.g. a client_state holding arbitrary Python objects
         raise RuntimeError(
             f"{path}: cannot be read with torch.load(weights_only=True) ({exc}). Keep client_state to "
@@ -223,22 +213,12 @@ def save_plain(plain: dict, out_dir: str, config=None, metadata: dict | None = N
     if "lm_head.weight" in tensors and "embed.weight" in tensors and config is not None and config.tie_embeddings:
         del tensors["lm_head.weight"]  # tied: stored once (safetensors refuses shared storage)
     # Each file is written under a temporary name and renamed: a kill never leaves a torn file.
-    _write_atomically(os.path.join(out_dir, PLAIN_WEIGHTS), lambda tmp: save_file(tensors, tmp))
+    atomic_write_with(os.path.join(out_dir, PLAIN_WEIGHTS), lambda tmp: save_file(tensors, tmp))
     if config is not None:
-        _write_atomically(os.path.join(out_dir, PLAIN_CONFIG),
-                          lambda tmp: Path(tmp).write_text(json.dumps(config.to_dict(), indent=2)))
+        atomic_write_json(os.path.join(out_dir, PLAIN_CONFIG), config.to_dict())
     if metadata:
-        _write_atomically(os.path.join(out_dir, PLAIN_TRAINER_STATE), lambda tmp: torch.save(metadata, tmp))
-
-
-def _write_atomically(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with atomic_open(os.path.join(out_dir, PLAIN_TRAINER_STATE)) as fh:
+            torch.save(metadata, fh)
 
 
 def read_checkpoint(path: str, tag: str | None = None) -> tuple[dict, object]:

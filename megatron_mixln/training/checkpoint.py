@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.parallel.checkpoint_convert import CONVERTED
+from megatron_mixln.data.fileio import atomic_write_text
+from megatron_mixln.parallel.checkpoint_convert import CONVERTED, is_converted_checkpoint
 from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.distributed import barrier
 
@@ -49,20 +50,6 @@ class TrainState:
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half of one
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- RNG states: plain python types and tensors only, so weights_only loading accepts them ---
@@ -118,7 +105,7 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
                 "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
                 "tensor_model_parallel_size": tensor_model_parallel_size,
                 "pipeline_model_parallel_size": pipeline_model_parallel_size}
-        _atomic_write(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1, default=str))
+        atomic_write_text(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1, default=str))
         _write_latest(save_dir, tag)
         prune_checkpoints(save_dir, keep_last)
     barrier()
@@ -126,7 +113,7 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
 
 
 def _write_latest(save_dir: str, tag: str) -> None:
-    _atomic_write(os.path.join(save_dir, LATEST), tag)
+    atomic_write_text(os.path.join(save_dir, LATEST), tag)
 
 
 def prune_checkpoints(save_dir: str, keep_last: int) -> None:
@@ -224,7 +211,7 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
     """Restore model, optimizer, counters and this rank's RNG states. A checkpoint converted to
     another TP/PP layout has no optimizer states: the optimizer's moments then restart from zero
     (the LR is set from the schedule at every step, so it is right from the first resumed step)."""
-    converted = os.path.isfile(os.path.join(load_dir, tag, CONVERTED))
+    converted = is_converted_checkpoint(load_dir, tag)
     path, client_state = engine.load_checkpoint(
         load_dir, tag=tag, load_optimizer_states=not converted, load_lr_scheduler_states=False
     )

@@ -10,10 +10,12 @@ import torch
 
 
 def deepspeed_safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # reading without DeepSpeed installed (the converter): its records cannot occur
+        return []
     return [fragment_address, ZeroStageEnum, LossScaler]
 
 
