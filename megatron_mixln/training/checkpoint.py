@@ -30,7 +30,7 @@ from megatron_mixln.model import ModelConfig
 from megatron_mixln.data.fileio import atomic_write_text
 from megatron_mixln.parallel.checkpoint_convert import CONVERTED, is_converted_checkpoint
 from megatron_mixln.training.config import TrainingConfig, UsageError
-from megatron_mixln.training.distributed import barrier
+from megatron_mixln.training.distributed import barrier, is_rank0
 
 LATEST = "latest"
 META = "mixln_meta.json"
@@ -99,7 +99,7 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
     }
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
     barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
+    if is_rank0():
         meta = {"tag": tag, "train_state": asdict(train_state), "model_config": model_config.to_dict(),
                 "world_size": dist.get_world_size(), "data_parallel_size": data_parallel_size,
                 "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
