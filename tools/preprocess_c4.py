@@ -26,7 +26,8 @@ def parse_args(argv=None) -> PreprocessOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_argument_group("input")
     src.add_argument("--input", action="append", default=[], metavar="PATH",
-                     help=".json/.jsonl/.json.gz files, globs or directories (repeatable)")
+                     help=".json/.jsonl files (plain, .gz, .zst, .xz or .bz2) or .parquet files, globs "
+                     "or directories (repeatable)")
     src.add_argument("--hf-dataset", help="Hugging Face dataset name (streamed, e.g. allenai/c4) "
                      "or a local directory/JSON-lines file that `datasets` can load")
     src.add_argument("--hf-config", help="dataset config, e.g. en")
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> PreprocessOptions:
                      help="writes <prefix>_<key>_document.bin/.idx/.summary.json")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     out.add_argument("--chunk-mb", type=float, default=256.0,
-                     help="split plain (not gzip) files larger than this into parallel chunks")
+                     help="split plain (uncompressed UTF-8) files larger than this into parallel "
+                     "chunks")
     out.add_argument("--keep-shards", action="store_true",
                      help="keep the per-task shard files after the merge")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")

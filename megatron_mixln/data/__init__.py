@@ -25,6 +25,7 @@ _EXPORTS = {
     "PretrainingSampler": "sampler",
     "GPTDataset": "gpt_dataset", "build_gpt_indices": "gpt_dataset",
     "BlendedDataset": "blended_dataset", "build_blending_indices": "blended_dataset",
+    "build_exhaustive_blending_indices": "blended_dataset",
     "parse_data_path": "builder", "build_train_valid_test_datasets": "builder",
     "check_data_vocab": "builder",
     "PreprocessOptions": "preprocess", "run_preprocess": "preprocess",

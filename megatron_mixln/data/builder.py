@@ -6,8 +6,16 @@
         train_valid_test_num_samples=(512_000, 5_120, 0), cache_dir="runs/cache")
 
 Every data path is opened and checked before any index is built, so a typo fails at once with the
-path in the message. Blends request ``ceil(ceil(n * w) * 1.005)`` samples of each dataset and
-blend ``sum(ceil(n * w))`` samples, as megatron-core does (so its caches and ours agree on sizes).
+path in the message. Sizes follow megatron-core's ``BlendedMegatronDatasetBuilder`` case by case
+(so its caches and ours agree, sample for sample):
+
+  * one prefix without a weight: that dataset alone, ``n`` samples (``None``: one epoch);
+  * prefixes with weights ``w`` (one prefix with a weight counts): each dataset is built for
+    ``ceil(ceil(n * w) * 1.005)`` samples and the blend holds ``sum(ceil(n * w))``; a weighted
+    blend needs a sample count (``None`` is refused, as megatron-core refuses it);
+  * several prefixes without weights: one epoch of each, blended in proportion to those epoch
+    lengths, ``min(n, total)`` samples -- capped, never more than one epoch -- or, for ``None``,
+    every sample of every dataset exactly once.
 """
 
 from __future__ import annotations
@@ -44,9 +52,12 @@ def _strip_extension(prefix: str) -> str:
 
 
 def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float] | None]:
-    """``["0.3", "a", "0.7", "b"]`` -> (["a", "b"], [0.3, 0.7]); ``["a"]`` -> (["a"], [1.0]).
+    """``["0.3", "a", "0.7", "b"]`` -> (["a", "b"], [0.3, 0.7]); ``["a", "b"]`` -> (["a", "b"], None).
 
-    Several prefixes without weights -> weights None, meaning "in proportion to their sizes".
+    Prefixes without weights -> weights None ("one epoch each, in proportion to their sizes");
+    ``["a"]`` -> (["a"], None) while ``["1", "a"]`` -> (["a"], [1.0]): megatron-core builds those
+    two differently (the second as a one-dataset blend with the 0.5 % surplus), and so do we.
+    Raises DataError for an empty list, unpaired tokens or weights that are not finite and > 0.
     """
     tokens = data_path.split() if isinstance(data_path, str) else [str(t) for t in data_path]
     if not tokens:
@@ -54,7 +65,7 @@ def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[flo
     numeric = [_is_number(t) for t in tokens]
     if not any(numeric):
         prefixes = [_strip_extension(t) for t in tokens]
-        return prefixes, ([1.0] if len(prefixes) == 1 else None)
+        return prefixes, None
     if len(tokens) % 2 or numeric[0::2] != [True] * (len(tokens) // 2) or any(numeric[1::2]):
         raise DataError(f"--data-path {' '.join(tokens)!r}: expected WEIGHT PREFIX pairs like "
                         f"'0.3 a_text_document 0.7 b_text_document', or prefixes only")
@@ -73,11 +84,6 @@ def check_data_vocab(prefix: str, model_vocab_size: int) -> None:
         vocab = json.load(fh).get("tokenizer", {}).get("vocab_size")
     if vocab is not None:
         check_vocab(int(vocab), model_vocab_size, f"{prefix} (tokenizer recorded in {summary})")
-
-
-def _one_epoch_samples(ds: IndexedDataset, rng: tuple[int, int], seq_length: int) -> int:
-    tokens = int(ds.sequence_lengths[rng[0]:rng[1]].sum())
-    return max((tokens - 1) // seq_length, 0)
 
 
 def build_train_valid_test_datasets(
@@ -119,15 +125,19 @@ def build_train_valid_test_datasets(
 
 
 def _build_split(prefixes, indexed, weights, ranges, name, seq_length, seed, n, cache_dir):
-    if len(indexed) == 1:
+    """One split, by megatron-core's cases (see the module docstring)."""
+    if len(indexed) == 1 and weights is None:
         return GPTDataset(indexed[0], ranges[0], seq_length, seed, n, cache_dir, name)
-    if weights is None:  # Megatron: unweighted blends follow the datasets' sizes
-        weights = normalize_weights([max(_one_epoch_samples(ds, r, seq_length), 1)
-                                     for ds, r in zip(indexed, ranges)])
-    if n is None:  # one epoch of each, blended by size
+    if weights is None:  # one epoch of each; the blend follows their sizes
         parts = [GPTDataset(ds, r, seq_length, seed, None, cache_dir, name)
                  for ds, r in zip(indexed, ranges)]
-        weights, size = normalize_weights([len(p) for p in parts]), sum(len(p) for p in parts)
+        weights = [len(p) for p in parts]
+        size = None if n is None else min(n, sum(weights))
+    elif n is None:
+        raise DataError(f"the {name} split: a blend with weights "
+                        f"({', '.join(f'{w:g} {p}' for w, p in zip(weights, prefixes))}) needs a "
+                        f"sample count (megatron-core refuses a weighted blend of unspecified size); "
+                        f"give the prefixes without weights to use one epoch of each")
     else:
         targets = [math.ceil(n * w) for w in weights]
         parts = [GPTDataset(ds, r, seq_length, seed, math.ceil(t * (1 + BLEND_SURPLUS)),

@@ -30,12 +30,12 @@ from .fileio import atomic_write_json
 from .hf_input import plan_hf_tasks
 from .indexed_dataset import IndexedDataset, bin_path, idx_path, optimal_dtype
 from .indexed_writer import merge_indexed_datasets
-from .inputs import Task, check_json_lines, expand_inputs, plan_file_tasks
+from .inputs import Task, check_input, compression_of, expand_inputs, plan_file_tasks
 from .shard_worker import ShardSettings, init_worker, manifest_path, process_task, shard_prefix
 from .tokenizer import build_tokenizer
 from .worker_pool import run_in_workers
 
-FORMAT_VERSION = 1  # bump when the shard contents for the same settings would change
+FORMAT_VERSION = 2  # bump when the shard contents for the same settings would change
 
 
 @dataclass
@@ -101,9 +101,8 @@ def _validate(opts: PreprocessOptions):
     if opts.hf_dataset:
         return tokenizer, plan_hf_tasks(opts.hf_dataset, opts.hf_config, opts.hf_split), []
     files = expand_inputs(opts.inputs)
-    for path in files:
-        check_json_lines(path)
-    return tokenizer, plan_file_tasks(files, max(int(opts.chunk_mb * 2**20), 1)), files
+    encodings = {path: check_input(path, opts.json_keys) for path in files}
+    return tokenizer, plan_file_tasks(files, max(int(opts.chunk_mb * 2**20), 1), encodings), files
 
 
 def _settings_hash(opts: PreprocessOptions, tokenizer, dtype: str) -> str:
@@ -204,6 +203,7 @@ def _absolute_examples(tasks: list[Task], manifests: dict[int, dict], key: str,
             for lineno, detail in manifest["keys"][key]["examples"].get(reason, []):
                 if len(entry["examples"]) < 5:
                     where = (f"{task.describe()}: example {lineno}" if task.hf
+                             else f"{task.path}: row {lineno}" if task.encoding == "parquet"
                              else f"{task.path}:{base + lineno}")
                     entry["examples"].append(f"{where}: {detail}" if detail else where)
         lines_before[task.path] = base + manifest["lines"]
@@ -282,10 +282,14 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
             "dtype": dtype,
             "append_eod": opts.append_eod,
             "skipped": _absolute_examples(tasks, manifests, key, used),
+            "utf8_boms_dropped": sum(manifests[t.ordinal].get("utf8_boms", 0)
+                                     for t in tasks[:used]),
             "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
                           "eod": tokenizer.eod, "pad": tokenizer.pad, "bos": tokenizer.bos,
                           "fingerprint": tokenizer.fingerprint},
-            "inputs": ([{"path": f, "size": os.path.getsize(f)} for f in files] if files else
+            "inputs": ([{"path": t.path, "size": t.size, "encoding": t.encoding,
+                         "compression": compression_of(t.path)}
+                        for t in tasks if t.start == 0] if files else
                        [{"hf_dataset": opts.hf_dataset, "config": opts.hf_config,
                          "split": opts.hf_split, "shards": len(tasks)}]),
             "shards": {"total": len(tasks), "used": used,

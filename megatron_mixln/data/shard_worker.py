@@ -22,7 +22,7 @@ from .errors import BadInputError, TokenizerError
 from .fileio import atomic_write_json
 from .hf_input import HFRecordReader
 from .indexed_writer import IndexedDatasetWriter
-from .inputs import LineReader, Task, count_newlines
+from .inputs import PARQUET_SUFFIX, LineReader, ParquetReader, Task, count_newlines
 from .tokenizer import Tokenizer, build_tokenizer
 
 MAX_EXAMPLES = 5  # skipped-line examples kept per reason
@@ -71,26 +71,43 @@ class _Location:
         task = self.task
         if task.hf is not None:
             return f"{task.describe()}: example {lineno}"
+        if task.encoding == "parquet":
+            return f"{task.path}: row {lineno}"
         if self._base is None:
             self._base = (count_newlines(task.path, self.reader.first_line_offset)
                           if task.start else 0)
         return f"{task.path}:{self._base + lineno}"
 
 
-def _parse(record) -> tuple[dict | None, str, str]:
-    """(object, reason, detail): a JSON line as a dict, or why it cannot be used."""
-    if isinstance(record, dict):  # Hugging Face examples arrive parsed
+def _control_characters(line: bytes, offset: int) -> str:
+    """' (NUL byte at byte N)' for the first C0 control byte of a line that is no line end."""
+    for i, byte in enumerate(line.rstrip(b"\r\n")):
+        if byte < 0x20 and byte not in (0x09,):
+            name = "NUL byte" if byte == 0 else f"control byte 0x{byte:02x}"
+            return f" ({name} at byte {offset + i} of the file)"
+    return ""
+
+
+def _parse(record, offset: int = 0) -> tuple[dict | None, str, str]:
+    """(object, reason, detail): a JSON line as a dict, or why it cannot be used.
+
+    Raw control characters (NUL included) inside JSON strings are accepted (``strict=False``):
+    they give the same text as their ``\\u00XX`` escapes. ``offset``: the line's byte offset, named
+    in the detail of a line that a control byte outside a string makes unparsable.
+    """
+    if isinstance(record, dict):  # Hugging Face and Parquet examples arrive parsed
         return record, "", ""
     try:
         text = record.decode("utf-8")
     except UnicodeDecodeError as err:
-        return None, "invalid_utf8", f"byte {err.start}: {err.reason}"
+        return None, "invalid_utf8", f"byte {offset + err.start} of the file: {err.reason}"
     if not text.strip():
         return None, "blank_line", ""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, strict=False)
     except json.JSONDecodeError as err:
-        return None, "malformed_json", err.msg + f" (column {err.colno})"
+        return None, "malformed_json", (err.msg + f" (column {err.colno})"
+                                        + _control_characters(record, offset))
     if not isinstance(obj, dict):
         return None, "not_an_object", f"a JSON {type(obj).__name__}"
     return obj, "", ""
@@ -211,7 +228,12 @@ def process_task(task: Task, settings: ShardSettings) -> dict:
     tok: Tokenizer = _STATE["tokenizer"]
     progress = _STATE.get("progress")
     task_id = task.identity(settings.settings_hash)
-    reader = HFRecordReader(task) if task.hf is not None else LineReader(task)
+    if task.hf is not None:
+        reader = HFRecordReader(task)
+    elif task.path.endswith(PARQUET_SUFFIX):
+        reader = ParquetReader(task, settings.json_keys)
+    else:
+        reader = LineReader(task)
     where = _Location(task, reader)
     outputs = {key: _KeyOutput(key, IndexedDatasetWriter(
         shard_prefix(settings.shard_dir, task_id, key), settings.dtype), settings, tok, where)
@@ -228,7 +250,7 @@ def process_task(task: Task, settings: ShardSettings) -> dict:
     try:
         for lineno, record in reader:
             lines = lineno
-            obj, reason, detail = _parse(record)
+            obj, reason, detail = _parse(record, getattr(reader, "line_offset", 0))
             for out in outputs.values():
                 if obj is None:
                     out.skip(reason, lineno, detail)
@@ -253,6 +275,7 @@ def process_task(task: Task, settings: ShardSettings) -> dict:
         "settings_hash": settings.settings_hash,
         "task": task.describe(),
         "lines": lines,
+        "utf8_boms": getattr(reader, "boms", 0),
         "elapsed_s": round(time.time() - started, 3),
         "keys": {key: {"documents": o.docs, "tokens": o.tokens, "skipped": dict(o.skipped),
                        "examples": o.examples} for key, o in outputs.items()},

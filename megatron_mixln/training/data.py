@@ -62,6 +62,13 @@ def build_datasets(cfg: TrainingConfig, seq_length: int, global_batch_size: int,
         where = f"--split {cfg.split} of --data-path"
     if train is None or len(train) == 0:
         raise UsageError(f"--data-path {' '.join(cfg.data_path)}: no training samples")
+    if len(train) < n_train:  # only an unweighted blend is capped (at one epoch, as megatron-core)
+        raise UsageError(
+            f"--data-path {' '.join(cfg.data_path)}: a blend of prefixes without weights uses one "
+            f"epoch of each ({len(train)} samples, as megatron-core), but --train-iters "
+            f"{cfg.train_iters} x global batch {global_batch_size} needs {n_train}; give weights "
+            "(e.g. --data-path 0.5 A 0.5 B) to repeat the data, or lower --train-iters"
+        )
     if n_valid and (valid is None or len(valid) < n_valid):
         raise UsageError(
             f"{where}: the validation data has {0 if valid is None else len(valid)} samples, but "

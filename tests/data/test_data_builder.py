@@ -18,7 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 
 @pytest.mark.parametrize("given, prefixes, weights", [
-    (["a"], ["a"], [1.0]),
+    (["a"], ["a"], None),
+    (["1", "a"], ["a"], [1.0]),
     (["0.3", "a", "0.7", "b"], ["a", "b"], [0.3, 0.7]),
     ("1 a 3 b", ["a", "b"], [0.25, 0.75]),
     (["a", "b"], ["a", "b"], None),
