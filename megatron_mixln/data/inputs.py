@@ -87,8 +87,9 @@ def compression_of(path: str) -> str | None:
     return next((c for c in COMPRESSIONS if path.endswith(c)), None)
 
 
-def open_stream(path: str, raw) -> io.BufferedIOBase:
-    """The decompressed bytes of ``raw`` (an open binary file of ``path``), chosen by suffix."""
+def open_stream(path: str, raw, buffer_bytes: int = 1 << 20) -> io.BufferedIOBase:
+    """The decompressed bytes of ``raw`` (an open binary file of ``path``), chosen by suffix,
+    read ahead ``buffer_bytes`` at a time."""
     compression = compression_of(path)
     if compression == ".gz":  # GzipFile reads every member of a multi-member file
         stream = gzip.GzipFile(fileobj=raw, mode="rb")
@@ -100,7 +101,7 @@ def open_stream(path: str, raw) -> io.BufferedIOBase:
         stream = bz2.BZ2File(raw)
     else:
         return raw
-    return io.BufferedReader(stream, 1 << 20)
+    return io.BufferedReader(stream, buffer_bytes)
 
 
 class _ZstdFrames(io.RawIOBase):
@@ -197,7 +198,7 @@ def check_input(path: str, json_keys: list[str] | tuple[str, ...] = ("text",)) -
         return "parquet"
     try:
         with open(path, "rb") as raw:
-            head = open_stream(path, raw).read(64)
+            head = open_stream(path, raw, buffer_bytes=64).read(64)
     except decompression_errors() as err:
         what = f"corrupt or truncated {compression_of(path)} data" if compression_of(path) else \
             "cannot be read"
