@@ -154,6 +154,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig) -> dict:
         raise UsageError(f"--load {load_dir}: '{LATEST}' names {tag!r} but {meta_path} is missing")
     with open(meta_path) as fh:
         meta = json.load(fh)
+    # `latest` is authoritative: a converted checkpoint carries the source's mixln_meta.json, whose
+    # "tag" names the source tag, while the converter may have written it under another one.
+    meta["tag"] = tag
     saved, current = meta["model_config"], model_config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     saved_positions = ModelConfig(**saved).positions_str
