@@ -186,9 +186,8 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         raise UsageError(
             f"--load {load_dir} ({meta['tag']}) was written with --tensor-model-parallel-size {saved_tp} "
             f"--pipeline-model-parallel-size {saved_pp}; this run has {tensor_model_parallel_size} and "
-            f"{pipeline_model_parallel_size}. Convert it first: python tools/convert_checkpoint.py --input "
-            f"{load_dir} --output NEW_DIR --to deepspeed --tp {tensor_model_parallel_size} "
-            f"--pp {pipeline_model_parallel_size}"
+            f"{pipeline_model_parallel_size}. Convert it first: "
+            + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size)
         )
     if meta.get("converted"):
         return
@@ -206,8 +205,18 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         raise UsageError(
             f"--load {load_dir} ({meta['tag']}) was written with ZeRO stage {saved_stage} on {saved_dp} "
             f"data-parallel ranks; this run has ZeRO stage {zero_stage} on {data_parallel_size}. Resume with the "
-            "same layout (or convert it with DeepSpeed's universal-checkpoint tools)"
+            "same layout, or " + (
+                "consolidate its partitioned weights with DeepSpeed's zero_to_fp32 first" if saved_stage == 3 else
+                "convert it (fresh optimizer moments; then any data-parallel size and ZeRO stage): "
+                + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size))
         )
+
+
+def convert_command(load_dir: str, tp: int, pp: int) -> str:
+    """The converter command that makes `load_dir` loadable at TP x PP, and the --load that follows it."""
+    out = os.path.normpath(load_dir) + f"_tp{tp}pp{pp}"
+    return (f"python tools/convert_checkpoint.py --input {load_dir} --output {out} --to deepspeed "
+            f"--tp {tp} --pp {pp}, then --load {out}")
 
 
 def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
