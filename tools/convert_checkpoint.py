@@ -18,7 +18,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--to", choices=("plain", "deepspeed"), default="plain")
