@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from megatron_mixln.model import ModelConfig
 from megatron_mixln.data.fileio import atomic_write_text
-from megatron_mixln.parallel.checkpoint_convert import CONVERTED, is_converted_checkpoint
+from megatron_mixln.parallel.checkpoint_convert import (CONVERTED, PLAIN_WEIGHTS, is_converted_checkpoint,
+                                                        is_plain_dir)
 from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.distributed import barrier, is_rank0
 
@@ -145,6 +146,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig) -> dict:
     if not os.path.isdir(load_dir):
         raise UsageError(f"--load {load_dir}: no such directory")
     tag = read_latest(load_dir)
+    if tag is None and is_plain_dir(load_dir):  # tools/convert_checkpoint.py --to plain output
+        raise UsageError(f"--load {load_dir} is a plain checkpoint ({PLAIN_WEIGHTS}); make it a DeepSpeed one "
+                         "for this run's TP x PP layout first: " + convert_command(load_dir, "TP", "PP"))
     if tag is None:
         raise UsageError(
             f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint (expected a directory written by --save)"
@@ -212,7 +216,7 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         )
 
 
-def convert_command(load_dir: str, tp: int, pp: int) -> str:
+def convert_command(load_dir: str, tp: int | str, pp: int | str) -> str:
     """The converter command that makes `load_dir` loadable at TP x PP, and the --load that follows it."""
     out = os.path.normpath(load_dir) + f"_tp{tp}pp{pp}"
     return (f"python tools/convert_checkpoint.py --input {load_dir} --output {out} --to deepspeed "

@@ -105,6 +105,12 @@ def test_load_errors_name_the_problem(single_rank, tmp_path):
         ckpt.inspect_checkpoint(str(tmp_path / "nowhere"), tiny_model())
     with pytest.raises(UsageError, match=r"no 'latest' file"):
         ckpt.inspect_checkpoint(str(tmp_path), tiny_model())
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"")  # tools/convert_checkpoint.py --to plain
+    with pytest.raises(UsageError, match=r"plain checkpoint \(model.safetensors\); make it a DeepSpeed one for this "
+                                         r"run's TP x PP layout first: python tools/convert_checkpoint.py --input "
+                                         r".*plain --output .*plain_tpTPppPP --to deepspeed --tp TP --pp PP"):
+        ckpt.inspect_checkpoint(str(tmp_path / "plain"), tiny_model())
     save = str(tmp_path / "ckpt")
     run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
     with pytest.raises(UsageError, match=r"hidden_size: checkpoint 32 vs now 64"):
