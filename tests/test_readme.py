@@ -216,3 +216,5 @@ def test_every_readme_command_runs_in_a_fresh_directory(tmp_path):
         raise AssertionError(f"README.md:{line}: the {block.language} block exits {proc.returncode}\n"
                              f"--- block (as run) ---\n{block.text}\n--- its output (tail) ---\n{output[pos:][-4000:]}")
     assert marks[-1][1] == "end"
+    # sizes in the snippets stay sane: no sample count that needs > 100 epochs of the data it reads
+    assert "(more than 100); its sample index" not in output, output
