@@ -183,6 +183,16 @@ def test_parser_markers_and_substitutions():
             parse_blocks(bad)
 
 
+def test_script_stops_at_the_first_failing_block(tmp_path):
+    blocks = [Block(1, "bash", "echo first"), Block(5, "python", "import sys\nsys.exit(3)"),
+              Block(9, "bash", "echo never")]
+    (tmp_path / "s.sh").write_text(build_script(blocks))
+    proc = subprocess.run(["bash", str(tmp_path / "s.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+    assert proc.returncode == 3 and "first" in proc.stdout and "never" not in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"{MARK} 1 README.md:5 ")
+
+
 # --- the README itself ------------------------------------------------------------------------
 
 def test_readme_blocks_parse_and_skips_have_reasons():
