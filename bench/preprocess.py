@@ -110,7 +110,8 @@ def make_inputs(work: str, base_mb: float, scale: int) -> tuple[list[str], list[
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--base-mb", type=float, default=6.0, help="size of the smaller input")
     p.add_argument("--scale", type=int, default=4, help="the larger input is this many times it")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])

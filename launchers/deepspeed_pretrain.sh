@@ -11,8 +11,7 @@
 # shared machine run it inside a private network namespace (see launchers/quickstart.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${VENV:-$ROOT/.venv}/bin/python"
-[ -x "$PY" ] || PY=python3
+source "$ROOT/launchers/venv_python.sh"  # PY, or a message saying how to create the environment
 if [ -z "${NUM_GPUS:-}" ]; then
     NUM_GPUS="$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)"
 fi

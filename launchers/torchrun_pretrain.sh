@@ -9,8 +9,7 @@
 # shared machine run it inside a private network namespace (see launchers/quickstart.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${VENV:-$ROOT/.venv}/bin/python"
-[ -x "$PY" ] || PY=python3
+source "$ROOT/launchers/venv_python.sh"  # PY, or a message saying how to create the environment
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE="$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)"
 fi

@@ -37,6 +37,8 @@ set -euo pipefail
 ROOT="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
 cd "$ROOT"
 PY="${VENV:-$ROOT/.venv}/bin/python"
+[ -x "$PY" ] || { echo "pretrain_7b_mixln.sh: no Python environment at ${VENV:-$ROOT/.venv}; install your CUDA" \
+    "torch into it and run 'bash launchers/setup_env.sh', or set VENV=/path/to/venv" >&2; exit 2; }
 LAUNCHER="${LAUNCHER:-srun}"
 DATA="${DATA:-$ROOT/data/c4_t5}"                   # preprocess_c4.py outputs: ${DATA}_{train,valid}_text_document
 TOKENIZER="${TOKENIZER:-$ROOT/data/t5/spiece.model}"

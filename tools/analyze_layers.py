@@ -20,7 +20,8 @@ import torch
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training --save dir (DeepSpeed) or plain converted dir")
     p.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
     p.add_argument("--data-path", required=True, help="indexed dataset prefix (e.g. C4 validation)")

@@ -18,7 +18,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--to", choices=("plain", "deepspeed"), default="plain")
@@ -36,9 +37,13 @@ def main(argv=None) -> int:
     from megatron_mixln.parallel.checkpoint_convert import convert
 
     config = None
-    if args.config:
-        with open(args.config) as f:
-            config = ModelConfig(**json.load(f))
+    try:
+        if args.config:
+            with open(args.config) as f:
+                config = ModelConfig(**json.load(f))
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"convert_checkpoint: error: --config {args.config}: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = convert(args.input, args.output, to=args.to, tp=args.tp, pp=args.pp, engine=args.engine,
                           tag=args.tag, out_tag=args.out_tag, config=config, dp=args.dp)

@@ -21,7 +21,8 @@ from megatron_mixln.data.sample_corpus import CorpusOptions, make_sample_corpus 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--target-mb", type=float, default=4.0,
                    help="text size to collect, in MB (default 4; up to what is installed)")

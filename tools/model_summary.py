@@ -55,7 +55,8 @@ def summarize(cfg: ModelConfig) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=list(PRESETS), help="model shape; other flags override it")
     add_dataclass_args(parser, ModelConfig, "model")
     args = parser.parse_args(argv)

@@ -23,7 +23,8 @@ from megatron_mixln.data.preprocess import PreprocessOptions, run_preprocess  # 
 
 
 def parse_args(argv=None) -> PreprocessOptions:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)
     src = p.add_argument_group("input")
     src.add_argument("--input", action="append", default=[], metavar="PATH",
                      help=".json/.jsonl files (plain, .gz, .zst, .xz or .bz2) or .parquet files, globs "

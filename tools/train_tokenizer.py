@@ -22,7 +22,8 @@ from megatron_mixln.data.tokenizer_training import (TokenizerTrainOptions,  # no
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", action="append", required=True, help="files/globs (repeatable)")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.model and .vocab")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from .indexed_dataset import IndexedDataset
 
 _CHUNK = 1 << 24  # document positions per vectorized step of the sample-index build
 _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
+MANY_EPOCHS = 100  # more epochs than this of one split: almost surely a mistaken sample count
 
 
 def num_epochs_for(num_samples: int | None, tokens_per_epoch: int, seq_length: int) -> int:
@@ -109,6 +111,20 @@ def build_gpt_indices(sequence_lengths: np.ndarray, documents: np.ndarray, seq_l
             "shuffle_index": shuffle_index}
 
 
+def _warn_if_many_epochs(prefix: str, split_name: str, num_samples: int | None, tokens: int, documents: int,
+                         seq_length: int) -> None:
+    """UserWarning when ``num_samples`` needs more than MANY_EPOCHS passes over the split's
+    ``tokens``, with the index size that implies (int32 document index per epoch, two int32 per
+    sample in the sample index, one uint32 per sample in the shuffle index)."""
+    epochs = num_epochs_for(num_samples, tokens, seq_length)
+    if epochs <= MANY_EPOCHS:
+        return
+    index_mb = (4 * epochs * documents + 12 * ((epochs * tokens - 1) // seq_length)) / 1e6
+    warnings.warn(f"{prefix}: {num_samples:,} {split_name} samples of {seq_length + 1} tokens need {epochs:,} "
+                  f"epochs of the split's {tokens:,} tokens (more than {MANY_EPOCHS}); its sample index will "
+                  f"take ~{index_mb:,.0f} MB. Ask for fewer samples or use more data.", UserWarning, stacklevel=3)
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples ``{"tokens": int64[seq_length + 1]}`` from documents ``[begin, end)`` of a dataset.
 
@@ -133,6 +149,7 @@ class GPTDataset(torch.utils.data.Dataset):
             raise DataError(f"{indexed.path_prefix}: the {split_name} split (documents "
                             f"[{begin}, {end})) has {tokens} tokens, fewer than one sample of "
                             f"seq_length + 1 = {seq_length + 1}")
+        _warn_if_many_epochs(indexed.path_prefix, split_name, num_samples, tokens, end - begin, seq_length)
         idx = indexed.path_prefix + ".idx"
         description = {
             "class": "GPTDataset", "version": 1, "prefix": os.path.abspath(indexed.path_prefix),

@@ -14,19 +14,49 @@ from .errors import DataError
 from .inputs import Task
 
 
+_NO_NETWORK_HINT = (" If the machine has no network, download the files (e.g. C4's c4-train.*.json.gz) and "
+                    "pass them with --input instead.")
+
+
+def _check_hub_reachable(name: str, config: str | None, split: str, timeout: float = 10.0) -> None:
+    """Fail at once, in one line, when the hub cannot be reached: `datasets` would otherwise retry
+    for ~25 s before its own error. Skipped when HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set (then
+    `datasets` itself fails at once unless the data is in its local cache).
+    Raises DataError naming the host, the reason and the --input alternative."""
+    import socket
+    from urllib.parse import urlparse
+
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise DataError(f"--hf-dataset {name!r} (config {config!r}, split {split!r}): cannot reach the hub at "
+                        f"{host}:{port} ({err or type(err).__name__}).{_NO_NETWORK_HINT}") from None
+
+
 def _load_stream(name: str, config: str | None, split: str):
     import datasets
 
+    local = os.path.exists(name)
+    if not local:
+        _check_hub_reachable(name, config, split)
     try:
         if os.path.isfile(name):
             return datasets.load_dataset("json", data_files=name, split=split, streaming=True)
         return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
-        hint = ("" if os.path.exists(name) else
-                " If the machine has no network, download the files (e.g. C4's "
-                "c4-train.*.json.gz) and pass them with --input instead.")
+        hint = "" if local else (" HF_HUB_OFFLINE is set: only locally cached datasets load."
+                                 if datasets.config.HF_HUB_OFFLINE else "") + _NO_NETWORK_HINT
+        detail = " ".join(str(err).split())  # one line, whatever the library put in its message
         raise DataError(f"--hf-dataset {name!r} (config {config!r}, split {split!r}) could not be "
-                        f"loaded: {type(err).__name__}: {err}.{hint}") from None
+                        f"loaded: {type(err).__name__}: {detail}.{hint}") from None
 
 
 def _local_fingerprint(name: str) -> tuple[int, int]:

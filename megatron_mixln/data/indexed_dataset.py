@@ -46,6 +46,28 @@ def bin_path(prefix: str) -> str:
     return prefix + ".bin"
 
 
+def missing_prefix_hint(prefix: str) -> str:
+    """For a prefix with no ``.bin``/``.idx`` pair: "; did you mean X?" naming the datasets that
+    ``preprocess_c4.py --output-prefix PREFIX`` writes (``PREFIX_<key>_document``, key ``text`` first),
+    or that the prefix was given with its extension; "" when there is nothing to suggest."""
+    prefix = str(prefix)
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext) and os.path.isfile(idx_path(prefix[:-len(ext)])):
+            return f"; did you mean {prefix[:-len(ext)]}? (the prefix, without {ext})"
+    directory, stem = os.path.split(prefix)
+    try:
+        names = sorted(os.listdir(directory or "."))
+    except OSError:
+        return ""
+    keys = [n[len(stem) + 1:-len("_document.idx")] for n in names
+            if n.startswith(stem + "_") and n.endswith("_document.idx")
+            and os.path.isfile(os.path.join(directory, n[:-len(".idx")] + ".bin"))]
+    keys.sort(key=lambda k: (k != "text", k))
+    if not keys:
+        return ""
+    return "; did you mean " + " or ".join(f"{prefix}_{k}_document" for k in keys) + "?"
+
+
 def check_fits(values: np.ndarray, dtype: np.dtype, where: str) -> None:
     """Raise unless every value of the integer array ``values`` is representable in ``dtype``."""
     if values.size == 0 or values.dtype == dtype:
@@ -84,7 +106,7 @@ class IndexedDataset:
                 raise IndexedDatasetError(
                     f"{path}: not found; expected a Megatron indexed dataset "
                     f"{self.path_prefix}.bin + {self.path_prefix}.idx "
-                    f"(pass the prefix without the extension)")
+                    f"(pass the prefix without the extension){missing_prefix_hint(self.path_prefix)}")
         idx_size, bin_size = os.path.getsize(ipath), os.path.getsize(bpath)
         with open(ipath, "rb") as fh:
             header = fh.read(HEADER_SIZE)

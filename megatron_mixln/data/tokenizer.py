@@ -181,9 +181,11 @@ def build_tokenizer(kind_or_path: "str | os.PathLike | Tokenizer") -> Tokenizer:
         if spec.endswith(".json"):
             return HFTokenizer(spec)
         return SentencePieceTokenizer(spec)
+    # train_tokenizer.py --output-prefix P writes P.model: given P, name that file
+    hint = f"; did you mean {spec}.model?" if os.path.isfile(spec + ".model") else ""
     raise TokenizerError(
         f"tokenizer {spec!r}: no such file or directory; expected a sentencepiece .model file, a "
-        f"Hugging Face tokenizer.json or its directory, or null:<vocab size>")
+        f"Hugging Face tokenizer.json or its directory, or null:<vocab size>{hint}")
 
 
 def check_vocab(tokenizer_vocab: int, model_vocab: int, where: str) -> None:

@@ -58,11 +58,19 @@ def _load(path):
 
 
 def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
+    """The DeepSpeed tag to read: `tag`, else the one `ckpt_dir/latest` names.
+    Raises FileNotFoundError naming what is missing (the directory itself, or `latest`)."""
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no such directory (expected a DeepSpeed checkpoint directory written by --save, "
+            f"or a plain one holding {PLAIN_WEIGHTS})")
     if tag is not None:
         return tag
     latest = os.path.join(ckpt_dir, "latest")
     if not os.path.isfile(latest):
-        raise FileNotFoundError(f"{ckpt_dir}: no 'latest' file; pass the tag explicitly")
+        raise FileNotFoundError(
+            f"{ckpt_dir}: neither a plain checkpoint (no {PLAIN_WEIGHTS}) nor a DeepSpeed one with a 'latest' "
+            f"file; if it holds DeepSpeed tag directories, name one with --tag")
     with open(latest) as f:
         return f.read().strip()
 

@@ -23,6 +23,7 @@ _EXTRA_FIELDS = {"preset"}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_mixln.pretrain",
+        allow_abbrev=False,  # as Megatron-LM: `--train-iter 5` is an error, not --train-iters
         description="Pretrain a LLaMA-family model with a per-layer norm position (Mix-LN, Pre-LN, ...) on DeepSpeed.",
     )
     p.add_argument("--config", default=None, help="YAML/JSON file of flag values; flags given here override it")

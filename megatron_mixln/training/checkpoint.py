@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from megatron_mixln.model import ModelConfig
 from megatron_mixln.data.fileio import atomic_write_text
-from megatron_mixln.parallel.checkpoint_convert import CONVERTED, is_converted_checkpoint
+from megatron_mixln.parallel.checkpoint_convert import (CONVERTED, PLAIN_WEIGHTS, is_converted_checkpoint,
+                                                        is_plain_dir)
 from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.distributed import barrier, is_rank0
 
@@ -145,6 +146,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig) -> dict:
     if not os.path.isdir(load_dir):
         raise UsageError(f"--load {load_dir}: no such directory")
     tag = read_latest(load_dir)
+    if tag is None and is_plain_dir(load_dir):  # tools/convert_checkpoint.py --to plain output
+        raise UsageError(f"--load {load_dir} is a plain checkpoint ({PLAIN_WEIGHTS}); make it a DeepSpeed one "
+                         "for this run's TP x PP layout first: " + convert_command(load_dir, "TP", "PP"))
     if tag is None:
         raise UsageError(
             f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint (expected a directory written by --save)"
@@ -154,6 +158,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig) -> dict:
         raise UsageError(f"--load {load_dir}: '{LATEST}' names {tag!r} but {meta_path} is missing")
     with open(meta_path) as fh:
         meta = json.load(fh)
+    # `latest` is authoritative: a converted checkpoint carries the source's mixln_meta.json, whose
+    # "tag" names the source tag, while the converter may have written it under another one.
+    meta["tag"] = tag
     saved, current = meta["model_config"], model_config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     saved_positions = ModelConfig(**saved).positions_str
@@ -183,9 +190,8 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         raise UsageError(
             f"--load {load_dir} ({meta['tag']}) was written with --tensor-model-parallel-size {saved_tp} "
             f"--pipeline-model-parallel-size {saved_pp}; this run has {tensor_model_parallel_size} and "
-            f"{pipeline_model_parallel_size}. Convert it first: python tools/convert_checkpoint.py --input "
-            f"{load_dir} --output NEW_DIR --to deepspeed --tp {tensor_model_parallel_size} "
-            f"--pp {pipeline_model_parallel_size}"
+            f"{pipeline_model_parallel_size}. Convert it first: "
+            + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size)
         )
     if meta.get("converted"):
         return
@@ -203,8 +209,18 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         raise UsageError(
             f"--load {load_dir} ({meta['tag']}) was written with ZeRO stage {saved_stage} on {saved_dp} "
             f"data-parallel ranks; this run has ZeRO stage {zero_stage} on {data_parallel_size}. Resume with the "
-            "same layout (or convert it with DeepSpeed's universal-checkpoint tools)"
+            "same layout, or " + (
+                "consolidate its partitioned weights with DeepSpeed's zero_to_fp32 first" if saved_stage == 3 else
+                "convert it (fresh optimizer moments; then any data-parallel size and ZeRO stage): "
+                + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size))
         )
+
+
+def convert_command(load_dir: str, tp: int | str, pp: int | str) -> str:
+    """The converter command that makes `load_dir` loadable at TP x PP, and the --load that follows it."""
+    out = os.path.normpath(load_dir) + f"_tp{tp}pp{pp}"
+    return (f"python tools/convert_checkpoint.py --input {load_dir} --output {out} --to deepspeed "
+            f"--tp {tp} --pp {pp}, then --load {out}")
 
 
 def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:

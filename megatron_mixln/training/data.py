@@ -24,6 +24,7 @@ def check_data_path(data_path: list[str] | None, flag: str = "--data-path") -> N
     if not data_path:
         raise UsageError(f"{flag}: required (an indexed dataset prefix, e.g. data/c4_text_document)")
     from megatron_mixln.data import parse_data_path
+    from megatron_mixln.data.indexed_dataset import missing_prefix_hint
 
     try:
         prefixes, _ = parse_data_path(list(data_path))
@@ -33,7 +34,8 @@ def check_data_path(data_path: list[str] | None, flag: str = "--data-path") -> N
         for ext in (".bin", ".idx"):
             path = prefix + ext
             if not os.path.isfile(path):
-                raise UsageError(f"{flag}: {path} does not exist (expected the pair {prefix}.bin/.idx)")
+                raise UsageError(f"{flag}: {path} does not exist (expected the pair {prefix}.bin/.idx)"
+                                 + missing_prefix_hint(prefix))
             if not os.access(path, os.R_OK):
                 raise UsageError(f"{flag}: {path} is not readable")
 

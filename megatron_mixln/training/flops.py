@@ -20,15 +20,15 @@ _GPU_PEAKS = {
 
 
 def default_peak_tflops(bf16: bool) -> float | None:
-    """Peak for this device, or None when unknown (MFU is then not reported)."""
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().upper()
-        for key, (p_bf16, p_fp32) in _GPU_PEAKS.items():
-            if key in name:
-                return p_bf16 if bf16 else p_fp32
+    """Dense peak TFLOP/s of this CUDA device when it is one of the listed GPUs, else None: MFU is
+    then not reported (a CPU has no published peak to divide by; pass --peak-tflops to get one)."""
+    if not torch.cuda.is_available():
         return None
-    # CPU: a rough AVX2 estimate, 32 fp32 FLOPs/cycle/core at ~2 GHz for the threads torch uses.
-    return torch.get_num_threads() * 32 * 2.0e9 / 1e12
+    name = torch.cuda.get_device_name().upper()
+    for key, (p_bf16, p_fp32) in _GPU_PEAKS.items():
+        if key in name:
+            return p_bf16 if bf16 else p_fp32
+    return None
 
 
 def flops_per_token(num_params: int, embedding_params: int, num_layers: int, hidden_size: int, seq_length: int) -> float:

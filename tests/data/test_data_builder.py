@@ -124,6 +124,27 @@ def test_split_choices_and_missing_splits(train_prefix):
         build_train_valid_test_datasets(train_prefix, "0,1,0", 32, 5, (100, 10, 0))
 
 
+def test_a_sample_count_of_more_than_100_epochs_warns(tmp_path):
+    """10 documents x 50 tokens, seq_length 9: n samples take ceil((9 n + 1) / 500) epochs."""
+    import math
+    import warnings
+
+    from megatron_mixln.data import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "small_text_document")
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for d in range(10):
+            writer.add_document(np.arange(50) + d)
+    limit = max(n for n in range(5000, 6000) if math.ceil((9 * n + 1) / 500) <= 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 100 epochs exactly: silent
+        build_train_valid_test_datasets(prefix, "1", 9, 5, (limit, 0, 0), cache_dir=str(tmp_path / "c"))
+    with pytest.warns(UserWarning, match=rf"small_text_document: {limit + 1:,} train samples of 10 tokens need "
+                                         r"101 epochs of the split's 500 tokens \(more than 100\); its sample "
+                                         r"index will take ~\d+ MB"):
+        build_train_valid_test_datasets(prefix, "1", 9, 5, (limit + 1, 0, 0), cache_dir=str(tmp_path / "c"))
+
+
 def test_bad_data_paths_fail_before_any_index_is_built(train_prefix, tmp_path):
     cache = tmp_path / "cache"
     missing = str(tmp_path / "missing_text_document")

@@ -171,6 +171,20 @@ def test_mismatched_pair_and_missing_files(tmp_path):
         IndexedDataset(str(tmp_path / "nothere"))
 
 
+def test_missing_prefix_suggests_the_preprocessed_name(tmp_path):
+    """preprocess_c4 --output-prefix P writes P_<key>_document: given P, the error names that."""
+    made = write(tmp_path / "train_text_document", random_docs(np.uint16, count=5), np.uint16)
+    write(tmp_path / "train_url_document", random_docs(np.uint16, count=5), np.uint16)
+    with pytest.raises(IndexedDatasetError) as err:
+        IndexedDataset(str(tmp_path / "train"))
+    assert str(err.value).endswith(f"did you mean {made} or {tmp_path / 'train'}_url_document?")
+    with pytest.raises(IndexedDatasetError, match=rf"did you mean {made}\? \(the prefix, without \.bin\)"):
+        IndexedDataset(made + ".bin")
+    with pytest.raises(IndexedDatasetError) as err:
+        IndexedDataset(str(tmp_path / "other"))
+    assert "did you mean" not in str(err.value)
+
+
 def test_full_check_catches_an_inconsistent_pointer(tmp_path):
     prefix = write(tmp_path / "p", random_docs(np.uint16, count=20, seed=7), np.uint16)
     n = 20

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import signal
+import shutil
 import subprocess
 import time
 
@@ -238,14 +239,39 @@ def test_hugging_face_dataset_from_a_local_directory(tmp_path, corpus, spm_model
     assert same_files(from_hf["output_prefix"], from_files["output_prefix"])
 
 
-def test_unreachable_hugging_face_dataset_is_a_clear_error(tmp_path, spm_model):
+def _hf_error(tmp_path, spm_model, env, wrap=lambda cmd: cmd):
     cmd = [PYTHON, os.path.join(REPO, "tools", "preprocess_c4.py"), "--hf-dataset",
            "no-such-org/no-such-corpus", "--hf-config", "en", "--tokenizer", spm_model,
            "--output-prefix", str(tmp_path / "o")]
-    result = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert "no-such-org/no-such-corpus" in result.stderr and "could not be loaded" in result.stderr
-    assert "--input" in result.stderr and "Traceback" not in result.stderr
+    start = time.monotonic()
+    result = subprocess.run(wrap(cmd), env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-org/no-such-corpus" in lines[0], result.stderr  # no retry chatter
+    assert "--input" in lines[0] and "Traceback" not in result.stderr
+    assert seconds < 20, seconds  # at once, not after datasets' ~25 s of retries
+    return lines[0]
+
+
+def test_hugging_face_dataset_offline_is_one_line(tmp_path, spm_model):
+    """HF_HUB_OFFLINE (tool_env sets it) is honoured: datasets fails at once, and the line says why."""
+    line = _hf_error(tmp_path, spm_model, tool_env())
+    assert "could not be loaded" in line and "HF_HUB_OFFLINE is set" in line
+
+
+def _netns_ok():
+    return shutil.which("unshare") and subprocess.run(
+        ["unshare", "-n", "bash", "-c", "ip link set lo up"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _netns_ok(), reason="needs `unshare -n` (root) for a machine without network")
+def test_hugging_face_dataset_without_network_fails_at_once(tmp_path, spm_model):
+    """No HF_HUB_OFFLINE and no network (an empty network namespace: nothing leaves the machine):
+    the hub probe fails at once instead of datasets retrying five times."""
+    env = {k: v for k, v in tool_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    line = _hf_error(tmp_path, spm_model, env, lambda cmd: ["unshare", "-n"] + cmd)
+    assert "cannot reach the hub at huggingface.co:443" in line
 
 
 def test_truncated_gzip_is_named(tmp_path, corpus, spm_model):

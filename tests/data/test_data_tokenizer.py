@@ -76,6 +76,14 @@ def test_bad_tokenizer_specs(spec, message):
         build_tokenizer(spec)
 
 
+def test_output_prefix_given_as_tokenizer_suggests_the_model(spm_model):
+    """train_tokenizer.py --output-prefix P writes P.model: --tokenizer P names it."""
+    prefix = spm_model[:-len(".model")]
+    with pytest.raises(TokenizerError) as err:
+        build_tokenizer(prefix)
+    assert str(err.value).endswith(f"did you mean {spm_model}?")
+
+
 def test_unloadable_files(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="junk.model: not a loadable sentencepiece"):

@@ -123,6 +123,29 @@ def test_cli_converts_and_reports_bad_layouts(tmp_path):
     assert summary["target"]["engine"] == "plain"
 
 
+def test_cli_errors_name_what_is_missing(tmp_path, capsys):
+    """A missing --input is reported as missing (not as a missing 'latest' file); an existing directory
+    with neither format says so and names --tag; a bad --config is one line too."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    def error(*argv):
+        assert cli.main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("convert_checkpoint: error: ") and err.count("\n") == 1, err
+        return err
+
+    err = error("--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"))
+    assert "nowhere: no such directory" in err and "latest" not in err
+    (tmp_path / "empty").mkdir()
+    err = error("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"))
+    assert "neither a plain checkpoint (no model.safetensors) nor a DeepSpeed one with a 'latest' file" in err
+    assert "--tag" in err
+    error("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "x.json"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_trainer_sidecars_and_nested_model_config_are_carried(tmp_path):
     """The trainer stores its ModelConfig in client_state["mixln"] and a JSON sidecar per tag."""
     cfg, sd = full_state_dict()

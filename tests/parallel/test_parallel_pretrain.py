@@ -1,6 +1,8 @@
 """End to end: `megatron_mixln.pretrain` (its CLI entry, real indexed data) on 2 processes with TP=2 +
 sequence parallelism (ZeRO-1) and with PP=2 (ZeRO-1), against the same run at DP=2; then the PP=2
-checkpoint converted with the checkpoint converter and resumed at DP=2 (TP=1, PP=1).
+checkpoint converted with the checkpoint converter and resumed at DP=2 (TP=1, PP=1), directly and
+through the README's round trip with new tags (-> TP=2 x PP=2 -> plain -> TP=1 x PP=1), which the
+trainer must load by the tag `latest` names, not the one the carried-over metadata names.
 
 All runs see the same global batches (the sampler depends only on the global batch) and the same
 5-step LR schedule; the parallel runs stop (and save) after 3 steps with --exit-interval.
@@ -81,8 +83,15 @@ def pretrain_layouts_job(rank, world_size, tmpdir):
         run(name, exit_interval=EXIT_AT, **flags)
     if rank == 0:  # the PP=2 checkpoint (pipeline engine files) -> the plain engine's layout for TP=1, PP=1
         convert(os.path.join(tmpdir, "pp2"), os.path.join(tmpdir, "pp2_as_dp"), to="deepspeed", tp=1, pp=1)
+        # the round trip of tools/convert_checkpoint.py, every step under a tag of its own
+        convert(os.path.join(tmpdir, "pp2"), os.path.join(tmpdir, "tp2pp2"), to="deepspeed", tp=2, pp=2,
+                out_tag="as_tp2pp2")
+        convert(os.path.join(tmpdir, "tp2pp2"), os.path.join(tmpdir, "plain"), to="plain")
+        convert(os.path.join(tmpdir, "plain"), os.path.join(tmpdir, "round_trip"), to="deepspeed", tp=1, pp=1,
+                out_tag="back_at_tp1")
     dist.barrier()
     run("resumed", load=os.path.join(tmpdir, "pp2_as_dp"))
+    run("round_trip", load=os.path.join(tmpdir, "round_trip"))
     return out
 
 
@@ -119,3 +128,13 @@ def test_pipeline_checkpoint_converted_and_resumed_without_pipeline(results):
     # later ones also on Adam's moments, which the conversion restarts from zero
     _close(resumed["train"][:1], results["dp2"]["train"][EXIT_AT:EXIT_AT + 1])
     _close(resumed["grad_norm"][:1], results["dp2"]["grad_norm"][EXIT_AT:EXIT_AT + 1])
+
+
+@pytest.mark.slow
+def test_round_trip_with_other_tags_resumes_from_the_tag_latest_names(results):
+    """pp2 -> TP2xPP2 (tag as_tp2pp2) -> plain -> TP1xPP1 (tag back_at_tp1): the carried-over
+    mixln_meta.json still says iter_0000003; the trainer loads back_at_tp1 and continues the curve."""
+    got = results["round_trip"]
+    assert results["round_trip/exit"] == 0 and len(got["train"]) == TRAIN_ITERS - EXIT_AT
+    _close(got["train"], results["resumed"]["train"])  # the same weights, counters and data position
+    _close(got["train"][:1], results["dp2"]["train"][EXIT_AT:EXIT_AT + 1])

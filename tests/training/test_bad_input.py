@@ -31,6 +31,14 @@ def test_missing_data_path(capsys, data):
     _fails(capsys, tiny_cli_args(data + "_typo"), "--data-path:", "_typo.bin does not exist")
 
 
+def test_output_prefix_given_as_data_path_suggests_the_dataset(capsys, tmp_path):
+    """`--data-path P` after `preprocess_c4.py --output-prefix P` (which writes P_text_document)."""
+    prefix = str(tmp_path / "sample_train")
+    write_token_dataset(prefix + "_text_document")
+    err = _fails(capsys, tiny_cli_args(prefix), f"--data-path: {prefix}.bin does not exist")
+    assert err.rstrip().endswith(f"did you mean {prefix}_text_document?"), err
+
+
 def test_unreadable_data_path(capsys, data, monkeypatch):
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith(".idx") else real_access(p, mode))

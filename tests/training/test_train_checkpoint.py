@@ -2,6 +2,10 @@
 loading, and --load errors."""
 import os
 import random
+import re
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from training_testlib import run_and_destroy, tiny_datasets, tiny_model, tiny_tr
 from megatron_mixln.training import checkpoint as ckpt
 from megatron_mixln.training.config import UsageError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = dict(train_iters=6, zero_stage=1, eval_iters=1, eval_interval=3)
 
 
@@ -100,6 +105,12 @@ def test_load_errors_name_the_problem(single_rank, tmp_path):
         ckpt.inspect_checkpoint(str(tmp_path / "nowhere"), tiny_model())
     with pytest.raises(UsageError, match=r"no 'latest' file"):
         ckpt.inspect_checkpoint(str(tmp_path), tiny_model())
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"")  # tools/convert_checkpoint.py --to plain
+    with pytest.raises(UsageError, match=r"plain checkpoint \(model.safetensors\); make it a DeepSpeed one for this "
+                                         r"run's TP x PP layout first: python tools/convert_checkpoint.py --input "
+                                         r".*plain --output .*plain_tpTPppPP --to deepspeed --tp TP --pp PP"):
+        ckpt.inspect_checkpoint(str(tmp_path / "plain"), tiny_model())
     save = str(tmp_path / "ckpt")
     run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
     with pytest.raises(UsageError, match=r"hidden_size: checkpoint 32 vs now 64"):
@@ -123,6 +134,18 @@ def test_resume_layout_must_match_for_partitioned_states(single_rank, tmp_path):
         ckpt.check_resume_layout(meta, save, data_parallel_size=2, zero_stage=1)
     with pytest.raises(UsageError, match="this run has ZeRO stage 3 on 1"):
         ckpt.check_resume_layout(meta, save, data_parallel_size=1, zero_stage=3)
+    # the message names this project's converter, as a command that runs as printed and whose output
+    # resumes at the new size (the end-to-end resume at another DP size: tests/parallel/test_parallel_pretrain.py)
+    with pytest.raises(UsageError) as err:
+        ckpt.check_resume_layout(meta, save, data_parallel_size=2, zero_stage=1)
+    command, load = re.search(r"(python tools/convert_checkpoint\.py .*--to deepspeed --tp 1 --pp 1), then --load (\S+)$",
+                              str(err.value)).groups()
+    assert "universal" not in str(err.value)
+    subprocess.run([sys.executable] + shlex.split(command)[1:], cwd=ROOT, check=True, capture_output=True)
+    converted = ckpt.inspect_checkpoint(load, tiny_model())
+    ckpt.check_resume_layout(converted, load, data_parallel_size=2, zero_stage=1)
+    with pytest.raises(UsageError, match="ZeRO stage 3 on 1 .* zero_to_fp32"):
+        ckpt.check_resume_layout({**meta, "zero_stage": 3}, save, data_parallel_size=2, zero_stage=3)
     ckpt.check_resume_layout({**meta, "zero_stage": 0}, save, data_parallel_size=4, zero_stage=0)  # full states: any size
 
 

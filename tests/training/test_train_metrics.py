@@ -75,4 +75,48 @@ def test_console_line():
 def test_flops_and_device_numbers():
     # 6 x (all params but the input embedding) + 12 L d T attention FLOPs per token.
     assert flops_per_token(1_000_000, 200_000, 4, 64, 128) == 6 * 800_000 + 12 * 4 * 64 * 128
-    assert default_peak_tflops(bf16=False) > 0 and memory_gib() > 0
+    assert memory_gib() > 0
+
+
+def test_peak_is_known_only_for_listed_gpus(monkeypatch):
+    """MFU needs a published peak: a listed GPU (by name, per dtype) or --peak-tflops; never a CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_peak_tflops(bf16=True) is None and default_peak_tflops(bf16=False) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert default_peak_tflops(bf16=True) == 989.0 and default_peak_tflops(bf16=False) == 494.7
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GeForce GTX 1080")
+    assert default_peak_tflops(bf16=True) is None
+
+
+def test_mfu_reported_only_with_a_known_peak(single_rank, tmp_path, capsys):
+    """On CPU: no mfu in the console line or the metrics file; with --peak-tflops: MFU =
+    flops/token x tokens/s / peak, checked from the logged tokens/s and the model's parameter count."""
+    from training_testlib import run_and_destroy, tiny_datasets, tiny_model, tiny_train
+
+    if torch_cuda_available():
+        pytest.skip("checks the CPU behaviour")
+    cfg = tiny_model()
+    for name, peak in (("cpu", None), ("given", 0.5)):
+        run = tmp_path / name
+        run_and_destroy(cfg, tiny_train(run_dir=str(run), train_iters=2, peak_tflops=peak), tiny_datasets())
+        out = capsys.readouterr().out
+        rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        train = [r for r in rows if r["kind"] == "train"]
+        params = json.load(open(run / "config.json"))["parameters"]
+        if peak is None:
+            assert "mfu" not in out and all(r["mfu"] is None for r in train), out
+        else:
+            fpt = flops_per_token(params, cfg.vocab_size * cfg.hidden_size, cfg.num_layers, cfg.hidden_size,
+                                  cfg.seq_length)
+            for r in train:
+                assert r["mfu"] == pytest.approx(fpt * r["tokens_per_sec"] / (peak * 1e12), rel=1e-9)
+            assert "mfu " in out
+
+
+def torch_cuda_available():
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,92 @@
+"""Every entry point refuses abbreviated flags (Megatron-LM's allow_abbrev=False): a typo such as
+`--train-iter 5` next to `--train-iters 2` is an error, not a silent override.
+
+Two independent checks: every `argparse.ArgumentParser(...)` in the package, tools/ and bench/ passes
+allow_abbrev=False (found by parsing the source, so a new tool is covered without listing it), and
+every script with a `__main__` block, run as a user would, rejects `--hel` (which argparse would
+otherwise expand to --help and exit 0).
+"""
+import ast
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE_DIRS = ("megatron_mixln", "tools", "bench")
+
+
+def _python_files():
+    return sorted(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))
+
+
+def _parser_calls(path):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name == "ArgumentParser":
+                yield node
+
+
+def _has_main_block(path):
+    return any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
+               for n in ast.parse(path.read_text()).body)
+
+
+def _command(path):
+    rel = path.relative_to(ROOT)
+    if rel.parts[0] == "megatron_mixln":  # package modules run as `python -m`
+        return [sys.executable, "-m", ".".join(rel.with_suffix("").parts)]
+    return [sys.executable, str(rel)]
+
+
+ENTRY_POINTS = [p for p in _python_files() if _has_main_block(p)]
+
+
+def test_every_argument_parser_refuses_abbreviations():
+    found, missing = [], []
+    for path in _python_files():
+        for call in _parser_calls(path):
+            found.append(f"{path.relative_to(ROOT)}:{call.lineno}")
+            kw = {k.arg: k.value for k in call.keywords}
+            if not (isinstance(kw.get("allow_abbrev"), ast.Constant) and kw["allow_abbrev"].value is False):
+                missing.append(found[-1])
+    assert len(found) >= 10, found  # pretrain's parser, 7 tools, 2 benchmarks
+    assert not missing, f"ArgumentParser without allow_abbrev=False: {missing}"
+
+
+def test_entry_points_are_found():
+    names = {p.relative_to(ROOT).as_posix() for p in ENTRY_POINTS}
+    assert {"megatron_mixln/pretrain.py", "tools/preprocess_c4.py", "tools/convert_checkpoint.py",
+            "bench/preprocess.py"} <= names, names
+
+
+def test_every_entry_point_rejects_an_abbreviated_flag():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def run(path):
+        return path, subprocess.run(_command(path) + ["--hel"], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, ENTRY_POINTS))
+    for path, proc in results:
+        assert proc.returncode == 2, (path, proc.returncode, proc.stdout[-300:], proc.stderr[-300:])
+        assert "error:" in proc.stderr and "usage:" not in proc.stdout, (path, proc.stderr[-300:])
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["--train-iters", "2", "--train-iter", "5"], "--train-iter 5"),  # the typo of the issue
+    (["--micro-batch", "2"], "--micro-batch 2"),
+])
+def test_pretrain_names_the_unknown_abbreviation(capsys, argv, unknown):
+    from megatron_mixln.training.arguments import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and f"error: unrecognized arguments: {unknown}" in capsys.readouterr().err
+    assert build_parser().parse_args(["--train-iters", "2"]).train_iters == 2  # the full name still works
