@@ -36,7 +36,7 @@ from megatron_mixln.training.model_setup import build_model_and_optimizer
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
-from megatron_mixln.training.watchdog import HangWatchdog, grace_seconds, resolve_hang_timeout
+from megatron_mixln.training.watchdog import STARTUP_MIN_S, HangWatchdog, grace_seconds, resolve_hang_timeout
 
 
 @dataclass
@@ -230,7 +230,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     _seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
     ts = load_checkpoint(engine, cfg.load, meta["tag"]) if meta else TrainState()
-    watchdog.progress("the first step (after building the model)")
+    watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
 
     n_params = _num_params(engine.module, state)
     run_config = {
@@ -260,6 +260,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
     preempt = PreemptionFlag()
+    ts_start = ts.iteration
     limit = cfg.exit_duration_in_mins
     time_up = (lambda: _minutes_since(start) > limit) if limit else (lambda: False)
     batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
@@ -272,7 +273,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             lr = lr_at(step, cfg)
             want_layers = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
             t0 = time.perf_counter()
-            watchdog.progress(f"step {step}")
+            if step > ts_start + 1:  # the first step keeps the start-up allowance
+                watchdog.progress(f"step {step}")
             res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
                              time_up)
             window_time += time.perf_counter() - t0

@@ -10,6 +10,9 @@ os._exit(HANG_EXIT_CODE): no cleanup that could block again, and a non-zero code
 requeue on. A C-level backstop (`faulthandler.dump_traceback_later`, which needs no GIL) fires
 `backstop_s` later in case the stuck call holds the GIL.
 
+Start-up (building the model, loading a checkpoint) and the first step (torch.compile, allocator
+warm-up) are allowed max(timeout, STARTUP_MIN_S): they are legitimately slower than a step.
+
 Default: 1800 s on GPU (longer than a first torch.compile step or a 7B ZeRO save to a slow shared
 filesystem; raised NCCL timeouts keep NCCL's own watchdog from aborting first), off on CPU, where
 runs are tests and debugging sessions (a breakpoint would look like a hang) and no GPU allocation
@@ -25,6 +28,7 @@ import time
 
 HANG_EXIT_CODE = 124  # as timeout(1)
 DEFAULT_GPU_TIMEOUT_S = 1800.0
+STARTUP_MIN_S = 600.0  # start-up (build, checkpoint load) and the first step (compilation) get at least this
 
 
 def resolve_hang_timeout(value: float | None, on_gpu: bool) -> float:
@@ -49,6 +53,7 @@ class HangWatchdog:
         self.backstop_s = backstop_s
         self._what = "startup"
         self._last = time.monotonic()
+        self._limit = max(self.timeout_s, STARTUP_MIN_S)
         self._stopped = threading.Event()
         self._thread = None
 
@@ -60,14 +65,16 @@ class HangWatchdog:
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mixln-hang-watchdog", daemon=True)
             self._thread.start()
-            self.progress(self._what)
+            self.progress(self._what, self._limit)
         return self
 
-    def progress(self, what: str) -> None:
-        """Something finished: the clock restarts for `what` (e.g. "step 12", "checkpoint save")."""
+    def progress(self, what: str, limit_s: float | None = None) -> None:
+        """Something finished: the clock restarts for `what` (e.g. "step 12", "checkpoint save"), which
+        may take `limit_s` seconds (default: the timeout)."""
         self._what, self._last = what, time.monotonic()
+        self._limit = self.timeout_s if limit_s is None else limit_s
         if self._thread is not None:
-            faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + self.backstop_s, exit=True)
+            faulthandler.dump_traceback_later(self._limit + self.grace_s + self.backstop_s, exit=True)
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -80,13 +87,13 @@ class HangWatchdog:
         poll = min(1.0, self.timeout_s / 4)
         while not self._stopped.wait(poll):
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if idle > self._limit:
                 self._fire(idle)
 
     def _fire(self, idle: float) -> None:
         sys.stderr.write(
             f"[rank {self.rank}] hang watchdog: no progress for {idle:.0f} s in {self._what} (--hang-timeout "
-            f"{self.timeout_s:g}); Python stacks of every thread follow, then exit {HANG_EXIT_CODE}\n"
+            f"{self.timeout_s:g}, allowed {self._limit:g} s here); Python stacks of every thread follow, then exit {HANG_EXIT_CODE}\n"
         )
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
