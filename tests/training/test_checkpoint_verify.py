@@ -93,6 +93,21 @@ def test_corrupt_newest_checkpoint_falls_back(base, tmp_path, capsys, kind):
     _same_curve(resumed["history"], base["history"], 5)
 
 
+def test_converted_checkpoint_with_another_tag_resumes_that_tag(base, tmp_path):
+    """The converter writes a manifest too, and the copied mixln_meta.json naming the source tag does
+    not redirect the load (the tag `latest` names is loaded)."""
+    from megatron_mixln.parallel.checkpoint_convert import convert
+
+    dst = str(tmp_path / "converted")
+    convert(base["save"], dst, to="deepspeed", tag="iter_0000004", out_tag="moved")
+    meta = ckpt.inspect_checkpoint(dst, tiny_model())
+    assert meta["tag"] == "moved" and meta["converted"]["optimizer_states"] is False
+    assert os.path.isfile(os.path.join(dst, "moved", MANIFEST))
+    resumed = _train(base["prefix"], load=dst)
+    assert [h["step"] for h in resumed["history"]] == [5, 6]
+    assert resumed["history"][0]["loss"] == pytest.approx(base["history"][4]["loss"], rel=1e-6)  # weights only
+
+
 def test_no_verify_checkpoint_still_checks_sizes(base, tmp_path):
     save = str(tmp_path / "ckpt")
     shutil.copytree(base["save"], save)
