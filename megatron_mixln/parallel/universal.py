@@ -10,9 +10,11 @@ trainer stores that in every checkpoint (`universal_checkpoint_info`, DeepSpeed'
 derived from megatron_mixln.parallel.sharding.tp_partition_dim): norms are replicated, o_proj and
 down_proj are row-parallel (concatenated along dim 1), everything else along dim 0.
 
-Limits: the source must be a ZeRO stage 1 or 2 checkpoint of the plain engine (PP = 1; pipeline
+Limits: the source must be a ZeRO stage 1-3 checkpoint of the plain engine (PP = 1; pipeline
 checkpoints change layout with tools/convert_checkpoint.py --to deepspeed, without optimizer states);
-the target needs ZeRO stage >= 1 (DeepSpeed loads universal checkpoints through its ZeRO optimizers).
+the target needs a ZeRO stage of the same family: 1 or 2 from a stage 1/2 source, 3 from a stage 3 one
+(DeepSpeed loads universal checkpoints through its ZeRO optimizers, and its stage-3 universal
+files -- zero/optimizer_state.pt, zero_pp_rank_* model states -- differ from the stage-1/2 ones).
 The vocabulary is padded at config level (--make-vocab-size-divisible-by x TP), so the embedding
 and head are plain dim-0 splits here.
 """
@@ -85,8 +87,8 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
         raise ValueError(f"{src_dir}: a pipeline-engine checkpoint; universal conversion needs PP=1 "
                          "(change PP with --to deepspeed, which drops optimizer states)")
     stage = _zero_stage_of_files(src_dir)
-    if stage not in (1, 2):
-        raise ValueError(f"{src_dir}: ZeRO stage {stage or 0} checkpoint; universal conversion reads ZeRO stage 1 or 2 "
+    if stage not in (1, 2, 3):
+        raise ValueError(f"{src_dir}: ZeRO stage {stage or 0} checkpoint; universal conversion reads ZeRO stage 1-3 "
                          "optimizer partitions (a ZeRO-0 checkpoint already holds full states: resume it directly)")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir}: already exists and is not empty; write to a new --output or --out-tag")

@@ -276,13 +276,16 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
     checkpoint can only be resumed with the same stage and data-parallel size (a converted one,
     which has no optimizer states, with any). DeepSpeed's optimizer states (files and keys) also
     differ between fp32 and bf16 runs: the same --bf16 setting too. A universal checkpoint
-    (tools/convert_checkpoint.py --to universal) resumes at any DP size, TP size and ZeRO stage 1-2."""
+    (tools/convert_checkpoint.py --to universal) resumes at any DP size and TP size, with ZeRO stage 1
+    or 2 (from a stage 1/2 checkpoint) or 3 (from a stage 3 one)."""
     if meta.get("universal"):
-        if pipeline_model_parallel_size != 1 or zero_stage not in (1, 2):
+        source_stage = (meta["universal"].get("source_layout") or {}).get("zero_stage")
+        stages = (3,) if source_stage == 3 else (1, 2)
+        if pipeline_model_parallel_size != 1 or zero_stage not in stages:
             raise UsageError(
-                f"--load {load_dir} ({meta['tag']}) is a DeepSpeed universal checkpoint: it loads with "
-                f"--pipeline-model-parallel-size 1 and --zero-stage 1 or 2 (this run has "
-                f"{pipeline_model_parallel_size} and {zero_stage})"
+                f"--load {load_dir} ({meta['tag']}) is a DeepSpeed universal checkpoint made from ZeRO stage "
+                f"{source_stage}: it loads with --pipeline-model-parallel-size 1 and --zero-stage "
+                f"{' or '.join(map(str, stages))} (this run has {pipeline_model_parallel_size} and {zero_stage})"
             )
         return
     layout = meta.get("converted") or meta

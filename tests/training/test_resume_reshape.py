@@ -1,6 +1,6 @@
 """Resume on another cluster shape with the optimizer states kept (DeepSpeed universal checkpoints,
 megatron_mixln.parallel.universal): 2 ranks ZeRO-2 -> 1 rank ZeRO-1, 1 rank ZeRO-1 -> 2 ranks ZeRO-2,
-and TP=2 -> TP=1; each resumed loss curve equals the uninterrupted 1-rank run's within fp32
+2 ranks ZeRO-3 -> 1 rank ZeRO-3, and TP=2 -> TP=1; each resumed loss curve equals the uninterrupted 1-rank run's within fp32
 tolerance. The 2-rank ZeRO-2 run is stopped by --exit-duration-in-mins, which only rank 1's clock
 says has passed: both ranks stop, and save, after the same step."""
 import math
@@ -45,11 +45,13 @@ def _two_rank_job(rank, world_size, tmpdir, ref_ckpt):
     dist.barrier()
     back = run_and_destroy(tiny_model(), tiny_train(zero_stage=2, load=universal, **RUN), tiny_datasets())
     out["back"] = back["history"]
+    zero3 = os.path.join(tmpdir, "zero3")
+    run_and_destroy(tiny_model(), tiny_train(zero_stage=3, save=zero3, exit_interval=STOP, **RUN), tiny_datasets())
     tp2 = os.path.join(tmpdir, "tp2")
     run_and_destroy(tiny_model(), tiny_train(zero_stage=1, tensor_model_parallel_size=2, save=tp2, exit_interval=STOP,
                                              **RUN), tiny_datasets())
     if rank == 0:  # hand the 2-rank checkpoints to the test process (tmpdir is removed after the job)
-        for name in ("zero2", "tp2"):
+        for name in ("zero2", "zero3", "tp2"):
             convert_to_universal(os.path.join(tmpdir, name), os.path.join(ref_ckpt + "_from_" + name))
     return out
 
@@ -65,6 +67,8 @@ def runs(single_rank, tmp_path_factory):
     convert(ref_ckpt, ref_ckpt + "_from_weights", to="deepspeed", tag=ckpt.tag_for(STOP))  # optimizer states dropped
     resumed = {name: run_and_destroy(tiny_model(), tiny_train(zero_stage=1, load=ref_ckpt + "_from_" + name, **RUN),
                                      tiny_datasets())["history"] for name in ("zero2", "tp2", "weights")}
+    resumed["zero3"] = run_and_destroy(tiny_model(), tiny_train(zero_stage=3, load=ref_ckpt + "_from_zero3", **RUN),
+                                       tiny_datasets())["history"]
     return {"ref": ref["history"], "two": two, "resumed": resumed, "ref_ckpt": ref_ckpt}
 
 
@@ -106,6 +110,12 @@ def test_one_rank_zero1_resume_on_two_ranks_zero2(runs):
 
 
 @pytest.mark.slow
+def test_two_ranks_zero3_resume_on_one_rank_zero3(runs):
+    """The 7B configuration's stage (ZeRO-3) on half the ranks."""
+    _same_curve(runs["resumed"]["zero3"], runs["ref"], range(STOP + 1, 7))
+
+
+@pytest.mark.slow
 def test_tp2_resume_at_tp1_with_optimizer_states(runs):
     _same_curve(runs["resumed"]["tp2"], runs["ref"], range(STOP + 1, 7))
 
@@ -113,9 +123,13 @@ def test_tp2_resume_at_tp1_with_optimizer_states(runs):
 def test_universal_needs_zero_and_no_pipeline(runs):
     meta = ckpt.inspect_checkpoint(runs["ref_ckpt"] + "_from_zero2", tiny_model())
     assert meta["universal"]["source_layout"]["data_parallel_size"] == 2
-    with pytest.raises(UsageError, match=r"universal checkpoint: it loads with --pipeline-model-parallel-size 1 and "
+    with pytest.raises(UsageError, match=r"universal checkpoint made from ZeRO stage 2: it loads with --pipeline-model-parallel-size 1 and "
                                          r"--zero-stage 1 or 2 \(this run has 1 and 0\)"):
         ckpt.check_resume_layout(meta, "u", data_parallel_size=1, zero_stage=0)
+    meta3 = ckpt.inspect_checkpoint(runs["ref_ckpt"] + "_from_zero3", tiny_model())
+    with pytest.raises(UsageError, match=r"made from ZeRO stage 3: .*--zero-stage 3 \(this run has 1 and 2\)"):
+        ckpt.check_resume_layout(meta3, "u", data_parallel_size=4, zero_stage=2)
+    ckpt.check_resume_layout(meta3, "u", data_parallel_size=4, zero_stage=3)
     plain_meta = ckpt.inspect_checkpoint(runs["ref_ckpt"], tiny_model())
     with pytest.raises(UsageError, match=r"ZeRO stage 1 on 1 data-parallel ranks; this run has ZeRO stage 2 on 2\. .*"
                                          r"convert_checkpoint\.py --input .* --tag iter_0000006 --output NEW_DIR --to universal"):
