@@ -71,10 +71,11 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
                          workers: int = 1) -> dict:
     """Write DeepSpeed's universal form of checkpoint src/<tag> (default: `latest`) to dst/<out_tag>
     (default: the same tag), with the trainer's mixln_meta.json, a universal.json marker, a
-    manifest and dst/latest. Raises ValueError for what it cannot convert (ZeRO-0, pipeline, used tag)."""
+    manifest and dst/latest. The source is first checked against its manifest (sizes, checksums).
+    Raises ValueError for what it cannot convert (ZeRO-0, pipeline, a used tag, a damaged source)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    from megatron_mixln.data.file_manifest import describe, list_files, write_manifest
+    from megatron_mixln.data.file_manifest import check_files, describe, list_files, read_manifest, write_manifest
     from megatron_mixln.data.fileio import atomic_write_json, atomic_write_text
     from megatron_mixln.parallel.checkpoint_convert import resolve_tag
 
@@ -90,6 +91,10 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
     if stage not in (1, 2, 3):
         raise ValueError(f"{src_dir}: ZeRO stage {stage or 0} checkpoint; universal conversion reads ZeRO stage 1-3 "
                          "optimizer partitions (a ZeRO-0 checkpoint already holds full states: resume it directly)")
+    files = read_manifest(src_dir)
+    problems = check_files(src_dir, files, sorted(files)) if files is not None else []
+    if problems:  # converting a torn or corrupted checkpoint would hide the damage behind a fresh manifest
+        raise ValueError(f"{src_dir}: does not match its manifest: " + "; ".join(problems))
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir}: already exists and is not empty; write to a new --output or --out-tag")
     tmp_dir = out_dir + ".tmp-universal"

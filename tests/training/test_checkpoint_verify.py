@@ -173,3 +173,14 @@ def test_flags_parse():
     assert (cfg.hang_timeout, cfg.exit_duration_in_mins) == (600.0, 230.5)
     with pytest.raises(UsageError, match="--tag iter_0000002: needs --load"):
         parse_configs(["--tag", "iter_0000002"])
+
+
+def test_universal_conversion_refuses_a_damaged_source(base, tmp_path):
+    from megatron_mixln.parallel.universal import convert_to_universal
+
+    save = str(tmp_path / "ckpt")
+    shutil.copytree(base["save"], save)
+    _flip_byte(os.path.join(save, "iter_0000006", OPTIM_FILE))
+    with pytest.raises(ValueError, match=r"iter_0000006: does not match its manifest: .*optim_states\.pt: xxh3_128"):
+        convert_to_universal(save, str(tmp_path / "universal"))
+    assert not os.path.exists(tmp_path / "universal")
