@@ -33,7 +33,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.data.file_manifest import MANIFEST, assign, check_files, describe, list_files, read_manifest, write_manifest
+from megatron_mixln.data.file_manifest import (
+    MANIFEST, assign, check_files, describe, list_files, read_manifest, write_manifest,
+)
 from megatron_mixln.data.fileio import atomic_write_text
 from megatron_mixln.parallel.checkpoint_convert import CONVERTED, is_converted_checkpoint
 from megatron_mixln.parallel.universal import UNIVERSAL, universal_checkpoint_info

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -166,9 +167,8 @@ def _minutes_since(start: float) -> float:
 
 
 def _warn(line: str | None) -> None:
+    """A warning line on rank 0's stderr (the log a scheduler keeps)."""
     if line and is_rank0():
-        import sys
-
         print(line, file=sys.stderr, flush=True)
 
 

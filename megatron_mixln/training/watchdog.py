@@ -69,8 +69,8 @@ class HangWatchdog:
         return self
 
     def progress(self, what: str, limit_s: float | None = None) -> None:
-        """Something finished: the clock restarts for `what` (e.g. "step 12", "checkpoint save"), which
-        may take `limit_s` seconds (default: the timeout)."""
+        """Something finished: the clock restarts for `what` (e.g. "step 12", "checkpoint save"),
+        which may take `limit_s` seconds (default: the timeout)."""
         self._what, self._last = what, time.monotonic()
         self._limit = self.timeout_s if limit_s is None else limit_s
         if self._thread is not None:
@@ -93,7 +93,8 @@ class HangWatchdog:
     def _fire(self, idle: float) -> None:
         sys.stderr.write(
             f"[rank {self.rank}] hang watchdog: no progress for {idle:.0f} s in {self._what} (--hang-timeout "
-            f"{self.timeout_s:g}, allowed {self._limit:g} s here); Python stacks of every thread follow, then exit {HANG_EXIT_CODE}\n"
+            f"{self.timeout_s:g}, allowed {self._limit:g} s here); Python stacks of every thread follow, "
+            f"then exit {HANG_EXIT_CODE}\n"
         )
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
