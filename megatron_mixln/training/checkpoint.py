@@ -146,9 +146,15 @@ def _rank_world() -> tuple[int, int]:
 
 
 def write_manifest_shared(tag_dir: str) -> None:
-    """Every rank hashes its share of the files of tag_dir (collective); rank 0 writes manifest.json."""
-    files = list_files(tag_dir)
-    sizes = [os.path.getsize(os.path.join(tag_dir, f)) for f in files]
+    """Every rank hashes its share of the files of tag_dir (collective); rank 0 writes manifest.json.
+    Rank 0's listing is the one used (another node's view of a shared filesystem may lag)."""
+    listing = [None]
+    if is_rank0():
+        files = list_files(tag_dir)
+        listing = [(files, [os.path.getsize(os.path.join(tag_dir, f)) for f in files])]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(listing, src=0)
+    files, sizes = listing[0]
     mine = [files[i] for i in assign(files, sizes, *_rank_world())]
     entries = dict(_all_ranks(list(describe(tag_dir, mine).items())))
     if is_rank0():
