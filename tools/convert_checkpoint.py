@@ -9,6 +9,10 @@
 
 Then resume with engine.load_checkpoint(dir, load_optimizer_states=False): weights, step counters,
 LR scheduler and client state carry over; optimizer moments restart (they are not converted).
+
+  # a ZeRO-1/2 checkpoint (PP=1) -> DeepSpeed's universal form, optimizer states kept: the trainer
+  # resumes it (--load runs/y/ckpt) at any data-parallel size, TP size and ZeRO stage 1-2
+  python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/y/ckpt --to universal
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def main(argv=None) -> int:
                                 allow_abbrev=False)
     p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--to", choices=("plain", "deepspeed"), default="plain")
+    p.add_argument("--to", choices=("plain", "deepspeed", "universal"), default="plain")
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--engine", choices=("plain", "pipeline"), default=None,
@@ -45,6 +49,12 @@ def main(argv=None) -> int:
         print(f"convert_checkpoint: error: --config {args.config}: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.to == "universal":
+            from megatron_mixln.parallel.universal import convert_to_universal
+
+            summary = convert_to_universal(args.input, args.output, tag=args.tag, out_tag=args.out_tag)
+            print(json.dumps(summary))
+            return 0
         summary = convert(args.input, args.output, to=args.to, tp=args.tp, pp=args.pp, engine=args.engine,
                           tag=args.tag, out_tag=args.out_tag, config=config, dp=args.dp)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

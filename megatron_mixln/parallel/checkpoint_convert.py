@@ -30,6 +30,7 @@ import re
 
 import torch
 
+from megatron_mixln.data.file_manifest import MANIFEST, describe, list_files, write_manifest
 from megatron_mixln.data.fileio import atomic_open, atomic_write_json, atomic_write_with
 from megatron_mixln.parallel.sharding import merge_tp, split_tp
 from megatron_mixln.parallel.state_dicts import pipeline_layer_prefix
@@ -95,7 +96,7 @@ def _read_sidecars(path: str) -> dict:
     """Small JSON files next to DeepSpeed's (e.g. the trainer's mixln_meta.json), carried over verbatim."""
     out = {}
     for name in sorted(os.listdir(path)):
-        if name.endswith(".json") and name != CONVERTED and os.path.getsize(os.path.join(path, name)) < 1 << 20:
+        if name.endswith(".json") and name not in (CONVERTED, MANIFEST, "universal.json") and os.path.getsize(os.path.join(path, name)) < 1 << 20:
             with open(os.path.join(path, name)) as f:
                 out[name] = f.read()
     return out
@@ -192,6 +193,7 @@ def write_deepspeed_checkpoint(plain: dict, out_dir: str, tag: str, tp: int, pp:
     with open(os.path.join(path, CONVERTED), "w") as f:
         json.dump({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "engine": engine,
                    "optimizer_states": False}, f, indent=1)
+    write_manifest(path, describe(path, list_files(path)))  # last: the trainer verifies it on load
     with open(os.path.join(out_dir, "latest"), "w") as f:
         f.write(tag)
 

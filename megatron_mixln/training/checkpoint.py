@@ -7,8 +7,14 @@ Layout of --save DIR:
 
 Order of a save: every rank writes its shards (engine.save_checkpoint with save_latest=False, since
 DeepSpeed would rewrite `latest` in place, before the other ranks are known to be done) -> barrier ->
-rank 0 writes mixln_meta.json, then `latest` through a temp file + rename -> old tags pruned. A kill at
-any point leaves `latest` naming the previous complete checkpoint.
+rank 0 writes mixln_meta.json -> every rank hashes a share of the tag's files -> rank 0 writes
+manifest.json (each file's size and xxh3-128, megatron_mixln.data.file_manifest), then `latest`
+through a temp file + rename -> old tags pruned. A kill at any point leaves `latest` naming the
+previous complete checkpoint, and a tag without a manifest is never taken for complete.
+
+Loading verifies the manifest (sizes always, checksums unless --no-verify-checkpoint). Without
+--tag a checkpoint that fails falls back to the newest older one that passes (with a warning
+naming what failed); with --tag it is an error.
 
 Client state (in DeepSpeed's model-states file) holds the iteration, consumed samples, counters,
 both configs and the RNG states of python, numpy and torch of every rank.
@@ -27,9 +33,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_mixln.model import ModelConfig
+from megatron_mixln.data.file_manifest import (
+    MANIFEST, assign, check_files, describe, list_files, read_manifest, write_manifest,
+)
 from megatron_mixln.data.fileio import atomic_write_text
 from megatron_mixln.parallel.checkpoint_convert import (CONVERTED, PLAIN_WEIGHTS, is_converted_checkpoint,
                                                         is_plain_dir)
+from megatron_mixln.parallel.universal import UNIVERSAL, universal_checkpoint_info
 from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.distributed import barrier, is_rank0
 
@@ -87,9 +97,15 @@ def _gather_rng_states() -> list[dict]:
 
 def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config: ModelConfig,
                     cfg: TrainingConfig, keep_last: int, data_parallel_size: int | None = None,
-                    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> str:
+                    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                    data_fingerprint: dict | None = None) -> str:
+    """Save tag iter_NNNNNNN (collective): shards, mixln_meta.json, manifest.json, then `latest`."""
     tag = tag_for(train_state.iteration)
+    tag_dir = os.path.join(save_dir, tag)
+    if is_rank0() and os.path.exists(os.path.join(tag_dir, MANIFEST)):
+        os.remove(os.path.join(tag_dir, MANIFEST))  # re-saving a tag: it is incomplete until the new manifest
     client_state = {
+        "universal_checkpoint_info": universal_checkpoint_info(engine.module),  # for ds_to_universal
         "mixln": {
             "format": 1,
             "train_state": asdict(train_state),
@@ -105,12 +121,45 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
                 "world_size": dist.get_world_size(), "data_parallel_size": data_parallel_size,
                 "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
                 "tensor_model_parallel_size": tensor_model_parallel_size,
-                "pipeline_model_parallel_size": pipeline_model_parallel_size}
-        atomic_write_text(os.path.join(save_dir, tag, META), json.dumps(meta, indent=1, default=str))
+                "pipeline_model_parallel_size": pipeline_model_parallel_size,
+                "data_fingerprint": data_fingerprint}
+        atomic_write_text(os.path.join(tag_dir, META), json.dumps(meta, indent=1, default=str))
+    barrier()  # mixln_meta.json is on disk: the manifest covers it
+    write_manifest_shared(tag_dir)
+    if is_rank0():
         _write_latest(save_dir, tag)
         prune_checkpoints(save_dir, keep_last)
     barrier()
     return tag
+
+
+def _all_ranks(local: list) -> list:
+    """Concatenate a list over all ranks (just `local` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def write_manifest_shared(tag_dir: str) -> None:
+    """Every rank hashes its share of the files of tag_dir (collective); rank 0 writes manifest.json.
+    Rank 0's listing is the one used (another node's view of a shared filesystem may lag)."""
+    listing = [None]
+    if is_rank0():
+        files = list_files(tag_dir)
+        listing = [(files, [os.path.getsize(os.path.join(tag_dir, f)) for f in files])]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(listing, src=0)
+    files, sizes = listing[0]
+    mine = [files[i] for i in assign(files, sizes, *_rank_world())]
+    entries = dict(_all_ranks(list(describe(tag_dir, mine).items())))
+    if is_rank0():
+        write_manifest(tag_dir, entries)
 
 
 def _write_latest(save_dir: str, tag: str) -> None:
@@ -138,41 +187,98 @@ def read_latest(load_dir: str) -> str | None:
         return fh.read().strip() or None
 
 
-def inspect_checkpoint(load_dir: str, model_config: ModelConfig) -> dict:
-    """Check --load before anything is built: a complete checkpoint of a model of this shape.
+def _tag_iteration(tag: str | None) -> int | None:
+    m = TAG_RE.match(tag or "")
+    return int(m[1]) if m else None
 
-    Reads only the small JSON sidecar (no unpickling). Returns its contents.
+
+def candidate_tags(load_dir: str) -> list[str]:
+    """Tags to try, newest first: the one `latest` names, then older iter_* tags (a tag newer than
+    `latest` is a save that never finished). Without `latest`: every iter_* tag."""
+    latest = read_latest(load_dir)
+    tags = sorted((t for t in os.listdir(load_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(load_dir, t))),
+                  key=_tag_iteration, reverse=True)
+    if latest is None:
+        return tags
+    limit = _tag_iteration(latest)
+    return [latest] + [t for t in tags if t != latest and (limit is None or _tag_iteration(t) < limit)]
+
+
+def verify_checkpoint(load_dir: str, tag: str, checksums: bool = True) -> str | None:
+    """What is wrong with checkpoint `tag` (None: complete and intact). Collective when a process
+    group exists: each rank checks a share of the files, all ranks get the same answer."""
+    tag_dir = os.path.join(load_dir, tag)
+    if not os.path.isdir(tag_dir):
+        return f"{tag_dir}: no such checkpoint directory"
+    files = read_manifest(tag_dir)
+    if files is None:
+        if not checksums:
+            return None if os.path.isfile(os.path.join(tag_dir, META)) else f"{tag}/{META}: missing"
+        return (f"{tag}/{MANIFEST}: missing, so the save of {tag} did not finish (a checkpoint written before "
+                "manifests existed loads with --no-verify-checkpoint)")
+    names = sorted(files)
+    mine = [names[i] for i in assign(names, [files[n]["size"] for n in names], *_rank_world())]
+    problems = sorted(_all_ranks(check_files(tag_dir, files, mine, checksums)))
+    if not problems and META not in files and not os.path.isfile(os.path.join(tag_dir, META)):
+        problems = [f"{META}: missing"]
+    return None if not problems else f"{tag}/" + f"; {tag}/".join(problems)
+
+
+def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None = None,
+                       checksums: bool = True) -> dict:
+    """Check --load before anything is built: a complete, intact checkpoint of a model of this shape.
+
+    Verifies the manifest (sizes; checksums when `checksums`) and reads the small JSON sidecar (no
+    unpickling). Without `tag`, a checkpoint that fails falls back to the newest older one that
+    passes; meta["skipped"] lists [tag, what failed] for each one passed over. Returns the sidecar's
+    contents with meta["tag"] = the tag to load. Raises UsageError naming the directory, tag and file.
     """
     if not os.path.isdir(load_dir):
         raise UsageError(f"--load {load_dir}: no such directory")
-    tag = read_latest(load_dir)
-    if tag is None and is_plain_dir(load_dir):  # tools/convert_checkpoint.py --to plain output
+    tags = [tag] if tag else candidate_tags(load_dir)
+    if not tags and is_plain_dir(load_dir):  # tools/convert_checkpoint.py --to plain output
         raise UsageError(f"--load {load_dir} is a plain checkpoint ({PLAIN_WEIGHTS}); make it a DeepSpeed one "
                          "for this run's TP x PP layout first: " + convert_command(load_dir, "TP", "PP"))
-    if tag is None:
+    if not tags:
         raise UsageError(
             f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint (expected a directory written by --save)"
         )
-    meta_path = os.path.join(load_dir, tag, META)
-    if not os.path.isfile(meta_path):
-        raise UsageError(f"--load {load_dir}: '{LATEST}' names {tag!r} but {meta_path} is missing")
-    with open(meta_path) as fh:
+    skipped = []
+    for candidate in tags:
+        problem = verify_checkpoint(load_dir, candidate, checksums)
+        if problem is None:
+            break
+        if tag:
+            raise UsageError(f"--load {load_dir} --tag {tag}: {problem}")
+        skipped.append([candidate, problem])
+    else:
+        raise UsageError(f"--load {load_dir}: no usable checkpoint: " + " | ".join(p for _, p in skipped))
+    with open(os.path.join(load_dir, candidate, META)) as fh:
         meta = json.load(fh)
     # `latest` is authoritative: a converted checkpoint carries the source's mixln_meta.json, whose
     # "tag" names the source tag, while the converter may have written it under another one.
-    meta["tag"] = tag
+    meta["tag"], meta["skipped"] = candidate, skipped
     saved, current = meta["model_config"], model_config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")
     if diffs:
-        raise UsageError(f"--load {load_dir} ({tag}) holds a different model: " + "; ".join(diffs))
-    converted = os.path.join(load_dir, tag, CONVERTED)
-    if os.path.isfile(converted):  # written by tools/convert_checkpoint.py: its layout, no optimizer states
-        with open(converted) as fh:
-            meta["converted"] = json.load(fh)
+        raise UsageError(f"--load {load_dir} ({candidate}) holds a different model: " + "; ".join(diffs))
+    for marker, key in ((CONVERTED, "converted"), (UNIVERSAL, "universal")):
+        path = os.path.join(load_dir, candidate, marker)
+        if os.path.isfile(path):  # written by tools/convert_checkpoint.py: the layout it was converted to
+            with open(path) as fh:
+                meta[key] = json.load(fh)
     return meta
+
+
+def fallback_warning(load_dir: str, meta: dict) -> str | None:
+    """One line naming each checkpoint passed over and why, and the one used (None: none skipped)."""
+    if not meta.get("skipped"):
+        return None
+    what = "; ".join(f"{tag} is unusable ({problem})" for tag, problem in meta["skipped"])
+    return f"warning: --load {load_dir}: {what}; falling back to {meta['tag']}"
 
 
 def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero_stage: int,
@@ -182,7 +288,19 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
     ZeRO >= 1 shards optimizer (and for stage 3 model) states over data-parallel ranks: a
     checkpoint can only be resumed with the same stage and data-parallel size (a converted one,
     which has no optimizer states, with any). DeepSpeed's optimizer states (files and keys) also
-    differ between fp32 and bf16 runs: the same --bf16 setting too."""
+    differ between fp32 and bf16 runs: the same --bf16 setting too. A universal checkpoint
+    (tools/convert_checkpoint.py --to universal) resumes at any DP size and TP size, with ZeRO stage 1
+    or 2 (from a stage 1/2 checkpoint) or 3 (from a stage 3 one)."""
+    if meta.get("universal"):
+        source_stage = (meta["universal"].get("source_layout") or {}).get("zero_stage")
+        stages = (3,) if source_stage == 3 else (1, 2)
+        if pipeline_model_parallel_size != 1 or zero_stage not in stages:
+            raise UsageError(
+                f"--load {load_dir} ({meta['tag']}) is a DeepSpeed universal checkpoint made from ZeRO stage "
+                f"{source_stage}: it loads with --pipeline-model-parallel-size 1 and --zero-stage "
+                f"{' or '.join(map(str, stages))} (this run has {pipeline_model_parallel_size} and {zero_stage})"
+            )
+        return
     layout = meta.get("converted") or meta
     saved_tp = layout.get("tensor_model_parallel_size", 1)
     saved_pp = layout.get("pipeline_model_parallel_size", 1)
@@ -210,9 +328,12 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
             f"--load {load_dir} ({meta['tag']}) was written with ZeRO stage {saved_stage} on {saved_dp} "
             f"data-parallel ranks; this run has ZeRO stage {zero_stage} on {data_parallel_size}. Resume with the "
             "same layout, or " + (
-                "consolidate its partitioned weights with DeepSpeed's zero_to_fp32 first" if saved_stage == 3 else
-                "convert it (fresh optimizer moments; then any data-parallel size and ZeRO stage): "
-                + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size))
+                "consolidate its partitioned weights with DeepSpeed's zero_to_fp32 first"
+                if (saved_stage == 3) != (zero_stage == 3) else
+                f"convert it, optimizer states kept: python tools/convert_checkpoint.py --input {load_dir} "
+                f"--tag {meta['tag']} --output NEW_DIR --to universal, then --load NEW_DIR (or, with fresh "
+                "optimizer moments, any data-parallel size and ZeRO stage: "
+                + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size) + ")")
         )
 
 
@@ -227,7 +348,7 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
     """Restore model, optimizer, counters and this rank's RNG states. A checkpoint converted to
     another TP/PP layout has no optimizer states: the optimizer's moments then restart from zero
     (the LR is set from the schedule at every step, so it is right from the first resumed step)."""
-    converted = is_converted_checkpoint(load_dir, tag)
+    converted = is_converted_checkpoint(load_dir, tag)  # a universal one keeps its optimizer states
     path, client_state = engine.load_checkpoint(
         load_dir, tag=tag, load_optimizer_states=not converted, load_lr_scheduler_states=False
     )

@@ -77,6 +77,27 @@ class TrainingConfig:
     load: str | None = _help("checkpoint directory to resume from", default=None)
     save_interval: int | None = _help("save every N steps (default: only at the end and on preemption)", default=None)
     keep_last: int = _help("keep the newest K checkpoints (0 keeps all)", default=2)
+    tag: str | None = _help(
+        "checkpoint tag of --load to resume (default: the one 'latest' names, falling back to the newest older "
+        "one that verifies); a named tag that fails verification is an error", default=None
+    )
+    verify_checkpoint: bool = _help(
+        "check each file of the loaded checkpoint against its manifest checksum (sizes are always checked)",
+        default=True,
+    )
+    override_data_check: bool = _help(
+        "resume even though the data files differ from the checkpoint's fingerprint (size, mtime, .idx hash)",
+        default=False,
+    )
+    # --- failure handling ---
+    hang_timeout: float | None = _help(
+        "seconds without progress in a step, evaluation or save before every rank dumps its Python stacks and "
+        "exits 124 (default: 1800 on GPU, off on CPU; 0 disables)", default=None
+    )
+    exit_duration_in_mins: float | None = _help(
+        "save and exit cleanly after this many minutes of wall-clock time (all ranks stop at the same step)",
+        default=None,
+    )
     # --- logging ---
     run_dir: str | None = _help("metrics.jsonl and config.json go here (default: --save)", default=None)
     log_interval: int = _help("console/metrics line every N steps", default=10)
@@ -105,9 +126,10 @@ class TrainingConfig:
             positive(name)
         for name in ("eval_iters", "grad_norm_interval", "keep_last", "clip_grad", "spike_factor", "adam_eps"):
             positive(name, allow_zero=True)
-        for name in ("global_batch_size", "exit_interval", "save_interval", "lr_decay_iters", "peak_tflops"):
+        for name in ("global_batch_size", "exit_interval", "save_interval", "lr_decay_iters", "peak_tflops",
+                     "exit_duration_in_mins"):
             positive(name, allow_none=True)
-        for name in ("min_lr", "weight_decay", "lr_warmup_iters"):
+        for name in ("min_lr", "weight_decay", "lr_warmup_iters", "hang_timeout"):
             positive(name, allow_zero=True, allow_none=True)
         for name in ("data_path", "valid_data_path"):
             if isinstance(getattr(self, name), str):
@@ -149,6 +171,8 @@ class TrainingConfig:
             )
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"--zero-stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.tag is not None and not self.load:
+            raise UsageError(f"--tag {self.tag}: needs --load (the checkpoint directory the tag is in)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise UsageError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.pipeline_model_parallel_size > 1 and self.zero_stage is not None and self.zero_stage > 1:

@@ -6,6 +6,7 @@ with no launcher we create a 1-rank group through a file store, so no socket is 
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import tempfile
 
@@ -30,8 +31,9 @@ _CREATED_GROUP = False  # whether init_distributed made the process group (then 
 _SET_ENV: list[str] = []  # variables it set, removed again by shutdown
 
 
-def init_distributed() -> None:
-    """Initialise torch.distributed (if nobody did) and DeepSpeed's comm layer on top of it."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Initialise torch.distributed (if nobody did) and DeepSpeed's comm layer on top of it.
+    `timeout_s`: the collectives' timeout when this creates the group (None: torch's default)."""
     global _CREATED_GROUP
     import deepspeed
 
@@ -44,8 +46,9 @@ def init_distributed() -> None:
         backend = "nccl" if on_cuda else "gloo"
         if on_cuda:  # modulo: a scheduler may already have narrowed CUDA_VISIBLE_DEVICES per task
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)  # env:// from the launcher
+            dist.init_process_group(backend, **kwargs)  # env:// from the launcher
         else:
             # No launcher: a 1-rank group through a file store (no TCP store), gloo bound to loopback.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -55,7 +58,7 @@ def init_distributed() -> None:
             fd, path = tempfile.mkstemp(prefix="mixln_pg_")  # an empty file is a valid new store
             os.close(fd)
             atexit.register(lambda: os.path.exists(path) and os.unlink(path))
-            dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1, **kwargs)
         _CREATED_GROUP = True
         _forget_stale_deepspeed_groups()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)

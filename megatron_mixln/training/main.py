@@ -1,7 +1,9 @@
 """`python -m megatron_mixln.pretrain`: parse, train, exit with a status a scheduler understands.
 
-Exit codes: 0 finished, preempted (checkpoint saved) or stopped at --exit-interval;
-2 bad input (a one-line message naming the flag or file); 3 diverged (too many non-finite steps).
+Exit codes: 0 finished, preempted (checkpoint saved) or stopped at --exit-interval or
+--exit-duration-in-mins;
+2 bad input (a one-line message naming the flag or file); 3 diverged (too many non-finite steps);
+124 hung (no progress for --hang-timeout seconds: stacks dumped by megatron_mixln.training.watchdog).
 """
 from __future__ import annotations
 

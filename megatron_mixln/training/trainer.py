@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -19,10 +20,11 @@ import torch.distributed as dist
 from megatron_mixln.diagnostics import flatten_grad_norms, layer_grad_norms
 from megatron_mixln.model import ModelConfig
 from megatron_mixln.training.checkpoint import (
-    TrainState, check_resume_layout, inspect_checkpoint, load_checkpoint, save_checkpoint,
+    TrainState, check_resume_layout, fallback_warning, inspect_checkpoint, load_checkpoint, save_checkpoint,
 )
 from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
-from megatron_mixln.training.data import build_datasets, micro_batches, validation_batches
+from megatron_mixln.training.data import build_datasets, check_data_path, micro_batches, validation_batches
+from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
 from megatron_mixln.training.distributed import (
     data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
 )
@@ -35,6 +37,7 @@ from megatron_mixln.training.model_setup import build_model_and_optimizer
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
+from megatron_mixln.training.watchdog import STARTUP_MIN_S, HangWatchdog, grace_seconds, resolve_hang_timeout
 
 
 @dataclass
@@ -44,6 +47,7 @@ class StepResult:
     applied: bool  # False: non-finite gradients, update skipped
     stop_requested: bool  # some rank got a preemption signal
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
+    time_up: bool = False  # some rank is past --exit-duration-in-mins
 
 
 def _grad_getter(engine, state=None):
@@ -87,9 +91,11 @@ def _before_model_step(engine, fn):
 
 
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
-               want_layer_norms: bool, state=None) -> StepResult:
+               want_layer_norms: bool, state=None, time_up=lambda: False) -> StepResult:
     """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
-    that arrives during the step stops the run after this step, not after the next one."""
+    that arrives during the step stops the run after this step, not after the next one. `time_up()`
+    (past --exit-duration-in-mins on this rank's clock) rides on the same all_reduce, so every rank
+    stops after the same step."""
     device = torch.device(engine.device)
     ga = engine.gradient_accumulation_steps()
     layer_norms, grad_norm = None, None
@@ -132,12 +138,14 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     if grad_norm is None:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
-    # One all_reduce for the loss and the preemption flag. TP ranks hold replicas of their DP
+    # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
-    stats = torch.stack([local_loss, torch.tensor(float(stop_requested()), device=device)])
+    flags = torch.tensor([float(stop_requested()), float(time_up())], device=device)
+    stats = torch.cat([local_loss.reshape(1), flags])
     dist.all_reduce(stats)
     world = dist.get_world_size()
-    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms)
+    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
+                      stats[2].item() > 0)
 
 
 def _num_params(model, state=None) -> int:
@@ -153,12 +161,49 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _minutes_since(start: float) -> float:
+    """Wall-clock minutes since `start` (time.monotonic()); --exit-duration-in-mins compares it."""
+    return (time.monotonic() - start) / 60.0
+
+
+def _warn(line: str | None) -> None:
+    """A warning line on rank 0's stderr (the log a scheduler keeps)."""
+    if line and is_rank0():
+        print(line, file=sys.stderr, flush=True)
+
+
+def _data_fingerprint(cfg: TrainingConfig) -> dict | None:
+    """Rank 0 hashes the data files' .idx; the others get its result (one read, not one per rank)."""
+    if not cfg.data_path:
+        return None
+    check_data_path(cfg.data_path)  # on every rank: a missing file fails everywhere, not only on rank 0
+    if cfg.valid_data_path:
+        check_data_path(cfg.valid_data_path, "--valid-data-path")
+    result = [data_fingerprint(cfg) if is_rank0() else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
 def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> dict:
     """Train (or resume) to --train-iters. `datasets` = (train, valid) skips --data-path (tests).
 
-    Returns a summary: per-step history, evaluations, the final TrainState and why it stopped.
+    Returns a summary: per-step history, evaluations, the final TrainState and why it stopped
+    ("done", "preempted", "exit_interval", "exit_duration", "diverged"). A hang (see
+    megatron_mixln.training.watchdog) ends the process with exit code 124 instead.
     """
-    init_distributed()
+    start = time.monotonic()
+    hang_timeout = resolve_hang_timeout(cfg.hang_timeout, torch.cuda.is_available())
+    # NCCL's own timeout (10 min by default) would abort a stuck collective before the watchdog dumps stacks.
+    init_distributed(timeout_s=hang_timeout + grace_seconds(hang_timeout) + 300 if hang_timeout else None)
+    watchdog = HangWatchdog(hang_timeout, dist.get_rank()).start()
+    try:
+        return _pretrain(model_config, cfg, datasets, watchdog, start)
+    finally:
+        watchdog.stop()
+
+
+def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog: HangWatchdog, start: float) -> dict:
     state = setup_model_parallel(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size(state)
     dp_group = data_parallel_group(state)
@@ -166,12 +211,18 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
     ga = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
     ds_config = build_ds_config(cfg, global_batch, ga)
     # Bad inputs fail here, before the model is built.
-    meta = inspect_checkpoint(cfg.load, model_config) if cfg.load else None
+    meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint) if cfg.load else None
     if meta:
+        _warn(fallback_warning(cfg.load, meta))
         check_resume_layout(meta, cfg.load, dp_size, zero_stage_of(ds_config),
                             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)
+        if meta.get("universal"):  # DeepSpeed cuts this run's TP slices and ZeRO partitions out of it
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if cfg.save:
         _check_writable(cfg.save, "--save")
+    fingerprint = _data_fingerprint(cfg) if datasets is None else None
+    if meta:
+        _warn(check_data_fingerprint(meta, fingerprint, cfg.load, cfg.override_data_check))
     if datasets is None:
         datasets = build_datasets(cfg, model_config.seq_length, global_batch, model_config.vocab_size)
     train_ds, valid_ds = datasets
@@ -179,6 +230,7 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
     _seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
     ts = load_checkpoint(engine, cfg.load, meta["tag"]) if meta else TrainState()
+    watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
 
     n_params = _num_params(engine.module, state)
     run_config = {
@@ -189,6 +241,8 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
     logger = MetricsLogger(cfg.run_directory, is_rank0(), run_config, cfg.wandb_project,
                            cfg.wandb_name or model_config.norm_position, cfg.wandb_mode)
     if meta:
+        for tag, problem in meta["skipped"]:
+            logger.log("event", ts.iteration, {"event": "checkpoint_skipped", "tag": tag, "problem": problem})
         logger.log("event", ts.iteration, {"event": "resumed", "from": cfg.load, "tag": meta["tag"]})
         logger.print(f"resumed from {cfg.load} ({meta['tag']}): iteration {ts.iteration}, "
                      f"{ts.consumed_samples} samples consumed")
@@ -206,6 +260,9 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
     preempt = PreemptionFlag()
+    ts_start = ts.iteration
+    limit = cfg.exit_duration_in_mins
+    time_up = (lambda: _minutes_since(start) > limit) if limit else (lambda: False)
     batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
     history, evals = [], []
     stop_reason = None
@@ -216,7 +273,10 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
             lr = lr_at(step, cfg)
             want_layers = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
             t0 = time.perf_counter()
-            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state)
+            if step > ts_start + 1:  # the first step keeps the start-up allowance
+                watchdog.progress(f"step {step}")
+            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
+                             time_up)
             window_time += time.perf_counter() - t0
             window_steps += 1
             if math.isfinite(res.loss):
@@ -253,6 +313,7 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
 
             if cfg.eval_iters > 0 and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
                 n_valid = cfg.eval_iters * global_batch
+                watchdog.progress(f"evaluation at step {step}")
                 result = evaluate(engine, validation_batches(valid_ds, n_valid, cfg.micro_batch_size, dp_rank, dp_size),
                                   token_loss_fn, dp_group)
                 evals.append({"step": step, **result})
@@ -266,10 +327,15 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
                 stop_reason = "preempted"
             elif cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
                 stop_reason = "exit_interval"
+            elif res.time_up and step < cfg.train_iters:
+                stop_reason = "exit_duration"
+                logger.print(f"step {step}: --exit-duration-in-mins {limit:g} reached "
+                             f"({_minutes_since(start):.2f} min on rank 0's clock); saving and exiting")
             periodic = cfg.save_interval and step % cfg.save_interval == 0
             if cfg.save and (stop_reason or periodic or step == cfg.train_iters):
+                watchdog.progress(f"checkpoint save at step {step}")
                 tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, cfg.keep_last, dp_size,
-                                      cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+                                      cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, fingerprint)
                 logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
             if stop_reason:
                 break

@@ -53,7 +53,7 @@ def test_pipeline_layout_files_and_round_trip(tmp_path):
     write_deepspeed_checkpoint(sd, str(tmp_path), "step7", tp=2, pp=2, engine="pipeline", config=cfg,
                                metadata={"global_steps": 7, "iteration": 7})
     names = sorted(os.listdir(tmp_path / "step7"))
-    assert names == sorted(["converted.json"] + [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(6) for r in range(2)]
+    assert names == sorted(["converted.json", "manifest.json"] + [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(6) for r in range(2)]
                            + [f"mp_rank_{r:02d}_model_states.pt" for r in range(4)])
     assert (tmp_path / "latest").read_text() == "step7"
     head = torch.load(tmp_path / "step7" / "layer_05-model_01-model_states.pt", weights_only=True)
