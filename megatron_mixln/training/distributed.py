@@ -6,6 +6,7 @@ with no launcher we create a 1-rank group through a file store, so no socket is 
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import tempfile
 
@@ -26,12 +27,20 @@ def _slurm_env_to_torch():
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+class RendezvousError(RuntimeError):
+    """The process group could not be formed (MASTER_ADDR:MASTER_PORT unreachable, a rank missing)."""
+
+
 _CREATED_GROUP = False  # whether init_distributed made the process group (then shutdown ends it)
 _SET_ENV: list[str] = []  # variables it set, removed again by shutdown
 
 
-def init_distributed() -> None:
-    """Initialise torch.distributed (if nobody did) and DeepSpeed's comm layer on top of it."""
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """Initialise torch.distributed (if nobody did) and DeepSpeed's comm layer on top of it.
+
+    `timeout_minutes` (torch's default, 10 min, when None) bounds the rendezvous and every collective.
+    Raises RendezvousError, naming MASTER_ADDR:MASTER_PORT, when the launcher's rendezvous fails.
+    """
     global _CREATED_GROUP
     import deepspeed
 
@@ -45,7 +54,7 @@ def init_distributed() -> None:
         if on_cuda:  # modulo: a scheduler may already have narrowed CUDA_VISIBLE_DEVICES per task
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)  # env:// from the launcher
+            _rendezvous(backend, timeout_minutes)  # env:// from the launcher
         else:
             # No launcher: a 1-rank group through a file store (no TCP store), gloo bound to loopback.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -59,6 +68,22 @@ def init_distributed() -> None:
         _CREATED_GROUP = True
         _forget_stale_deepspeed_groups()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+def _rendezvous(backend: str, timeout_minutes: float | None) -> None:
+    """env:// init; a failure (unreachable or unresolvable address, a rank that never came) becomes one line."""
+    kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    try:
+        dist.init_process_group(backend, **kwargs)
+    except (dist.DistError, TimeoutError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        limit = f"{timeout_minutes:g} min" if timeout_minutes is not None else "the default timeout"
+        raise RendezvousError(
+            f"rendezvous with MASTER_ADDR={addr} MASTER_PORT={port} failed within {limit} (rank "
+            f"{os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}): {reason} -- MASTER_ADDR must "
+            "be an address every node reaches (under Slurm: the first node's NodeAddr) and the port free there"
+        ) from None
 
 
 def _forget_stale_deepspeed_groups() -> None:

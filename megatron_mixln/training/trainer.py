@@ -22,7 +22,7 @@ from megatron_mixln.training.checkpoint import (
     TrainState, check_resume_layout, inspect_checkpoint, load_checkpoint, save_checkpoint,
 )
 from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
-from megatron_mixln.training.data import build_datasets, micro_batches, validation_batches
+from megatron_mixln.training.data import build_datasets, check_data_path, micro_batches, validation_batches
 from megatron_mixln.training.distributed import (
     data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
 )
@@ -158,7 +158,11 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
 
     Returns a summary: per-step history, evaluations, the final TrainState and why it stopped.
     """
-    init_distributed()
+    if datasets is None:  # a missing data path fails here, before the rendezvous
+        check_data_path(cfg.data_path)
+        if cfg.valid_data_path:
+            check_data_path(cfg.valid_data_path, "--valid-data-path")
+    init_distributed(cfg.distributed_timeout_minutes)
     state = setup_model_parallel(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size(state)
     dp_group = data_parallel_group(state)
