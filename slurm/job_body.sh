@@ -145,7 +145,7 @@ forward_usr1() {
                          tr "\0" "\n" < /proc/$p/environ 2>/dev/null | grep -qx "SLURM_JOB_ID=$SLURM_JOB_ID" || continue
                          caught="$(sed -n "s/^SigCgt:[[:space:]]*//p" /proc/$p/status 2>/dev/null)"
                          (( (0x${caught:-0} >> 9) & 1 )) && kill -USR1 "$p" 2>/dev/null && echo "$p"
-                     done; true' 2>/dev/null | wc -l)" || n=0
+                     done; true' 2>/dev/null | sort -u | wc -l)" || n=0
         if [ "$n" -gt 0 ]; then echo "[$(ts)] SIGUSR1 forwarded to $n trainer(s)"; return 0; fi
         sleep 2
     done
