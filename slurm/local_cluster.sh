@@ -16,9 +16,10 @@
 #   127.0.0.1 as a configured IPv4 address: lo also gets 127.0.0.2/8, and the nodes' NodeAddr are
 #   127.0.0.2 and 127.0.0.3 (on lo through the /8). Node *names* resolve nowhere, as on many clusters.
 # - Debian builds slurmd without --enable-multiple-slurmd; two slurmd on one host need their own
-#   NodeHostname and Port, and their own munged (one shared munged rejects the second node's job
-#   credential as replayed). Each slurmd's config differs only in the AuthInfo socket, so
-#   DebugFlags=NO_CONF_HASH stops the controller complaining about the differing file hashes.
+#   NodeHostname and Port. Each also gets its own munged (same key), as on a real cluster: with one
+#   shared munged the second node's decode of a job credential is a "Replayed credential" to munged
+#   (22.05.8 tolerated it here, an earlier report saw jobs rejected). Each slurmd's config differs only
+#   in its munged socket, so DebugFlags=NO_CONF_HASH keeps the controller from flagging the hashes.
 # - AuthInfo=...,cred_expire=5 lets a requeued job start again after seconds (default 120 s);
 #   SchedulerParameters=sched_interval=2 starts submitted jobs within a second or two;
 #   SlurmdParameters=config_overrides lets each node claim CPUS (default 4) CPUs, more than a laptop has.
