@@ -4,13 +4,16 @@
 # Slurm section has the table.
 #
 #   model      PRESET NORM_POSITION (mix) POST_LN_LAYERS (mix only) SEQ_LENGTH (256)
-#   schedule   TRAIN_ITERS LR WARMUP_ITERS (linear warm-up, then cosine to 0.1 x LR) CLIP_GRAD (1.0)
-#   batch      MICRO_BATCH GLOBAL_BATCH (512)
-#   engine     DS_CONFIG BF16 (1) RECOMPUTE (0) DIST_TIMEOUT_MINUTES (10: rendezvous/collective timeout)
-#   data       DATA (prefix: ${DATA}_train_text_document / ${DATA}_valid_text_document of preprocess_c4.py),
-#              TRAIN_DATA VALID_DATA (full prefixes, override DATA), TOKENIZER (file, directory or null:N)
-#   output     CKPT (checkpoint + metrics directory) SAVE_INTERVAL EVAL_INTERVAL EVAL_ITERS LOG_INTERVAL
-#              KEEP_LAST WANDB_PROJECT WANDB_NAME
+#   schedule   TRAIN_ITERS LR WARMUP_ITERS (TRAIN_ITERS/10; linear, then cosine to 0.1 x LR) CLIP_GRAD (1.0)
+#   batch      MICRO_BATCH (8) GLOBAL_BATCH (512)
+#   engine     DS_CONFIG (ds_configs/zero1.json) BF16 (1) RECOMPUTE (0)
+#              DIST_TIMEOUT_MINUTES (10: rendezvous/collective timeout)
+#   data       DATA ($ROOT/data/c4_t5: ${DATA}_train_text_document / ${DATA}_valid_text_document of
+#              preprocess_c4.py), TRAIN_DATA VALID_DATA (full prefixes, override DATA),
+#              TOKENIZER ($ROOT/data/t5/spiece.model; a .model, tokenizer.json, its directory or null:N)
+#   output     CKPT ($ROOT/checkpoints/<preset>-<position>: checkpoints, metrics.jsonl, config.json)
+#              SAVE_INTERVAL (1000) EVAL_INTERVAL (1000) EVAL_ITERS (40) LOG_INTERVAL (10)
+#              GRAD_NORM_INTERVAL (100) KEEP_LAST (3) WANDB_PROJECT (mixln) WANDB_NAME WANDB_MODE (offline)
 #   placement  LAUNCHER (srun | deepspeed) GPUS_PER_NODE (processes per node; default the job's
 #              --ntasks-per-node) MASTER_ADDR (default: the first node's Slurm NodeAddr) MASTER_PORT
 #   paths      ROOT (the repository; default the submit directory) VENV (default $ROOT/.venv)
