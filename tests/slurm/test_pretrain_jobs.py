@@ -128,7 +128,10 @@ def test_deepspeed_launcher_preempted_while_starting(runs):
     out = runs.output("deepspeed")
     assert "SIGUSR1 forwarded to" in out and "preemption signal (SIGUSR1)" in out, out
     assert "requeueing job" in out and info["Restarts"] == "1", out
-    assert "resumed from" in out, out
+    assert f"resumed from {runs.ckpt('deepspeed')} (iter_0000001)" in out, out  # stopped after its first step
+    ckpt = runs.ckpt("deepspeed")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == f"iter_{ITERS:07d}"
+    assert json.load(open(os.path.join(ckpt, "config.json")))["world_size"] == 2
     runs.wait_done("reference")
     reference = train_losses(runs.ckpt("reference"))
     assert train_losses(runs.ckpt("deepspeed")) == pytest.approx(reference, rel=1e-6, abs=0)
