@@ -27,7 +27,7 @@
 #   delivers at once (the tests use it to preempt).
 # Environment: NODES (default 2), CPUS (per node, default 4), GPUS (GRES gpu count per node, default 0; needs GPUs and
 # a gres.conf you adapt), SLURM_PORT_BASE (default 6817).
-set -euo pipefail
+set -eEuo pipefail
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 usage() { sed -n '2,8p' "$0" >&2; exit 2; }
@@ -59,7 +59,9 @@ start() {
     # The namespace: a sleeping process holds it; everything else joins it with nsenter.
     setsid unshare -n sleep infinity < /dev/null > /dev/null 2>&1 &
     echo $! > "$dir/netns.pid"
+    trap 'echo "local_cluster.sh: start failed (logs in $dir/log); stopping what was started" >&2; stop_cluster' ERR
     for _ in $(seq 50); do [ "$(readlink /proc/$!/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break; sleep 0.1; done
+    readlink "/proc/$!/ns/net" > "$dir/netns.id"  # stop finds the cluster's processes by it
     in_ns ip link set lo up
     in_ns ip addr add 127.0.0.2/8 dev lo
 
@@ -138,6 +140,7 @@ EOF
         fi
         sleep 0.3
     done
+    trap - ERR
     echo "export SLURM_CONF=$dir/slurm.conf  # cluster up: nodes n[1-$nodes] at 127.0.0.[2-$((nodes + 1))]; run commands with: $0 run $dir CMD"
 }
 
@@ -145,21 +148,21 @@ stop_cluster() {
     [ -f "$dir/netns.pid" ] || return 0
     local ns pid p
     pid="$(cat "$dir/netns.pid")"
-    ns="$(readlink "/proc/$pid/ns/net" 2>/dev/null || true)"
+    ns="$(cat "$dir/netns.id" 2>/dev/null || readlink "/proc/$pid/ns/net" 2>/dev/null || true)"
     if [ -n "$ns" ] && [ "$ns" != "$(readlink /proc/self/ns/net)" ]; then
-        # Jobs first (their steps outlive slurmd), then the daemons: every process in our namespace.
-        SLURM_CONF="$dir/slurm.conf" timeout 5 nsenter --net="/proc/$pid/ns/net" scancel --full -u root >/dev/null 2>&1 || true
+        # Jobs first (their steps outlive slurmd), then every process in the cluster's namespace: the
+        # daemons, job steps, the namespace's holder. A PID is only signalled while it is in there.
+        SLURM_CONF="$dir/slurm.conf" timeout 5 nsenter --net="/proc/$pid/ns/net" scancel -u "$(id -un)" >/dev/null 2>&1 || true
         for sig in TERM KILL; do
             for p in /proc/[0-9]*; do
-                if [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$ns" ] && [ "${p#/proc/}" != "$pid" ]; then
+                if [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$ns" ]; then  # the holder included
                     kill -s $sig "${p#/proc/}" 2>/dev/null || true
                 fi
             done
             if [ $sig = TERM ]; then sleep 1; fi
         done
-        kill -s KILL "$pid" 2>/dev/null || true
     fi
-    rm -f "$dir/netns.pid"
+    rm -f "$dir/netns.pid" "$dir/netns.id"
 }
 
 case "$cmd" in
