@@ -1,7 +1,12 @@
 """Pretraining entry point: `python -m megatron_mixln.pretrain --help` (also under deepspeed/torchrun)."""
 import sys
 
-from megatron_mixln.training.main import main
+if __name__ == "__main__":  # first thing: a preemption signal during start-up must not kill the process
+    from megatron_mixln.training.signals import install_early_handlers
+
+    install_early_handlers()
+
+from megatron_mixln.training.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

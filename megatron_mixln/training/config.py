@@ -70,6 +70,10 @@ class TrainingConfig:
     tensor_model_parallel_size: int = _help("tensor-parallel ranks", default=1)
     pipeline_model_parallel_size: int = _help("pipeline stages", default=1)
     sequence_parallel: bool = _help("Megatron sequence parallelism (needs tensor parallelism)", default=False)
+    distributed_timeout_minutes: float = _help(
+        "rendezvous and collective timeout; a rank that cannot reach MASTER_ADDR:MASTER_PORT exits after it",
+        default=10.0,
+    )
     # --- evaluation, checkpoints ---
     eval_interval: int = _help("validate every N steps (and at the end)", default=1000)
     eval_iters: int = _help("validation set = eval_iters x global batch sequences (0 disables)", default=100)
@@ -121,8 +125,8 @@ class TrainingConfig:
                 raise UsageError(f"--{name.replace('_', '-')}: must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
         for name in ("micro_batch_size", "train_iters", "lr", "eval_interval", "log_interval",
-                     "make_vocab_size_divisible_by", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "max_bad_steps"):
+                     "distributed_timeout_minutes", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+                     "pipeline_model_parallel_size", "max_bad_steps"):
             positive(name)
         for name in ("eval_iters", "grad_norm_interval", "keep_last", "clip_grad", "spike_factor", "adam_eps"):
             positive(name, allow_zero=True)

@@ -27,13 +27,22 @@ def _slurm_env_to_torch():
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+class RendezvousError(RuntimeError):
+    """The process group could not be formed (MASTER_ADDR:MASTER_PORT unreachable, a rank missing)."""
+
+
 _CREATED_GROUP = False  # whether init_distributed made the process group (then shutdown ends it)
 _SET_ENV: list[str] = []  # variables it set, removed again by shutdown
 
 
-def init_distributed(timeout_s: float | None = None) -> None:
+def init_distributed(timeout_minutes: float | None = None, collective_timeout_s: float | None = None) -> None:
     """Initialise torch.distributed (if nobody did) and DeepSpeed's comm layer on top of it.
-    `timeout_s`: the collectives' timeout when this creates the group (None: torch's default)."""
+
+    `timeout_minutes` (torch's default, 10 min, when None) bounds the rendezvous and every collective;
+    `collective_timeout_s`, when larger, then raises the collectives' bound alone (the hang watchdog
+    must fire before NCCL aborts a stuck collective, without making a failed rendezvous wait as long).
+    Raises RendezvousError, naming MASTER_ADDR:MASTER_PORT, when the launcher's rendezvous fails.
+    """
     global _CREATED_GROUP
     import deepspeed
 
@@ -48,7 +57,11 @@ def init_distributed(timeout_s: float | None = None) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, **kwargs)  # env:// from the launcher
+            _rendezvous(backend, timeout_minutes)  # env:// from the launcher
+            if collective_timeout_s and collective_timeout_s > 60 * (timeout_minutes or 10):
+                from torch.distributed.distributed_c10d import _set_pg_timeout
+
+                _set_pg_timeout(datetime.timedelta(seconds=collective_timeout_s))
         else:
             # No launcher: a 1-rank group through a file store (no TCP store), gloo bound to loopback.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -62,6 +75,22 @@ def init_distributed(timeout_s: float | None = None) -> None:
         _CREATED_GROUP = True
         _forget_stale_deepspeed_groups()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+def _rendezvous(backend: str, timeout_minutes: float | None) -> None:
+    """env:// init; a failure (unreachable or unresolvable address, a rank that never came) becomes one line."""
+    kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    try:
+        dist.init_process_group(backend, **kwargs)
+    except (dist.DistError, TimeoutError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        limit = f"{timeout_minutes:g} min" if timeout_minutes is not None else "the default timeout"
+        raise RendezvousError(
+            f"rendezvous with MASTER_ADDR={addr} MASTER_PORT={port} failed within {limit} (rank "
+            f"{os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}): {reason} -- MASTER_ADDR must "
+            "be an address every node reaches (under Slurm: the first node's NodeAddr) and the port free there"
+        ) from None
 
 
 def _forget_stale_deepspeed_groups() -> None:

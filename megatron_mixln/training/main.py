@@ -3,6 +3,7 @@
 Exit codes: 0 finished, preempted (checkpoint saved) or stopped at --exit-interval or
 --exit-duration-in-mins;
 2 bad input (a one-line message naming the flag or file); 3 diverged (too many non-finite steps);
+4 the rendezvous failed (a one-line message naming MASTER_ADDR and MASTER_PORT);
 124 hung (no progress for --hang-timeout seconds: stacks dumped by megatron_mixln.training.watchdog).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_RENDEZVOUS = 0, 2, 3, 4
 
 
 def _error(message: str) -> None:
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_mixln.data.errors import DataError
     from megatron_mixln.training.arguments import parse_configs
     from megatron_mixln.training.config import UsageError
+    from megatron_mixln.training.distributed import RendezvousError
 
     caller_owns_group = dist.is_initialized()  # e.g. a test harness: leave its group alone
     try:
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, NotImplementedError) as exc:
         _error(str(exc))
         return EXIT_USAGE
+    except RendezvousError as exc:
+        _error(str(exc))
+        return EXIT_RENDEZVOUS
     finally:
         if not caller_owns_group:
             _shutdown()

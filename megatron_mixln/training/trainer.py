@@ -193,9 +193,14 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
     megatron_mixln.training.watchdog) ends the process with exit code 124 instead.
     """
     start = time.monotonic()
+    if datasets is None:  # a missing data path fails here, before the rendezvous
+        check_data_path(cfg.data_path)
+        if cfg.valid_data_path:
+            check_data_path(cfg.valid_data_path, "--valid-data-path")
     hang_timeout = resolve_hang_timeout(cfg.hang_timeout, torch.cuda.is_available())
     # NCCL's own timeout (10 min by default) would abort a stuck collective before the watchdog dumps stacks.
-    init_distributed(timeout_s=hang_timeout + grace_seconds(hang_timeout) + 300 if hang_timeout else None)
+    init_distributed(cfg.distributed_timeout_minutes,
+                     collective_timeout_s=hang_timeout + grace_seconds(hang_timeout) + 300 if hang_timeout else None)
     watchdog = HangWatchdog(hang_timeout, dist.get_rank()).start()
     try:
         return _pretrain(model_config, cfg, datasets, watchdog, start)

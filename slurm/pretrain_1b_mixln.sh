@@ -1,0 +1,31 @@
+#!/bin/bash
+# LLaMA-1B with Mix-LN, the paper's recipe (shared/reference MIXLN.md section 4): lr 5e-4, 100K steps, 1K warm-up, k = 6 of 24 layers Post-LN.
+# Adam without weight decay, batch 512 x 256 tokens, cosine to 0.1 x lr, bf16, C4 + T5 tokenizer.
+# 2 nodes x 8 GPUs: micro-batch 16 x 16 GPUs x 2 accumulation = 512; DeepSpeed ZeRO-2.
+#
+#   mkdir -p logs                                      # Slurm opens --output before the script runs
+#   sbatch slurm/pretrain_1b_mixln.sh
+#   NORM_POSITION=pre sbatch slurm/pretrain_1b_mixln.sh       # the Pre-LN baseline
+#   NORM_POSITIONS=pre,post,mix sbatch --array=0-2 slurm/pretrain_1b_mixln.sh
+#
+# Every value is an environment variable (the defaults below, then slurm/job_body.sh's): see its
+# header or the README's Slurm section. Submit from the repository root (or set ROOT).
+#
+#SBATCH --job-name=mixln-1b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+
+: "${PRESET:=1b}" "${POST_LN_LAYERS:=6}" "${LR:=5e-4}" "${TRAIN_ITERS:=100000}" "${WARMUP_ITERS:=1000}"
+: "${MICRO_BATCH:=16}" "${DS_CONFIG:=ds_configs/zero2.json}"
+body="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/job_body.sh"
+[ -f "$body" ] || { echo "error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
+source "$body"
