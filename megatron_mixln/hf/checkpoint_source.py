@@ -63,7 +63,10 @@ def read_training_checkpoint(path: str, tag: str | None = None) -> tuple[dict, o
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
     if is_plain_dir(path):
-        plain, config, meta = load_plain(path)
+        try:
+            plain, config, meta = load_plain(path)
+        except (TypeError, ValueError) as e:  # ModelConfig(**config.json): an unknown field or value
+            raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
         return plain, config, meta, {"format": "plain"}
     tag = resolve_tag(path, tag)
     tag_dir = os.path.join(path, tag)
@@ -75,4 +78,8 @@ def read_training_checkpoint(path: str, tag: str | None = None) -> tuple[dict, o
     else:
         plain, meta, layout = read_deepspeed_checkpoint(path, tag)
         source = {"format": "deepspeed", "tag": tag, **layout}
-    return plain, config_from_metadata(meta), meta, source
+    try:
+        config = config_from_metadata(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{tag_dir}: the recorded model_config: {e}") from None
+    return plain, config, meta, source

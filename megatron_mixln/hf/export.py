@@ -35,7 +35,7 @@ def _config_from_file(path: str):
             return ModelConfig(**json.load(f))
     except OSError as e:
         raise ValueError(f"--config {path}: {e.strerror}") from None
-    except TypeError as e:  # an unknown field
+    except (TypeError, ValueError) as e:  # an unknown field or value
         raise ValueError(f"--config {path}: {e}") from None
 
 
@@ -67,10 +67,7 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
     check_output(output, overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    try:
-        plain, config, meta, source = read_training_checkpoint(checkpoint, tag)
-    except TypeError as e:  # ModelConfig(**recorded) with an unknown field
-        raise ValueError(f"{checkpoint}: the recorded model config has an unknown field ({e})") from None
+    plain, config, meta, source = read_training_checkpoint(checkpoint, tag)
     if config_path:
         config = _config_from_file(config_path)
     if config is None:
