@@ -79,3 +79,58 @@ def run_tool(name: str, *args: str) -> tuple[int, str, str]:
 
 def hf_env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+QUESTIONS = [
+    ("The norm of every layer sits", ["before the attention", "after the residual add", "nowhere"]),
+    ("Mix-LN puts Post-LN in", ["the first layers", "the last layers"]),
+    ("The tokenizer is trained on", ["the corpus", "nothing at all", "a model", "the tests"]),
+    ("Checkpoints are written to", ["a temporary name", "the console"]),
+    ("Pretraining runs on", ["many processes", "one core", "no data"]),
+]
+
+
+def write_mc_task(task_dir, answers: list[int], name: str = "tiny_mc") -> str:
+    """A multiple-choice lm-eval task: <name>.yaml + <name>.jsonl (question, choices, answer index)."""
+    import json
+
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    with open(task_dir / f"{name}.jsonl", "w") as f:
+        for (q, choices), a in zip(QUESTIONS, answers):
+            f.write(json.dumps({"question": q, "choices": choices, "answer": a}) + "\n")
+    (task_dir / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task_dir / (name + '.jsonl')}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    return str(task_dir)
+
+
+@torch.no_grad()
+def hand_logliks(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """sum log p(continuation | context) per choice with this stack's model; the continuation is " " + choice,
+    split off the whole string's tokens after the context's tokens (as lm-eval does), no BOS."""
+    out = []
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    for choice in choices:
+        whole = tokenizer(context + " " + choice, add_special_tokens=False).input_ids
+        cont = whole[len(ctx):]
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).double()[0], -1)
+        out.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+    return out
+
+
+def hand_accuracy(model, tokenizer, answers: list[int]) -> tuple[float, float, list[list[float]]]:
+    """(acc, acc_norm, log-likelihoods); acc_norm divides by the continuation's length in bytes."""
+    import numpy as np
+
+    acc = norm = 0
+    lls = []
+    for (q, choices), a in zip(QUESTIONS, answers):
+        ll = hand_logliks(model, tokenizer, q, choices)
+        lls.append(ll)
+        acc += int(np.argmax(ll) == a)
+        norm += int(np.argmax([x / len((" " + c).encode()) for x, c in zip(ll, choices)]) == a)
+    return acc / len(QUESTIONS), norm / len(QUESTIONS), lls
