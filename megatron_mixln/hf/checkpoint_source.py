@@ -7,9 +7,11 @@ rank (it knows nothing of TP, so each TP rank's files are shown to it alone), th
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
+import sys
 import tempfile
 
 from megatron_mixln.parallel.checkpoint_convert import (
@@ -48,7 +50,8 @@ def read_zero3_checkpoint(ckpt_dir: str, tag: str) -> tuple[dict, dict]:
             os.makedirs(os.path.join(view, tag))
             for name in by_tp[tp]:
                 os.symlink(os.path.join(os.path.abspath(tag_dir), name), os.path.join(view, tag, name))
-            shards.append(dict(get_fp32_state_dict_from_zero_checkpoint(view, tag)))
+            with contextlib.redirect_stdout(sys.stderr):  # its progress prints; stdout stays the tool's
+                shards.append(dict(get_fp32_state_dict_from_zero_checkpoint(view, tag)))
     first = sorted(glob.glob(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt")))
     meta = safe_load(first[0], map_location="cpu") if first else {}
     meta = {k: v for k, v in meta.items() if k not in ("module", "optimizer", "param_shapes", "shared_params",
