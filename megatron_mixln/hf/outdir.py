@@ -12,9 +12,6 @@ def check_output(path: str, overwrite: bool, flag: str = "--output") -> None:
         raise ValueError(f"{flag} {path}: is a file, expected a directory")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise ValueError(f"{flag} {path}: exists and is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{flag} {path}: parent directory {parent} does not exist")
 
 
 @contextlib.contextmanager
@@ -22,6 +19,7 @@ def staged_directory(path: str):
     """Yield a temporary sibling of `path` to write into; on success it replaces `path`, on error it is removed."""
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
