@@ -67,6 +67,13 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
     check_output(output, overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if isinstance(max_shard_size, str):
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            max_shard_size = parse_size_to_int(max_shard_size)
+        except ValueError as e:
+            raise ValueError(f"--max-shard-size {max_shard_size}: {e}") from None
     plain, config, meta, source = read_training_checkpoint(checkpoint, tag)
     if config_path:
         config = _config_from_file(config_path)

@@ -48,6 +48,8 @@ def test_export_bad_inputs(tmp_path, plain, spm_model):
     save_tiny(tmp_path / "small", vocab_size=200)
     _fails("convert_to_hf", tmp_path, "--checkpoint", str(tmp_path / "small"), "--output", out, "--tokenizer", spm_model,
            expect=("--tokenizer", "300", "200"))
+    _fails("convert_to_hf", tmp_path, "--checkpoint", str(plain), "--output", out, "--max-shard-size", "5XB",
+           expect=("--max-shard-size", "XB"))
     # no checkpoint at all; a DeepSpeed dir without 'latest'
     _fails("convert_to_hf", tmp_path, "--checkpoint", str(tmp_path / "missing"), "--output", out, expect=("missing",))
     (tmp_path / "ds").mkdir()

@@ -91,7 +91,9 @@ def test_round_trip_is_bit_identical(tmp_path, overrides):
 
     save_tiny(tmp_path / "plain", **overrides)
     assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"))[0] == 0
-    assert run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"))[0] == 0
+    assert run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"),
+                    "--iteration", "7")[0] == 0
+    assert (tmp_path / "back" / "latest").read_text() == "iter_0000007"
     a, config_a, _ = load_plain(str(tmp_path / "plain"))
     b, config_b = read_checkpoint(str(tmp_path / "back"))
     assert config_a == config_b
