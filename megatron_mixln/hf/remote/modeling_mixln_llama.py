@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
+    LlamaRotaryEmbedding,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -131,11 +132,15 @@ class MixLNLlamaModel(MixLNLlamaPreTrainedModel, LlamaModel):
     """LlamaModel with per-position layers and an optional RMSNorm/LayerNorm final norm; its forward is LlamaModel's."""
 
     def __init__(self, config: MixLNLlamaConfig):
-        MixLNLlamaPreTrainedModel.__init__(self, config)
-        LlamaModel.__init__(self, config)
+        MixLNLlamaPreTrainedModel.__init__(self, config)  # PreTrainedModel's; LlamaModel's would build stock layers
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(MixLNLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = (MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
                      if config.final_norm else nn.Identity())
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
         self.post_init()
 
 
@@ -144,8 +149,9 @@ class MixLNLlamaForCausalLM(MixLNLlamaPreTrainedModel, LlamaForCausalLM):
 
     def __init__(self, config: MixLNLlamaConfig):
         MixLNLlamaPreTrainedModel.__init__(self, config)
-        LlamaForCausalLM.__init__(self, config)
         self.model = MixLNLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
 
