@@ -57,3 +57,29 @@ def test_export_of_a_zero3_run(tmp_path, spm_model, single_rank):
     valid = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ppl = [r["valid_ppl"] for r in valid if "valid_ppl" in r][-1]
     assert f"| tokens trained | {3 * 2 * 16} |" in card and f"{ppl:.4g}" in card and "| iterations trained | 3 |" in card
+
+
+def test_export_of_a_tensor_parallel_zero3_checkpoint(tmp_path):
+    """TP=2 x ZeRO-3: DeepSpeed's zero_to_fp32 per TP rank, then the TP shards merged: the original weights."""
+    from safetensors.torch import load_file
+    from spawn_testlib import run_spawned
+
+    from hf_jobs import ZERO3_TP2_CASE, zero3_tp2_save_job
+    from hf_testlib import tiny_model
+    from megatron_mixln.hf.mapping import to_hf_state_dict
+
+    results = run_spawned(zero3_tp2_save_job, 2, str(tmp_path / "ckpt"))
+    assert all(r["partitioned"] for r in results)
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000001")
+    names = sorted(p.name for p in (tmp_path / "ckpt" / "iter_0000001").iterdir())
+    assert "zero_pp_rank_0_mp_rank_01_model_states.pt" in names
+    code, out, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["source"] == {"format": "deepspeed", "zero_stage": 3,
+                                                                  "tag": "iter_0000001", "tp": 2}
+    config, model = tiny_model(**ZERO3_TP2_CASE)
+    expected = to_hf_state_dict(model.state_dict(), config)
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
