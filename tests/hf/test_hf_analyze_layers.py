@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_testlib import QUESTIONS, hand_accuracy, run_tool, save_tiny, write_mc_task
+from hf_testlib import hand_accuracy, run_tool, save_tiny, write_mc_task
 
 
 def test_analyze_layers_on_a_stock_hf_llama(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from hf_testlib import ROOT, greedy, hf_env, load_hf, run_tool, save_tiny, tiny_model
+from hf_testlib import greedy, hf_env, load_hf, run_tool, save_tiny
 
 CASES = {  # id: (ModelConfig overrides, stock LlamaForCausalLM expected)
     "pre": (dict(norm_position="pre"), True),

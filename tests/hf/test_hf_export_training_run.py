@@ -3,7 +3,6 @@ reassembled with DeepSpeed's zero_to_fp32), the run's tokenizer, and the model c
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from hf_testlib import load_hf, run_tool

@@ -20,7 +20,6 @@ multiplies the norm output.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
