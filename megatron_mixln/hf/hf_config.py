@@ -35,7 +35,7 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
     if not custom:
         from transformers import LlamaConfig
 
-        hf = LlamaConfig(**common)
+        hf = LlamaConfig(**common, mixln_model_config=config.to_dict())  # extra field: kept, ignored by transformers
         hf.architectures = ["LlamaForCausalLM"]
     else:
         from megatron_mixln.hf.remote.configuration_mixln_llama import MixLNLlamaConfig
@@ -101,9 +101,14 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
                              f"gives {format_positions(wanted)!r}; drop --norm-position or fix it")
     if isinstance(saved, dict):
         try:
-            return ModelConfig(**saved)
+            config = ModelConfig(**saved)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: mixln_model_config: {e}") from None
+        recorded = list(saved_positions) if saved_positions is not None else ["pre"] * L
+        if list(config.positions) != recorded or config.num_layers != L:
+            raise ValueError(f"{where}: mixln_model_config (positions {config.positions_str}, {config.num_layers} "
+                             f"layers) disagrees with norm_positions/num_hidden_layers ({format_positions(recorded)})")
+        return config
     if saved_positions is not None:
         norm_position, post_ln_layers = format_positions(saved_positions), None
     try:

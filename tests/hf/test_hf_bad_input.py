@@ -116,6 +116,12 @@ def test_import_conflicting_norm_position(tmp_path):
            "--norm-position", "pre", expect=("config.json", "norm_positions", "'post,pre*3'", "'pre*4'"))
     _fails("convert_from_hf", tmp_path, "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "out"),
            "--norm-position", "nonsense", expect=("norm_position", "nonsense"))
+    # a config.json whose norm_positions were edited away from the recorded model config
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "norm_positions": ["pre"] * 4}))
+    _fails("convert_from_hf", tmp_path, "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "out"),
+           expect=("config.json", "mixln_model_config", "disagrees"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     # the same positions given explicitly are fine
     code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ok"),
                             "--norm-position", "mix", "--post-ln-layers", "1")
