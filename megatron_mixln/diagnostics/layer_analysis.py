@@ -40,7 +40,7 @@ def angular_distances(model, batches: Iterable[torch.Tensor]) -> torch.Tensor:
         last = torch.stack([h[:, -1].double() for h in hidden_states(model, tokens)])  # (L+1, B, H)
         unit = F.normalize(last, dim=-1)
         cos = torch.einsum("ibh,jbh->ijb", unit, unit).clamp(-1.0, 1.0)
-        total += (torch.arccos(cos) / math.pi).sum(-1)
+        total += (torch.arccos(cos) / math.pi).sum(-1).cpu()
         count += tokens.shape[0]
     dist = total / max(count, 1)
     out = torch.full((L + 1, L + 1), float("nan"), dtype=torch.float64)

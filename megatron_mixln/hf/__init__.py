@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: export any norm schedule to transformers, import LLaMA checkpoints."""

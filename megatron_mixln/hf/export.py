@@ -1,0 +1,112 @@
+"""Export a training checkpoint (any layout) as a Hugging Face model directory.
+
+Output (all written under a temporary sibling, renamed at the end):
+    config.json              LlamaConfig (all-pre RMSNorm) or MixLNLlamaConfig with auto_map
+    generation_config.json   bos/eos/pad ids
+    model*.safetensors       sharded above max_shard_size, with model.safetensors.index.json
+    configuration_mixln_llama.py, modeling_mixln_llama.py   (custom models only; self-contained)
+    tokenizer.model + tokenizer.json + tokenizer_config.json (sentencepiece), or tokenizer.json passed through
+    README.md                model card
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from megatron_mixln.hf.checkpoint_source import read_training_checkpoint
+from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, is_stock_llama
+from megatron_mixln.hf.mapping import to_hf_state_dict
+from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
+from megatron_mixln.hf.outdir import check_output, staged_directory
+from megatron_mixln.hf.tokenizer_export import load_tokenizer, write_tokenizer
+
+REMOTE_FILES = ("configuration_mixln_llama.py", "modeling_mixln_llama.py")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _config_from_file(path: str):
+    from megatron_mixln.model import ModelConfig
+
+    try:
+        with open(path) as f:
+            return ModelConfig(**json.load(f))
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except (TypeError, ValueError) as e:  # an unknown field or value
+        raise ValueError(f"--config {path}: {e}") from None
+
+
+def _checked_model_config(plain: dict, config, where: str):
+    """The state dict must be exactly the model the config describes (names and shapes)."""
+    from megatron_mixln.model import build_model
+
+    expected = build_model(config, device="meta").state_dict()
+    for key, value in plain.items():
+        if key not in expected:
+            raise ValueError(f"{where}: tensor {key!r} does not belong to the recorded model "
+                             f"(positions {config.positions_str}, {config.normalization})")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{where}: tensor {key} has shape {tuple(value.shape)}, the model config implies "
+                             f"{tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in plain]
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing[:4])}")
+
+
+def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: str | None = None,
+                 max_shard_size: str | int = "5GB", tokenizer: str | None = None, always_custom: bool = False,
+                 overwrite: bool = False, config_path: str | None = None) -> dict:
+    """Write `output` from `checkpoint`; returns a summary dict. Raises ValueError/FileNotFoundError with a
+    one-line message naming the file or field on bad input, before anything is written."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    check_output(output, overwrite)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if isinstance(max_shard_size, str):
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            max_shard_size = parse_size_to_int(max_shard_size)
+        except ValueError as e:
+            raise ValueError(f"--max-shard-size {max_shard_size}: {e}") from None
+    plain, config, meta, source = read_training_checkpoint(checkpoint, tag)
+    if config_path:
+        config = _config_from_file(config_path)
+    if config is None:
+        raise ValueError(f"{checkpoint}: no model config (neither config.json nor the trainer's "
+                         "client_state['mixln']['model_config']); pass --config FILE")
+    _checked_model_config(plain, config, checkpoint)
+    summary = training_summary(meta)
+    tok_spec = tokenizer or (summary.get("training_config") or {}).get("tokenizer")
+    tok, ids = (None, {}) if not tok_spec or tok_spec.startswith("null:") else load_tokenizer(
+        tok_spec, config.vocab_size, "--tokenizer" if tokenizer else f"{checkpoint} (training_config.tokenizer)")
+    stored = {v: k for k, v in TORCH_DTYPES.items()}.get(plain["embed.weight"].dtype, "fp32")
+    dtype = dtype or stored
+    custom = always_custom or not is_stock_llama(config)
+    hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom)
+    tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(plain, config).items()}
+    training = summary.get("training_config") or {}
+    ppl = last_validation_ppl(training.get("run_dir") or training.get("save") or checkpoint, summary.get("iteration"))
+
+    with staged_directory(output) as tmp:
+        hf_config.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"),
+                         pad_token_id=ids.get("pad")).save_pretrained(tmp)
+        save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_size, safe_serialization=True,
+                              metadata={"format": "pt"})
+        if custom:
+            here = os.path.join(os.path.dirname(__file__), "remote")
+            for name in REMOTE_FILES:
+                shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
+        tok_files = write_tokenizer(tok, tmp, config.seq_length) if tok else []
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(config, summary, custom, ppl, os.path.abspath(checkpoint), dtype))
+        files = sorted(os.listdir(tmp))
+    return {"output": output, "source": source, "class": hf_config.architectures[0], "custom_code": custom,
+            "dtype": dtype, "positions": config.positions_str, "tensors": len(tensors),
+            "parameters": sum(t.numel() for t in tensors.values()), "tokenizer": tok_files, "files": files}

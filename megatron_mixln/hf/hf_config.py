@@ -1,0 +1,129 @@
+"""ModelConfig <-> the transformers config (stock LlamaConfig or the exported MixLNLlamaConfig)."""
+from __future__ import annotations
+
+import json
+import os
+
+from megatron_mixln.hf.mapping import per_layer_scales
+from megatron_mixln.model.positions import format_positions
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_mixln_llama.MixLNLlamaConfig",
+    "AutoModel": "modeling_mixln_llama.MixLNLlamaModel",
+    "AutoModelForCausalLM": "modeling_mixln_llama.MixLNLlamaForCausalLM",
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def is_stock_llama(config) -> bool:
+    """All layers pre, RMSNorm, a final norm: exactly transformers' LlamaForCausalLM."""
+    return set(config.positions) == {"pre"} and config.normalization == "RMSNorm" and config.final_norm
+
+
+def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int | None, custom: bool):
+    """A transformers config object for `config` (ModelConfig). special_ids: bos/eos/pad token ids or None."""
+    common = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.seq_length, rms_norm_eps=config.norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rotary_base)},
+        tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_method_std,
+        attention_bias=False, mlp_bias=False,
+        bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad"),
+    )
+    if not custom:
+        from transformers import LlamaConfig
+
+        hf = LlamaConfig(**common, mixln_model_config=config.to_dict())  # extra field: kept, ignored by transformers
+        hf.architectures = ["LlamaForCausalLM"]
+    else:
+        from megatron_mixln.hf.remote.configuration_mixln_llama import MixLNLlamaConfig
+
+        residual, output = per_layer_scales(config)
+        hf = MixLNLlamaConfig(
+            **common, norm_positions=list(config.positions), residual_scales=residual, output_scales=output,
+            layer_numbers=list(range(1, config.num_layers + 1)), normalization=config.normalization,
+            final_norm=config.final_norm, real_vocab_size=real_vocab_size, mixln_model_config=config.to_dict())
+        hf.architectures = ["MixLNLlamaForCausalLM"]
+        hf.auto_map = dict(AUTO_MAP)
+    hf.dtype = DTYPES[dtype]
+    return hf
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: missing (an HF model directory has a config.json)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_ln_layers: int | None):
+    """A ModelConfig from an HF LLaMA config.json dict. Our own export carries the full ModelConfig
+    (mixln_model_config) and is used verbatim; otherwise the LlamaConfig fields are mapped.
+    Raises ValueError naming `path` and the field for anything that is not LLaMA-shaped."""
+    from megatron_mixln.model import ModelConfig
+
+    where = os.path.join(path, "config.json")
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") not in ("llama", "mixln_llama") and "LlamaForCausalLM" not in archs:
+        raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaMA-shaped "
+                         "(expected 'llama' or 'mixln_llama')")
+    for field, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(field, want) != want:
+            raise ValueError(f"{where}: {field} is {cfg.get(field)!r}; only {want!r} is LLaMA-shaped here")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ValueError(f"{where}: rope scaling {scaling!r} is not supported (plain RoPE only)")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(cfg.get(field), int):
+            raise ValueError(f"{where}: {field} missing or not an integer")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise ValueError(f"{where}: head_dim {head_dim} x num_attention_heads != hidden_size (not supported)")
+    saved = cfg.get("mixln_model_config")
+    L = cfg["num_hidden_layers"]
+    saved_positions = cfg.get("norm_positions")
+    if norm_position is not None and saved_positions is not None:
+        from megatron_mixln.model.positions import resolve_positions
+
+        wanted = resolve_positions(norm_position, L, post_ln_layers)
+        if list(wanted) != list(saved_positions):
+            raise ValueError(f"{where}: norm_positions is {format_positions(saved_positions)!r} but --norm-position "
+                             f"gives {format_positions(wanted)!r}; drop --norm-position or fix it")
+    if isinstance(saved, dict):
+        try:
+            config = ModelConfig(**saved)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: mixln_model_config: {e}") from None
+        recorded = list(saved_positions) if saved_positions is not None else ["pre"] * L
+        if list(config.positions) != recorded or config.num_layers != L:
+            raise ValueError(f"{where}: mixln_model_config (positions {config.positions_str}, {config.num_layers} "
+                             f"layers) disagrees with norm_positions/num_hidden_layers ({format_positions(recorded)})")
+        return config
+    if saved_positions is not None:
+        norm_position, post_ln_layers = format_positions(saved_positions), None
+    try:
+        return ModelConfig(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
+            num_layers=L, num_attention_heads=cfg["num_attention_heads"],
+            num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            seq_length=int(cfg.get("max_position_embeddings") or 2048),
+            rotary_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            normalization=cfg.get("normalization", "RMSNorm"),
+            norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+            norm_position=norm_position or "pre", post_ln_layers=post_ln_layers,
+            final_norm=bool(cfg.get("final_norm", True)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            init_method_std=float(cfg.get("initializer_range", 0.02)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None

@@ -1,0 +1,110 @@
+"""Names and config fields between this stack's Transformer and Hugging Face LLaMA (stock or Mix-LN layout).
+
+Weight names (per layer i, HF side under "model."):
+
+    embed.weight                      model.embed_tokens.weight
+    layers.i.attn.{q,k,v,o}_proj      model.layers.i.self_attn.{q,k,v,o}_proj
+    layers.i.mlp.{gate,up,down}_proj  model.layers.i.mlp.{gate,up,down}_proj
+    layers.i.<norm>                   model.layers.i.<NORM_NAMES[family][norm]>   (by the layer's position)
+    final_norm                        model.norm
+    lm_head.weight                    lm_head.weight  (absent on the HF side when tied)
+
+The norm names are the Mix-LN reference code's (`NORM_NAMES`), so a name alone does not fix a role:
+`post_attention_layernorm` is the norm before the MLP in a pre layer but the norm after the attention
+residual add in a post layer (MIXLN.md §1, the naming trap).
+"""
+from __future__ import annotations
+
+from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
+
+PRE_LIKE, POST_LIKE = ("pre", "lns"), ("post", "deepnorm", "deeppost")
+NORM_NAMES = {
+    "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "post": {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
+    "peri": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+             "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
+}
+ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers (and the reference code) saved
+
+
+def family(position: str) -> str:
+    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE else "peri"
+
+
+def layer_name_map(position: str) -> dict[str, str]:
+    """Suffix map of one layer, ours -> HF (without the "layers.i." / "model.layers.i." prefixes)."""
+    out = {f"attn.{p}.weight": f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    out.update({f"mlp.{p}.weight": f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")})
+    for ours, hf in NORM_NAMES[family(position)].items():
+        out[f"{ours}.weight"], out[f"{ours}.bias"] = f"{hf}.weight", f"{hf}.bias"
+    return out
+
+
+def full_name_map(positions, final_norm: bool = True, tied: bool = False) -> dict[str, str]:
+    """Every possible key ours -> HF for a model with these per-layer positions (biases included)."""
+    out = {"embed.weight": "model.embed_tokens.weight"}
+    for i, pos in enumerate(positions):
+        out.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in layer_name_map(pos).items()})
+    if final_norm:
+        out["final_norm.weight"], out["final_norm.bias"] = "model.norm.weight", "model.norm.bias"
+    if not tied:
+        out["lm_head.weight"] = "lm_head.weight"
+    return out
+
+
+def to_hf_state_dict(plain: dict, config) -> dict:
+    """Our full state dict -> HF names (tied head dropped). Tensors are the same objects."""
+    names = full_name_map(config.positions, config.final_norm, config.tie_embeddings)
+    out = {}
+    for key, value in plain.items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if key not in names:
+            raise ValueError(f"state dict: unexpected key {key!r} for positions {config.positions_str}")
+        out[names[key]] = value
+    return out
+
+
+def from_hf_state_dict(hf: dict, config, where: str) -> dict:
+    """HF names -> our state dict for `config` (a ModelConfig); every expected tensor must be present
+    with the shape the config implies, and no unknown tensor may remain. Errors name `where`."""
+    from megatron_mixln.model import build_model
+
+    expected = build_model(config, device="meta").state_dict()
+    names = full_name_map(config.positions, config.final_norm, config.tie_embeddings)
+    inverse = {v: k for k, v in names.items()}
+    out = {}
+    for key, value in hf.items():
+        if key.endswith(IGNORED_SUFFIXES) or (config.tie_embeddings and key == "lm_head.weight"):
+            continue
+        ours = inverse.get(key)
+        if ours is None or ours not in expected:
+            raise ValueError(f"{where}: unexpected tensor {key!r} for a {config.normalization} model with "
+                             f"positions {config.positions_str}")
+        if tuple(value.shape) != tuple(expected[ours].shape):
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the config implies "
+                             f"{tuple(expected[ours].shape)}")
+        out[ours] = value
+    if config.tie_embeddings and "embed.weight" in out:
+        out["lm_head.weight"] = out["embed.weight"]
+    missing = [names.get(k, k) for k in expected if k not in out]
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    return out
+
+
+def layer_norm_family(hf_keys, layer: int) -> frozenset:
+    """The HF norm names layer `layer` has in a checkpoint (e.g. {'input_layernorm', 'post_attention_layernorm'})."""
+    prefix = f"model.layers.{layer}."
+    return frozenset(n for n in ALL_HF_NORMS if f"{prefix}{n}.weight" in hf_keys)
+
+
+FAMILY_OF_NORMS = {frozenset(v.values()): k for k, v in NORM_NAMES.items()}
+
+
+def per_layer_scales(config) -> tuple[list[float], list[float]]:
+    """(residual scales a, output scales s) per layer, as the training stack's Block computes them."""
+    L = config.num_layers
+    return ([deepnorm_alpha(p, L) for p in config.positions],
+            [lns_scale(p, i + 1) for i, p in enumerate(config.positions)])

@@ -1,0 +1,1 @@
+"""The configuration and modeling files copied into every custom export (self-contained: torch + transformers only)."""

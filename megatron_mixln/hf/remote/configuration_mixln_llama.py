@@ -1,0 +1,89 @@
+"""Configuration of a LLaMA decoder whose layers each carry their own norm position (Mix-LN and relatives).
+
+Self-contained: imports only transformers and the standard library, so an exported directory loads with
+`AutoConfig.from_pretrained(DIR, trust_remote_code=True)` wherever transformers (>= 5) is installed.
+
+Per layer l (0-based index i = l - 1), with N a norm whose statistics are computed in fp32:
+
+    pre       h = x + Attn(N1(x));               y = h + MLP(N2(h))
+    lns       h = x + Attn(N1(x)/sqrt(l));       y = h + MLP(N2(h)/sqrt(l))
+    post      h = N1(x + Attn(x));               y = N2(h + MLP(h))
+    deepnorm  h = N1(a*x + Attn(x));             y = N2(a*h + MLP(h)),  a = (2L)^(1/4)
+    deeppost  as deepnorm with a = sqrt(8)
+    peri      h = x + N1b(Attn(N1a(x)));         y = h + N2b(MLP(N2a(h)))
+
+Fields beyond LlamaConfig's:
+    norm_positions     list of L position names (resolved: a Mix-LN schedule is written out layer by layer)
+    residual_scales    list of L floats a (DeepNorm's alpha; 1.0 elsewhere)
+    output_scales      list of L floats s multiplying both norm outputs (LNS: 1/sqrt(layer_number); else 1.0)
+    layer_numbers      list of L 1-based layer numbers the scales were computed from (kept when layers are removed)
+    normalization      "RMSNorm" or "LayerNorm" (LayerNorm norms have a bias)
+    final_norm         whether a norm precedes the LM head
+    real_vocab_size    the tokenizer's vocabulary (vocab_size is the padded embedding size)
+    mixln_model_config the training stack's full model config, verbatim (for the way back)
+"""
+from __future__ import annotations
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+
+
+def default_residual_scale(position: str, num_layers: int) -> float:
+    """DeepNet's a = (2L)^(1/4) for deepnorm, the Mix-LN reference code's fixed sqrt(8) for deeppost, else 1."""
+    if position == "deepnorm":
+        return (2 * num_layers) ** 0.25
+    if position == "deeppost":
+        return math.sqrt(8.0)
+    return 1.0
+
+
+def default_output_scale(position: str, layer_number: int) -> float:
+    """LayerNorm Scaling: 1/sqrt(l) for the 1-based layer number l of an lns layer, else 1."""
+    return 1.0 / math.sqrt(layer_number) if position == "lns" else 1.0
+
+
+@strict
+class MixLNLlamaConfig(LlamaConfig):
+    model_type = "mixln_llama"
+
+    norm_positions: list | None = None
+    residual_scales: list | None = None
+    output_scales: list | None = None
+    layer_numbers: list | None = None
+    normalization: str = "RMSNorm"
+    final_norm: bool = True
+    real_vocab_size: int | None = None
+    mixln_model_config: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        L = self.num_hidden_layers
+        if self.norm_positions is None:
+            self.norm_positions = ["pre"] * L
+        if self.layer_numbers is None:
+            self.layer_numbers = list(range(1, L + 1))
+        if self.residual_scales is None:
+            self.residual_scales = [default_residual_scale(p, L) for p in self.norm_positions]
+        if self.output_scales is None:
+            self.output_scales = [default_output_scale(p, n) for p, n in zip(self.norm_positions, self.layer_numbers)]
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of @strict validation: one known position and one scale per layer."""
+        super().validate_architecture()
+        L = self.num_hidden_layers
+        for name in ("norm_positions", "residual_scales", "output_scales", "layer_numbers"):
+            if len(getattr(self, name)) != L:
+                raise ValueError(f"config.json: {name} has {len(getattr(self, name))} entries, num_hidden_layers is {L}")
+        bad = sorted(set(self.norm_positions) - set(NORM_POSITIONS))
+        if bad:
+            raise ValueError(f"config.json: norm_positions: unknown {bad}; allowed: {', '.join(NORM_POSITIONS)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: RMSNorm, LayerNorm")
+
+
+__all__ = ["MixLNLlamaConfig"]

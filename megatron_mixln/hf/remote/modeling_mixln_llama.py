@@ -1,0 +1,157 @@
+"""A LLaMA decoder whose layers each carry their own norm position, for transformers (`trust_remote_code`).
+
+Self-contained: imports only torch, transformers and the configuration file beside it. Everything outside
+the decoder layer (embedding, rotary embedding, attention with every backend, causal/padding masks, the KV
+cache, `generate()`, `output_hidden_states`, gradient checkpointing, the loss) is transformers' own LLaMA
+code; only the layer (where its norms sit) and the final norm (optional, RMSNorm or LayerNorm) differ.
+
+State-dict names follow the Mix-LN reference code, so its checkpoints load unchanged. Mind that a name
+does not fix a role; the position does (the reference code's "post_attention_layernorm" trap):
+
+    position             input_layernorm   post_attention_layernorm   pre_feedforward_layernorm  post_feedforward_layernorm
+    pre, lns             before attention  before the MLP             -                          -
+    post, deep*          -                 after the attention add    -                          after the MLP add
+    peri                 before attention  on the attention output    before the MLP             on the MLP output
+
+Norm arithmetic matches the training stack: the residual add a*r + x and the normalisation are computed in
+fp32 and rounded once to the activation dtype; weight (and bias) multiply in fp32; the LNS scale s
+multiplies the norm output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRotaryEmbedding,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .configuration_mixln_llama import MixLNLlamaConfig
+
+PRE_LIKE = ("pre", "lns")
+POST_LIKE = ("post", "deepnorm", "deeppost")
+
+
+class MixLNRMSOrLayerNorm(nn.Module):
+    """RMSNorm (weight) or LayerNorm (weight + bias) over the last dimension, statistics in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float, normalization: str = "RMSNorm"):
+        super().__init__()
+        self.eps, self.normalization = eps, normalization
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if normalization == "LayerNorm" else None
+
+    def normalize(self, s: torch.Tensor) -> torch.Tensor:
+        """s: fp32 (..., hidden) -> fp32 normalised, times weight (+ bias)."""
+        if self.normalization == "RMSNorm":
+            y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            c = s - s.mean(-1, keepdim=True)
+            y = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y * self.weight.float()
+        return y + self.bias.float() if self.bias is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x.float()).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}, {self.normalization}"
+
+
+def add_norm(x, residual, norm: MixLNRMSOrLayerNorm, residual_scale: float = 1.0, out_scale: float = 1.0):
+    """(norm(a*residual + x) * s, a*residual + x), both in the promoted dtype of x and residual; sums in fp32."""
+    s = x.float()
+    if residual is not None:
+        s = s + residual.float() * residual_scale if residual_scale != 1.0 else s + residual.float()
+    y = norm.normalize(s)
+    if out_scale != 1.0:
+        y = y * out_scale
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return y.to(dtype), s.to(dtype)
+
+
+class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
+    """One layer; `config.norm_positions[layer_idx]` decides where its norms sit (see the module docstring)."""
+
+    def __init__(self, config: MixLNLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.position = config.norm_positions[layer_idx]
+        self.residual_scale = float(config.residual_scales[layer_idx])
+        self.output_scale = float(config.output_scales[layer_idx])
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+
+        def norm():
+            return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
+
+        if self.position in PRE_LIKE:
+            self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        elif self.position in POST_LIKE:
+            self.post_attention_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        else:  # peri
+            self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
+        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden)."""
+        def attn(h):
+            return self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)[0]
+
+        x, a, s = hidden_states, self.residual_scale, self.output_scale
+        if self.position in PRE_LIKE:
+            attn_out = attn(add_norm(x, None, self.input_layernorm, out_scale=s)[0])
+            mlp_in, h = add_norm(attn_out, x, self.post_attention_layernorm, out_scale=s)  # h = x + attn_out
+            return h + self.mlp(mlp_in)
+        if self.position in POST_LIKE:
+            h, _ = add_norm(attn(x), x, self.post_attention_layernorm, residual_scale=a)
+            y, _ = add_norm(self.mlp(h), h, self.post_feedforward_layernorm, residual_scale=a)
+            return y
+        attn_out = self.post_attention_layernorm(attn(self.input_layernorm(x)))
+        mlp_in, h = add_norm(attn_out, x, self.pre_feedforward_layernorm)  # h = x + N(attn_out)
+        return h + self.post_feedforward_layernorm(self.mlp(mlp_in))
+
+
+class MixLNLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = MixLNLlamaConfig
+    config: MixLNLlamaConfig
+    _no_split_modules = ["MixLNLlamaDecoderLayer"]
+    _can_record_outputs = {"hidden_states": MixLNLlamaDecoderLayer, "attentions": LlamaAttention}
+
+
+class MixLNLlamaModel(MixLNLlamaPreTrainedModel, LlamaModel):
+    """LlamaModel with per-position layers and an optional RMSNorm/LayerNorm final norm; its forward is LlamaModel's."""
+
+    def __init__(self, config: MixLNLlamaConfig):
+        MixLNLlamaPreTrainedModel.__init__(self, config)  # PreTrainedModel's; LlamaModel's would build stock layers
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(MixLNLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = (MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
+                     if config.final_norm else nn.Identity())
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class MixLNLlamaForCausalLM(MixLNLlamaPreTrainedModel, LlamaForCausalLM):
+    """LlamaForCausalLM over MixLNLlamaModel (generate, KV cache, masks, loss: all transformers' own)."""
+
+    def __init__(self, config: MixLNLlamaConfig):
+        MixLNLlamaPreTrainedModel.__init__(self, config)
+        self.model = MixLNLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = ["MixLNLlamaForCausalLM", "MixLNLlamaModel", "MixLNLlamaPreTrainedModel"]

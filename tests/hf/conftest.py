@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is offline: no hub look-ups
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory):
+    """A 300-piece sentencepiece BPE model (pad 0, eos 1, unk 2, bos 3) trained on this repository's README."""
+    from hf_testlib import train_spm
+
+    return train_spm(str(tmp_path_factory.mktemp("spm") / "spm"))
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """A 1-rank process group (file store, gloo on loopback) for in-process training runs."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from megatron_mixln.training.distributed import init_distributed, shutdown_distributed
+
+    init_distributed()
+    yield
+    shutdown_distributed()

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Export a training checkpoint to a Hugging Face transformers directory (logic: megatron_mixln/hf/export.py).
+
+  python tools/convert_to_hf.py --checkpoint runs/71m-mix/ckpt --output hf/71m-mix [--tag iter_0010000] \
+      [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--always-custom] [--overwrite]
+
+--checkpoint: a training --save directory (DeepSpeed, any TP/PP layout, ZeRO 0-3; `latest` or --tag) or a
+plain directory from tools/convert_checkpoint.py. The tokenizer defaults to the run's --tokenizer.
+All-pre RMSNorm models become stock LlamaForCausalLM; every other schedule ships its own
+configuration/modeling files (load with trust_remote_code=True).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training --save dir or plain converted dir")
+    p.add_argument("--output", required=True, help="HF model directory to create")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: as stored")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 200MB)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model or tokenizer.json (default: the run's)")
+    p.add_argument("--config", default=None, help="ModelConfig JSON, when the checkpoint records none")
+    p.add_argument("--always-custom", action="store_true", help="custom code even for an all-pre RMSNorm model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    args = p.parse_args(argv)
+
+    from megatron_mixln.hf.export import export_to_hf
+
+    try:
+        summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
+                               args.tokenizer, args.always_custom, args.overwrite, args.config)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"convert_to_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
