@@ -12,7 +12,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python tools/estimate_memory.py",
         description="Per-GPU (and per-node CPU) memory of a training layout; says whether it fits and, if not, "
-                    "the smallest change that would.")
+                    "the smallest change that would.", allow_abbrev=False)
+    p.add_argument("--job-script", default=None,
+                   help="take the defaults from a Slurm job script (its trainer flags and #SBATCH --nodes/"
+                        "--gpus-per-node); flags given here override them")
     p.add_argument("--preset", choices=list(PRESETS), help="model shape; model flags override it")
     add_dataclass_args(p, ModelConfig, "model")
     c = p.add_argument_group("cluster")
@@ -27,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--global-batch-size", type=int, default=None, help="sets the micro-batches in flight under PP")
     t.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage (default: the --deepspeed-config's, else 0)")
     t.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON: stage, offload and bucket sizes")
-    t.add_argument("--offload-optimizer", action="store_true", help="ZeRO-Offload of the optimizer states to CPU")
-    t.add_argument("--offload-param", action="store_true", help="ZeRO-3 parameter offload to CPU")
-    t.add_argument("--recompute-activations", action="store_true")
+    t.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=False, help="ZeRO-Offload of the optimizer states to CPU")
+    t.add_argument("--offload-param", action=argparse.BooleanOptionalAction, default=False, help="ZeRO-3 parameter offload to CPU")
+    t.add_argument("--recompute-activations", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--tensor-model-parallel-size", type=int, default=1)
     t.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    t.add_argument("--sequence-parallel", action="store_true")
-    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (else fp32)")
+    t.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False)
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 mixed precision (else fp32)")
     return p
 
 
@@ -60,9 +63,43 @@ def _offloaded(zero: dict, key: str) -> bool:
     return ((zero.get(key) or {}).get("device") or "none") != "none"
 
 
+def _job_script_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """The job script's flags this parser knows, then the allocation, then argv (later flags win)."""
+    from megatron_mixln.planning.job_script import read_job_script
+
+    first, _ = parser.parse_known_args(argv)
+    if not first.job_script:
+        return argv
+    try:
+        flags, alloc = read_job_script(first.job_script)
+    except LayoutError as exc:
+        parser.error(str(exc))
+    known, _ = _known_flags(parser, flags)
+    return known + ["--nodes", str(alloc["nodes"]), "--gpus-per-node", str(alloc["gpus_per_node"])] + argv
+
+
+def _known_flags(parser: argparse.ArgumentParser, flags: list[str]) -> tuple[list[str], list[str]]:
+    """Split a trainer command line into the flags (with their values) this parser has, and the rest."""
+    actions = {opt: a for a in parser._actions for opt in a.option_strings}
+    known, rest, i = [], [], 0
+    while i < len(flags):
+        action = actions.get(flags[i].split("=", 1)[0])
+        if action is None or flags[i] in ("--job-script",):
+            rest.append(flags[i])
+            i += 1
+            continue
+        n = 0 if action.nargs == 0 or "=" in flags[i] else 1
+        known += flags[i:i + 1 + n]
+        i += 1 + n
+    return known, rest
+
+
 def parse(argv=None) -> tuple[ModelConfig, Layout, dict, argparse.Namespace]:
+    import sys
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_job_script_argv(argv, parser))
     given = given_fields(args, ModelConfig)
     try:
         model = ModelConfig.from_preset(args.preset, **given) if args.preset else ModelConfig(**given)

@@ -157,7 +157,8 @@ def _suggestions(model, layout: Layout, zero, gpu, cpu, reserve, gbs) -> list[st
     if layout.zero_stage > 0 and not layout.offload_optimizer:
         candidates.append(("--offload-optimizer", layout.replace(offload_optimizer=True)))
     if layout.zero_stage == 3 and not layout.offload_param:
-        candidates.append(("--offload-param", layout.replace(offload_param=True, offload_optimizer=True)))
+        candidates.append(("--offload-optimizer --offload-param",
+                           layout.replace(offload_param=True, offload_optimizer=True)))
     seen_kind = set()
     for text, cand in candidates:
         kind = text.split()[0]
