@@ -11,10 +11,14 @@ Exit status 0 when it fits, 1 when it does not, 2 for bad flags or an impossible
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from megatron_mixln.planning import LayoutError, format_plan, plan_memory
-from megatron_mixln.planning.cli import build_parser, parse
+# The planner only calls DeepSpeed's estimator arithmetic: skip its accelerator probe (and its warning).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from megatron_mixln.planning import LayoutError, format_plan, plan_memory  # noqa: E402
+from megatron_mixln.planning.cli import build_parser, parse  # noqa: E402
 
 
 def main(argv=None) -> int:
