@@ -20,6 +20,9 @@ keep two more normalised tensors. Scalars (LNS's 1/sqrt(l), DeepNorm's a) are Py
 nothing. Under sequence parallelism the norms run on s/t tokens; the linears' inputs are the gathered
 sequence, so they stay whole (this project's SP saves the gathered input).
 
+The tests check every term against the bytes autograd saves (each position, fp32/bf16, TP 1 and 2 with
+and without SP; the Triton path against the CUDA allocator when a GPU is present).
+
 With --recompute-activations a block keeps only its input (e*b*s*h, /t under SP) and one block's
 activations are alive again while it is recomputed in backward. The LM head keeps the final norm's
 tensors, its input and the fp32 log-softmax of the logits (4*b*s*V/t), plus int64 labels.

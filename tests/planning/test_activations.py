@@ -18,9 +18,10 @@ B, S = 2, 16
 
 
 def _config(position, **kw):
-    return ModelConfig(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_layers=3, num_attention_heads=4,
-                       num_query_groups=2, seq_length=S, norm_position=position,
-                       post_ln_layers=1 if position == "mix" else None, **{"norm_impl": "torch", **kw})
+    fields = dict(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_layers=3, num_attention_heads=4,
+                  num_query_groups=2, seq_length=S, norm_position=position,
+                  post_ln_layers=1 if position == "mix" else None, norm_impl="torch")
+    return ModelConfig(**{**fields, **kw})
 
 
 def _model_saved_bytes(cfg, dtype, recompute):
@@ -95,3 +96,52 @@ def test_cuda_peak_matches_formula(position, recompute):
     peak = torch.cuda.max_memory_allocated() - before
     logits = 2 * b * s * cfg.vocab_size
     assert peak <= predicted["total"] + 2 * logits + 4 * sum(p.numel() for p in model.parameters()), (peak, predicted)
+
+
+def _tensor_parallel_job(rank, world_size, tmpdir):
+    """Saved bytes of the blocks (hooks active only inside them) of a TP=2 model, with and without SP."""
+    from megatron_mixln.parallel import apply_tensor_parallel, initialize_model_parallel
+
+    state = initialize_model_parallel(2, 1)
+    out = {}
+    for position in ("pre", "post", "peri", "mix"):
+        for sp in (False, True):
+            for dtype in (torch.float32, torch.bfloat16):
+                cfg = _config(position, num_layers=2)
+                torch.manual_seed(0)
+                model = build_model(cfg)
+                apply_tensor_parallel(model, state, sequence_parallel=sp)
+                model.to(dtype)
+                inside = [False]
+                for block in model.layers:
+                    block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+                    block.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+                tokens = torch.randint(0, cfg.vocab_size, (B, S))
+                params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+                seen = {}
+
+                def pack(t):
+                    s = t.untyped_storage()
+                    if inside[0] and s.nbytes() and s.data_ptr() not in params:
+                        seen[s.data_ptr()] = s.nbytes()
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    model(tokens)
+                out[(position, sp, str(dtype))] = sum(seen.values())
+    return out
+
+
+@pytest.mark.slow
+def test_tensor_and_sequence_parallel_blocks_equal_their_formula():
+    """TP=2 on 2 processes: heads and ffn split, norms on sequence shards under SP, the linears'
+    inputs gathered whole (this project's SP saves the gathered input)."""
+    from spawn_testlib import run_spawned
+
+    measured = run_spawned(_tensor_parallel_job, 2)
+    for rank in measured:
+        for (position, sp, dtype), got in rank.items():
+            cfg = _config(position, num_layers=2)
+            want = sum(sum(block_activation_bytes(cfg, p, B, S, bf16=dtype == str(torch.bfloat16), impl="torch",
+                                                  tp=2, sequence_parallel=sp).values()) for p in cfg.positions)
+            assert got == want, (position, sp, dtype, got, want)
