@@ -21,7 +21,8 @@ nothing. Under sequence parallelism the norms run on s/t tokens; the linears' in
 sequence, so they stay whole (this project's SP saves the gathered input).
 
 The tests check every term against the bytes autograd saves (each position, fp32/bf16, TP 1 and 2 with
-and without SP; the Triton path against the CUDA allocator when a GPU is present).
+and without SP, the PyTorch and the Triton norm paths -- Triton interpreted on CPU -- and against the CUDA
+allocator when a GPU is present).
 
 With --recompute-activations a block keeps only its input (e*b*s*h, /t under SP) and one block's
 activations are alive again while it is recomputed in backward. The LM head keeps the final norm's

@@ -68,6 +68,27 @@ def test_post_saves_as_much_as_pre_and_peri_more():
     assert sizes["post"] == sizes["pre"] < sizes["peri"]
 
 
+def test_triton_norm_blocks_equal_their_formula():
+    """The Triton add+norm path (what --norm-impl auto runs on CUDA), interpreted on CPU in a fresh
+    process: pre, post, peri, deepnorm; RMSNorm in bf16 and LayerNorm in fp32."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(here))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, os.path.join(here, "triton_saved_bytes.py")], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    for case, (got, want) in results.items():
+        assert got == want, (case, got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: measures the allocator's peak on a GPU")
 @pytest.mark.parametrize("recompute", [False, True], ids=["no-recompute", "recompute"])
