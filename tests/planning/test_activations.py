@@ -96,7 +96,7 @@ def test_triton_norm_blocks_equal_their_formula():
 def test_cuda_peak_matches_formula(position, recompute):
     """bf16 on CUDA with the default kernels (Triton add+norm, flash attention): memory held after the
     forward (graph alive) is the formula's saved bytes; the forward+backward peak adds the recomputed
-    block and transients (logits, gradients), bounded here by the formula total + 2 x the logits."""
+    block and transients (logits' gradients, parameter gradients), bounded here."""
     cfg = ModelConfig.from_preset("130m", norm_position=position, post_ln_layers=3 if position == "mix" else None,
                                   seq_length=256)
     b, s = 8, 256
@@ -115,8 +115,9 @@ def test_cuda_peak_matches_formula(position, recompute):
     torch.cuda.reset_peak_memory_stats()
     loss.backward()
     peak = torch.cuda.max_memory_allocated() - before
-    logits = 2 * b * s * cfg.vocab_size
-    assert peak <= predicted["total"] + 2 * logits + 4 * sum(p.numel() for p in model.parameters()), (peak, predicted)
+    fp32_logits = 4 * b * s * cfg.vocab_size  # the loss's backward makes up to three logits-sized fp32 tensors
+    grads = 2 * sum(p.numel() for p in model.parameters())
+    assert peak <= predicted["total"] + 3 * fp32_logits + 2 * grads, (peak, predicted)
 
 
 def _tensor_parallel_job(rank, world_size, tmpdir):
