@@ -8,35 +8,60 @@ import subprocess
 
 from megatron_mixln.planning.layout import LayoutError
 
-_ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_ARGS = re.compile(r"^args=\((.*?)^\)", re.S | re.M)
+# Lines kept for bash to evaluate: plain (or exported / declared) assignments and `: "${X:=default}"`.
+_ASSIGN = re.compile(r"^(?:export\s+|declare\s+(?:-\w+\s+)?)?[A-Za-z_][A-Za-z0-9_]*(?:\+?=)")
+_DEFAULTS = re.compile(r"^:\s+\"?\$\{[A-Za-z_][A-Za-z0-9_]*:?=")
+_ARGS = re.compile(r"^\s*args=\((.*?)^\s*\)", re.S | re.M)
+_SOURCE = re.compile(r"^\s*(?:source|\.)\s+(.+?)\s*$", re.M)
+_SCRIPT_DIR = re.compile(r"\$\(\s*dirname\s+\"?\$(?:0|\{BASH_SOURCE\[0\]\}|BASH_SOURCE)\"?\s*\)")
+
+
+def _kept_lines(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if (_ASSIGN.match(line) or _DEFAULTS.match(line)) and "$(" not in line and "`" not in line:
+            out.append(line)
+    return out
+
+
+def _bash(lines: list[str], environ: dict) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **environ}
+    return subprocess.run(["bash", "-c", "\n".join(lines)], capture_output=True, text=True, env=env)
 
 
 def read_job_script(path: str, environ: dict | None = None) -> tuple[list[str], dict[str, int]]:
-    """-> (the trainer flags of the script's `args=(...)` array as bash expands them with the script's
-    own defaults, {'nodes': N, 'gpus_per_node': G} from its #SBATCH lines).
+    """-> (the trainer flags of the `args=(...)` array as bash expands them with the script's own
+    defaults, {'nodes': N, 'gpus_per_node': G} from its #SBATCH lines).
 
-    Only the script's plain variable assignments (no command substitution) and the array are run, by
-    bash, in an empty environment plus `environ`. Raises LayoutError naming the script when it has no
-    `args=(` array or no #SBATCH --nodes.
+    The array may sit in the script or in a file it sources (`source "$(dirname "$0")/x.sh"`, or a
+    path under $ROOT). Only variable assignments (no command substitution) and the array are run, by
+    bash, in an empty environment plus `environ` (e.g. {"PRESET": "1b"} to see an override). Raises
+    LayoutError naming the script when there is no such array or no #SBATCH --nodes.
     """
     if not os.path.isfile(path):
         raise LayoutError(f"--job-script {path}: no such file")
     with open(path) as fh:
         text = fh.read()
-    block = _ARGS.search(text)
+    script_dir = os.path.dirname(os.path.abspath(path))
+    root = os.path.dirname(script_dir)
+    prelude = [f"ROOT={_quote(root)}", "SLURM_JOB_ID=0", "SLURM_NNODES=1", f"SLURM_SUBMIT_DIR={_quote(root)}",
+               "set +u"]
+    texts = [text]
+    for token in _SOURCE.findall(text):  # one level of sourced files, resolved by bash from the prelude
+        token = _SCRIPT_DIR.sub(lambda _: script_dir, token)
+        resolved = _bash(prelude + _kept_lines(text) + [f"printf %s {token}"], environ or {}).stdout
+        if resolved and not os.path.isabs(resolved):
+            resolved = os.path.join(root, resolved)
+        if resolved and os.path.isfile(resolved):
+            with open(resolved) as fh:
+                texts.append(fh.read())
+    block = next((m for m in (_ARGS.search(t) for t in texts) if m), None)
     if not block:
-        raise LayoutError(f"--job-script {path}: no `args=(` ... `)` array of trainer flags found")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    lines = [f"ROOT={_quote(root)}", "SLURM_JOB_ID=0", "SLURM_SUBMIT_DIR=$ROOT"]
-    for line in text[:block.start()].splitlines():
-        m = _ASSIGN.match(line.strip())
-        if m and "$(" not in m.group(2) and "`" not in m.group(2):
-            lines.append(line.strip())
-    lines.append(block.group(0))
-    lines.append('printf "%s\\0" "${args[@]}"')
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(environ or {})}
-    result = subprocess.run(["bash", "-c", "\n".join(lines)], capture_output=True, text=True, env=env)
+        raise LayoutError(f"--job-script {path}: no `args=(` ... `)` array of trainer flags found "
+                          "(in it or in a file it sources)")
+    body = [line for t in texts for line in _kept_lines(t[:block.start()] if block.string is t else t)]
+    result = _bash(prelude + body + [block.group(0).strip(), 'printf "%s\\0" "${args[@]}"'], environ or {})
     if result.returncode:
         raise LayoutError(f"--job-script {path}: bash could not expand its args array: {result.stderr.strip()}")
     flags = [a for a in result.stdout.split("\0") if a != ""]

@@ -109,3 +109,23 @@ def test_pipeline_keeps_one_micro_batch_per_stage_in_flight():
     # ... of its own quarter of the layers: as many block activations as one GPU without PP.
     assert pp.activations["blocks"] == one.activations["blocks"]
     assert pp.states.gpu < one.states.gpu
+
+
+def test_job_script_reader_follows_sourced_body_and_environment(tmp_path):
+    """A script that keeps its flags in a shared body it sources, with env-var defaults: bash expands
+    them as the job would; an environment override shows through."""
+    slurm = tmp_path / "slurm"
+    slurm.mkdir()
+    (slurm / "job.sh").write_text(
+        '#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4\n'
+        'PRESET="${PRESET:-1b}"\nexport MICRO_BATCH="${MICRO_BATCH:-4}"\nHOST="$(hostname)"\n'
+        'source "$(dirname "$0")/body.sh"\n')
+    (slurm / "body.sh").write_text(
+        ': "${DS_CONFIG:=ds_configs/zero1.json}"\nargs=(\n    --preset "$PRESET" --micro-batch-size "$MICRO_BATCH"'
+        '  # sizes\n    --deepspeed-config "$DS_CONFIG" --bf16 --wandb-name "x y"\n)\nsrun python "${args[@]}"\n')
+    flags, alloc = read_job_script(str(slurm / "job.sh"))
+    assert alloc == {"nodes": 2, "gpus_per_node": 4}
+    assert flags == ["--preset", "1b", "--micro-batch-size", "4", "--deepspeed-config",
+                     str(tmp_path / "ds_configs" / "zero1.json"), "--bf16", "--wandb-name", "x y"]
+    flags, _ = read_job_script(str(slurm / "job.sh"), environ={"PRESET": "350m", "DS_CONFIG": "/abs/z.json"})
+    assert flags[:2] == ["--preset", "350m"] and flags[5] == "/abs/z.json"
