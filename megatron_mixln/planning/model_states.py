@@ -11,8 +11,10 @@ master copy, fp32 gradients and fp32 Adam m and v. Per parameter, in bytes:
 N = data-parallel size (ZeRO partitions over it). Stages 1 and 2 hold the same partitions in DeepSpeed
 (one code path; stage 1 only reduces at the accumulation boundary). These sums are DeepSpeed's own
 estimators' (deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs:
-2P + 18P/N; stage3.estimate_zero3_model_states_mem_needs: 4 x largest layer + 18P/N), and the tests
-check them against the tensors of a real engine. With --offload-optimizer the fp32 states and the
+2P + 18P/N, exactly ours for stages 1-2). For stage 3 DeepSpeed's estimator
+(stage3.estimate_zero3_model_states_mem_needs: 4 x largest layer + 18P/N) leaves out the 16-bit
+gradient partition, a flat buffer its stage-3 optimizer keeps for the whole run: ours is 2P/N more.
+The tests check every column against the tensors of a real engine (bf16 and fp32, 2 ranks). With --offload-optimizer the fp32 states and the
 gradient partitions (as fp32) live in pinned CPU memory, 16 bytes per parameter per rank's share;
 with --offload-param the 16-bit weight partitions too (18).
 Without --bf16 (fp32 training) stage 0 has no master copy (4 + 4 + 8 bytes); ZeRO 1-3 still keep their
