@@ -4,6 +4,11 @@ fields are filled from the flags, so the two can never disagree.
 A field the JSON sets to a concrete value different from the flag's is an error naming the field and
 both values; "auto" (or leaving it out) means "take the flag's". The LR schedule is ours (see
 schedule.py), so a JSON "scheduler" section is refused.
+
+ZeRO bucket sizes set to "auto" are derived from the model's hidden size h, with the formulas
+DeepSpeed documents for its Hugging Face integration ("auto" values of zero_optimization):
+reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h (rounded down),
+stage3_param_persistence_threshold = 10*h (see `zero_auto_sizes`).
 """
 from __future__ import annotations
 
@@ -66,7 +71,35 @@ def optimizer_offloaded(ds_config: dict) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
-def build_ds_config(cfg: TrainingConfig, global_batch_size: int, gradient_accumulation_steps: int) -> dict:
+def zero_auto_sizes(hidden_size: int) -> dict[str, int]:
+    """The "auto" ZeRO sizes for a model of width `hidden_size` (elements, not bytes): one bucket holds
+    about one h x h weight matrix; parameters under 10*h elements (norm gains, biases) stay unpartitioned."""
+    return {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
+def fill_zero_auto(zero: dict, hidden_size: int | None, source: str) -> dict:
+    """Replace "auto" ZeRO sizes in a zero_optimization section (in place) by `zero_auto_sizes`.
+
+    Raises UsageError when a size is "auto" and no hidden size is known, or a key other than these is "auto".
+    """
+    sizes = zero_auto_sizes(hidden_size) if hidden_size else {}
+    for key, value in list(zero.items()):
+        if value != "auto":
+            continue
+        if key not in zero_auto_sizes(1):
+            raise UsageError(f"{source}: \"zero_optimization.{key}\" cannot be \"auto\" (only "
+                             f"{', '.join(zero_auto_sizes(1))} are derived from the hidden size)")
+        if not sizes:
+            raise UsageError(f"{source}: \"zero_optimization.{key}\" is \"auto\" but no hidden size was given")
+        zero[key] = sizes[key]
+    return zero
+
+
+def build_ds_config(cfg: TrainingConfig, global_batch_size: int, gradient_accumulation_steps: int,
+                    hidden_size: int | None = None) -> dict:
+    """The filled DeepSpeed config; `hidden_size` resolves "auto" ZeRO bucket sizes (see zero_auto_sizes)."""
     source = f"--deepspeed-config {cfg.deepspeed_config}" if cfg.deepspeed_config else "DeepSpeed config"
     ds = copy.deepcopy(load_ds_json(cfg.deepspeed_config)) if cfg.deepspeed_config else {}
 
@@ -81,6 +114,7 @@ def build_ds_config(cfg: TrainingConfig, global_batch_size: int, gradient_accumu
     if cfg.zero_stage is not None:
         _agree(zero, "stage", cfg.zero_stage, "zero_optimization.stage", "--zero-stage", source)
     zero.setdefault("stage", 0)
+    fill_zero_auto(zero, hidden_size, source)
     if zero["stage"] not in (0, 1, 2, 3):
         raise UsageError(f"{source}: \"zero_optimization.stage\" must be 0-3, got {zero['stage']!r}")
     if cfg.pipeline_model_parallel_size > 1 and zero["stage"] > 1:

@@ -214,7 +214,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     dp_group = data_parallel_group(state)
     global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp_size
     ga = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
-    ds_config = build_ds_config(cfg, global_batch, ga)
+    ds_config = build_ds_config(cfg, global_batch, ga, model_config.hidden_size)
     # Bad inputs fail here, before the model is built.
     meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint) if cfg.load else None
     if meta:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from megatron_mixln.training.config import TrainingConfig, UsageError
-from megatron_mixln.training.ds_config import build_ds_config, optimizer_offloaded, zero_stage_of
+from megatron_mixln.training.ds_config import build_ds_config, optimizer_offloaded, zero_auto_sizes, zero_stage_of
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -21,7 +21,7 @@ def _write(tmp_path, data):
 def test_shipped_configs_fill_from_flags(path):
     cfg = TrainingConfig(deepspeed_config=path, micro_batch_size=4, lr=5e-4, bf16=True, optimizer="adam",
                          clip_grad=1.0)
-    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)
+    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4, hidden_size=4096)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
@@ -68,3 +68,33 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UsageError, match="not valid JSON"):
         build_ds_config(TrainingConfig(deepspeed_config=str(bad)), 4, 1)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "ds_configs", "zero3*.json"))))
+@pytest.mark.parametrize("hidden", [64, 4096])
+def test_zero3_auto_sizes_are_transformers_formulas(path, hidden):
+    """ZeRO-3 bucket sizes are "auto" in the shipped configs and filled from the hidden size exactly as
+    transformers' DeepSpeed integration fills them (HfTrainerDeepSpeedConfig.trainer_config_finalize)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    with open(path) as fh:
+        shipped = json.load(fh)["zero_optimization"]
+    assert all(shipped[k] == "auto" for k in zero_auto_sizes(1))
+    hf = HfTrainerDeepSpeedConfig({"zero_optimization": dict(shipped)})
+    hf.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda n: 1),
+                               SimpleNamespace(config=SimpleNamespace(hidden_size=hidden)), 10)
+    ours = build_ds_config(TrainingConfig(deepspeed_config=path, micro_batch_size=4, bf16=True), 8, 2, hidden)
+    for key in zero_auto_sizes(1):
+        assert ours["zero_optimization"][key] == hf.config["zero_optimization"][key]
+    assert ours["zero_optimization"]["reduce_bucket_size"] == hidden * hidden
+
+
+def test_auto_sizes_need_a_hidden_size(tmp_path):
+    path = _write(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    with pytest.raises(UsageError, match=r'"zero_optimization.reduce_bucket_size" is "auto" but no hidden size'):
+        build_ds_config(TrainingConfig(deepspeed_config=path, micro_batch_size=4), 8, 2)
+    path = _write(tmp_path, {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}})
+    with pytest.raises(UsageError, match=r'"zero_optimization.stage3_max_live_parameters" cannot be "auto"'):
+        build_ds_config(TrainingConfig(deepspeed_config=path, micro_batch_size=4), 8, 2, 64)

@@ -1,0 +1,89 @@
+"""Bytes a transformer block saves for backward, per micro-batch and GPU, for each norm position.
+
+Derived from the block's forward (megatron_mixln/model/block.py, attention.py, mlp.py and the add+norm
+implementations in kernels/), b = micro-batch, s = sequence, h = hidden, f = ffn, a = query heads,
+g = key/value heads, d = head dim, e = bytes of an activation (2 in bf16, 4 in fp32), t = TP size:
+
+    linear inputs      e*b*s*h   attention input (shared by q, k, v)   + e*b*s*h   MLP input (gate, up)
+    attention          e*b*s*h/t * (2 + 2g/a)   q, k after RoPE, v, output (= o_proj input, same storage)
+                       + 4*b*(a/t)*s            flash-attention log-sum-exp (fp32)
+                       + 2*4*s*d                RoPE cos and sin tables (fp32)
+    SwiGLU             4*e*b*s*f/t              gate output, silu(gate), up output, their product
+    one norm, torch    (8*b*s*h + 4*b*s)        the fp32 sum s and s*rstd, and rstd
+                       (+ 4*h in bf16: the gain cast to fp32)
+    one norm, triton   (e*b*s*h + 4*b*s)        its input (or the residual sum) and rstd (+ 4*b*s mean, LayerNorm)
+
+pre, lns, post, deepnorm and deeppost layers have two norms; peri layers four. Post-like layers save
+different tensors from pre layers (the raw layer input feeds attention and the normalised sums feed the
+next sublayer, where a pre layer keeps its normalised copies) but the same number of bytes; peri layers
+keep two more normalised tensors. Scalars (LNS's 1/sqrt(l), DeepNorm's a) are Python numbers and save
+nothing. Under sequence parallelism the norms run on s/t tokens; the linears' inputs are the gathered
+sequence, so they stay whole (this project's SP saves the gathered input).
+
+The tests check every term against the bytes autograd saves (each position, fp32/bf16, TP 1 and 2 with
+and without SP, the PyTorch and the Triton norm paths -- Triton interpreted on CPU -- and against the CUDA
+allocator when a GPU is present).
+
+With --recompute-activations a block keeps only its input (e*b*s*h, /t under SP) and one block's
+activations are alive again while it is recomputed in backward. The LM head keeps the final norm's
+tensors, its input and the fp32 log-softmax of the logits (4*b*s*V/t), plus int64 labels.
+"""
+from __future__ import annotations
+
+from megatron_mixln.model import ModelConfig
+
+
+def _norm_bytes(impl: str, kind: str, tokens: int, h: int, e: int, sp: int) -> int:
+    if impl == "torch":
+        return (8 * tokens * h + 4 * tokens) // sp + (4 * h if e != 4 else 0)
+    if impl in ("triton", "apex"):
+        return (e * tokens * h + 4 * tokens * (2 if kind == "layernorm" else 1)) // sp
+    raise ValueError(f"norm_impl: {impl!r} has no activation formula; use torch or triton")
+
+
+def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, seq: int, bf16: bool = True,
+                           impl: str = "triton", tp: int = 1, sequence_parallel: bool = False) -> dict[str, int]:
+    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}."""
+    e = 2 if bf16 else 4
+    tokens, h, f = micro_batch * seq, model.hidden_size, model.ffn_hidden_size
+    a, g, d = model.num_attention_heads, model.num_query_groups, model.head_dim
+    sp = tp if sequence_parallel else 1
+    norms = 4 if position == "peri" else 2
+    return {
+        "norms": norms * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp),
+        "linear_inputs": 2 * e * tokens * h,
+        "attention": e * tokens * h * (2 * a + 2 * g) // (a * tp) + 4 * micro_batch * (a // tp) * seq + 8 * seq * d,
+        "mlp": 4 * e * tokens * f // tp,
+    }
+
+
+def head_activation_bytes(model: ModelConfig, micro_batch: int, seq: int, bf16: bool = True, impl: str = "triton",
+                          tp: int = 1, sequence_parallel: bool = False) -> int:
+    """Final norm (if any) + LM-head input + fp32 log-softmax of the logits + int64 tokens and labels."""
+    e = 2 if bf16 else 4
+    tokens = micro_batch * seq
+    sp = tp if sequence_parallel else 1
+    final = _norm_bytes(impl, model.norm_kind, tokens, model.hidden_size, e, sp) if model.final_norm else 0
+    return final + e * tokens * model.hidden_size + 4 * tokens * model.vocab_size // tp + 8 * (2 * tokens + micro_batch)
+
+
+def activation_bytes(model: ModelConfig, micro_batch: int, seq: int, bf16: bool = True, impl: str = "triton",
+                     recompute: bool = False, tp: int = 1, sequence_parallel: bool = False,
+                     layers: range | None = None, with_head: bool = True) -> dict[str, int]:
+    """Activation bytes of one micro-batch over `layers` (default: all), per GPU.
+
+    -> {'blocks': saved by the blocks, 'recompute_peak': one block alive again in backward (0 without
+    recompute), 'head': LM head and loss, 'total'}.
+    """
+    layers = range(model.num_layers) if layers is None else layers
+    e = 2 if bf16 else 4
+    sp = tp if sequence_parallel else 1
+    per_block = [sum(block_activation_bytes(model, model.positions[i], micro_batch, seq, bf16, impl, tp,
+                                            sequence_parallel).values()) for i in layers]
+    if recompute:
+        blocks = len(per_block) * e * micro_batch * seq * model.hidden_size // sp
+        peak = max(per_block, default=0)
+    else:
+        blocks, peak = sum(per_block), 0
+    head = head_activation_bytes(model, micro_batch, seq, bf16, impl, tp, sequence_parallel) if with_head else 0
+    return {"blocks": blocks, "recompute_peak": peak, "head": head, "total": blocks + peak + head}

@@ -1,0 +1,35 @@
+"""Run as a script in a fresh process with TRITON_INTERPRET=1 (set before triton is imported): saved bytes
+of one block with the Triton add+norm kernels, interpreted on CPU, and the planner's formula, as JSON."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from planning_testlib import saved_tensor_bytes  # noqa: E402
+
+from megatron_mixln.model import ModelConfig  # noqa: E402
+from megatron_mixln.model.block import Block  # noqa: E402
+from megatron_mixln.planning import block_activation_bytes  # noqa: E402
+
+
+def main():
+    out = {}
+    for position in ("pre", "post", "peri", "deepnorm"):
+        for norm, dtype in (("RMSNorm", torch.bfloat16), ("LayerNorm", torch.float32)):
+            cfg = ModelConfig(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_layers=3,
+                              num_attention_heads=4, num_query_groups=2, seq_length=16, norm_position=position,
+                              norm_impl="triton", normalization=norm)
+            block = Block(cfg, 2).to(dtype)
+            x = torch.randn(2, 16, 64, dtype=dtype, requires_grad=True)
+            got, y = saved_tensor_bytes(lambda: block(x), exclude_params=list(block.parameters()))
+            y.float().sum().backward()
+            want = sum(block_activation_bytes(cfg, position, 2, 16, dtype == torch.bfloat16, "triton").values())
+            out[f"{position}/{norm}/{dtype}"] = [got, want]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
