@@ -28,7 +28,8 @@ def _sha256(path: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--mib", type=int, default=512)
     p.add_argument("--ranks", type=int, default=32)
     args = p.parse_args()

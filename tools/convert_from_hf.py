@@ -16,7 +16,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors or pytorch_model.bin)")
     p.add_argument("--output", required=True, help="checkpoint directory to create (use as --load)")
     p.add_argument("--norm-position", default=None,

@@ -17,7 +17,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training --save dir or plain converted dir")
     p.add_argument("--output", required=True, help="HF model directory to create")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")

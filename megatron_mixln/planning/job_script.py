@@ -14,15 +14,24 @@ _DEFAULTS = re.compile(r"^:\s+\"?\$\{[A-Za-z_][A-Za-z0-9_]*:?=")
 _ARGS = re.compile(r"^\s*args=\((.*?)^\s*\)", re.S | re.M)
 _SOURCE = re.compile(r"^\s*(?:source|\.)\s+(.+?)\s*$", re.M)
 _SCRIPT_DIR = re.compile(r"\$\(\s*dirname\s+\"?\$(?:0|\{BASH_SOURCE\[0\]\}|BASH_SOURCE)\"?\s*\)")
+# After the array: one-line additions to it (`if [ "$BF16" = 1 ]; then args+=(--bf16); fi`, EXTRA_ARGS).
+_ARGS_ADDITION = re.compile(r"^(?:if \[[^;]*\]; then args\+=\(.*\); fi|args\+=\(.*\)|read -ra \w+ <<< .*)$")
 
 
-def _kept_lines(text: str) -> list[str]:
+def _kept_lines(text: str, root: str = "") -> list[str]:
     out = []
     for line in text.splitlines():
-        line = line.strip()
+        if line[:1].isspace():  # inside an if/for block: not a top-level default
+            continue
+        line = line.strip().replace("$(pwd)", _quote(root)) if root else line.strip()
         if (_ASSIGN.match(line) or _DEFAULTS.match(line)) and "$(" not in line and "`" not in line:
             out.append(line)
     return out
+
+
+def _additions(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if _ARGS_ADDITION.match(line.strip()) and "$(" not in line and "`" not in line]
 
 
 def _bash(lines: list[str], environ: dict) -> subprocess.CompletedProcess:
@@ -50,7 +59,7 @@ def read_job_script(path: str, environ: dict | None = None) -> tuple[list[str], 
     texts = [text]
     for token in _SOURCE.findall(text):  # one level of sourced files, resolved by bash from the prelude
         token = _SCRIPT_DIR.sub(lambda _: script_dir, token)
-        resolved = _bash(prelude + _kept_lines(text) + [f"printf %s {token}"], environ or {}).stdout
+        resolved = _bash(prelude + _kept_lines(text, root) + [f"printf %s {token}"], environ or {}).stdout
         if resolved and not os.path.isabs(resolved):
             resolved = os.path.join(root, resolved)
         if resolved and os.path.isfile(resolved):
@@ -60,8 +69,10 @@ def read_job_script(path: str, environ: dict | None = None) -> tuple[list[str], 
     if not block:
         raise LayoutError(f"--job-script {path}: no `args=(` ... `)` array of trainer flags found "
                           "(in it or in a file it sources)")
-    body = [line for t in texts for line in _kept_lines(t[:block.start()] if block.string is t else t)]
-    result = _bash(prelude + body + [block.group(0).strip(), 'printf "%s\\0" "${args[@]}"'], environ or {})
+    body = [line for t in texts for line in _kept_lines(t[:block.start()] if block.string is t else t, root)]
+    after = _additions(block.string[block.end():])
+    result = _bash(prelude + body + [block.group(0).strip()] + after + ['printf "%s\\0" "${args[@]}"'],
+                   environ or {})
     if result.returncode:
         raise LayoutError(f"--job-script {path}: bash could not expand its args array: {result.stderr.strip()}")
     flags = [a for a in result.stdout.split("\0") if a != ""]

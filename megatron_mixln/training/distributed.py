@@ -55,7 +55,8 @@ def init_distributed(timeout_minutes: float | None = None, collective_timeout_s:
         backend = "nccl" if on_cuda else "gloo"
         if on_cuda:  # modulo: a scheduler may already have narrowed CUDA_VISIBLE_DEVICES per task
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        limit_s = max(collective_timeout_s or 0, 60 * (timeout_minutes or 0))
+        kwargs = {"timeout": datetime.timedelta(seconds=limit_s)} if limit_s else {}
         if "WORLD_SIZE" in os.environ:
             _rendezvous(backend, timeout_minutes)  # env:// from the launcher
             if collective_timeout_s and collective_timeout_s > 60 * (timeout_minutes or 10):

@@ -269,7 +269,8 @@ def _netns_ok():
 def test_hugging_face_dataset_without_network_fails_at_once(tmp_path, spm_model):
     """No HF_HUB_OFFLINE and no network (an empty network namespace: nothing leaves the machine):
     the hub probe fails at once instead of datasets retrying five times."""
-    env = {k: v for k, v in tool_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {k: v for k, v in tool_env().items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     line = _hf_error(tmp_path, spm_model, env, lambda cmd: ["unshare", "-n"] + cmd)
     assert "cannot reach the hub at huggingface.co:443" in line
 
