@@ -234,7 +234,7 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
             if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
                 graphs = compiled_graph_count() - graphs_before
                 logger.log("event", step, {"event": "compiled", "graphs": graphs})
-                logger.print(f"torch.compile: {graphs} graphs compiled in the first step" if graphs else
+                logger.print(f"torch.compile: {graphs} graph{'s' if graphs != 1 else ''} compiled in the first step" if graphs else
                              "WARNING: --compile is on but torch.compile produced no graph in the first step: "
                              "the blocks run eagerly")
             if math.isfinite(res.loss):
