@@ -207,6 +207,10 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
                  + (f" (backend {cfg.compile_backend}), {compiled_blocks} of {model_config.num_layers} blocks compiled"
                     if cfg.compile else "")
                  + f"; activation recomputation {'on' if cfg.recompute_activations else 'off'}")
+    if cfg.compile and zero_stage_of(ds_config) == 3:
+        logger.print("WARNING: --compile with ZeRO-3: DeepSpeed's per-module parameter hooks break each block's graph "
+                     "and Dynamo recompiles per module up to its recompile limit; results are unchanged, the "
+                     "speed-up is partial")
     graphs_before = compiled_graph_count()
 
     tokens_per_step = global_batch * model_config.seq_length

@@ -33,6 +33,7 @@ LAYOUTS = {
     "zero0_dp2_recompute_compile": (0, 1, False, 1, False, True, True),
     "zero0_tp2": (0, 2, False, 1, False, False, False),
     "zero1_tp2_sp_bf16": (1, 2, True, 1, True, False, False),
+    "zero1_tp2_sp_recompute_compile": (1, 2, True, 1, False, True, True),
     "zero3_tp2_sp_recompute": (3, 2, True, 1, False, True, False),
     "zero0_pp2": (0, 1, False, 2, False, False, False),
     "zero0_pp2_bf16": (0, 1, False, 2, True, False, False),
