@@ -148,6 +148,12 @@ class TrainingConfig:
             raise UsageError(
                 f"--lr-warmup-iters {self.lr_warmup_iters} is longer than the decay ({self.lr_decay_iters} steps)"
             )
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise UsageError(f"--compile-backend: unknown {self.compile_backend!r}; allowed: {', '.join(backends)}")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"--zero-stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
