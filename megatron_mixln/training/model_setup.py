@@ -18,7 +18,7 @@ from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.distributed import parallel_api
 from megatron_mixln.training.ds_config import zero_stage_of
 from megatron_mixln.training.grad_clip import install_global_grad_clipping
-from megatron_mixln.training.param_groups import param_groups  # noqa: F401  (also imported from here)
+from megatron_mixln.training.param_groups import param_groups
 
 
 def _checkpointed(forward, *args, **kwargs):

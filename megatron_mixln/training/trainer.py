@@ -96,7 +96,8 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     layer_norms, grad_norm = None, None
     # ZeRO-0 fp32: DeepSpeed keeps no norm. With clipping, grad_clip's global clip measures it (and
     # get_global_grad_norm returns it); without, it is measured here, between backward and step.
-    measure_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and not engine.gradient_clipping()
+    measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+                    and not engine.gradient_clipping())
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
         # its loss is already averaged over data-parallel ranks.
@@ -238,9 +239,9 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
             if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
                 graphs = compiled_graph_count() - graphs_before
                 logger.log("event", step, {"event": "compiled", "graphs": graphs})
-                logger.print(f"torch.compile: {graphs} graph{'s' if graphs != 1 else ''} compiled in the first step" if graphs else
-                             "WARNING: --compile is on but torch.compile produced no graph in the first step: "
-                             "the blocks run eagerly")
+                logger.print(f"torch.compile: {graphs} graph{'s' * (graphs != 1)} compiled in the first step"
+                             if graphs else "WARNING: --compile is on but torch.compile produced no graph in the "
+                             "first step: the blocks run eagerly")
             if math.isfinite(res.loss):
                 window_losses.append(res.loss)
             ts.iteration, ts.consumed_samples = step, ts.consumed_samples + global_batch

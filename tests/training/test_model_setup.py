@@ -1,5 +1,6 @@
 """Activation checkpointing and torch.compile are applied from outside, change no parameter name,
-and compute the same thing; weight decay skips norm gains."""
+compose with each other, and compute the same thing; weight decay skips norm gains and biases,
+whatever shape ZeRO-3 left the parameters in."""
 import copy
 
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from training_testlib import tiny_model
 
 from megatron_mixln.model import build_model
-from megatron_mixln.training.model_setup import apply_activation_checkpointing, apply_compile, param_groups
+from megatron_mixln.training.model_setup import apply_activation_checkpointing, apply_compile
+from megatron_mixln.training.param_groups import param_groups
 
 
 def _loss_and_grads(model, tokens):
