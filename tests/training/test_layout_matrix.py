@@ -8,7 +8,8 @@ unsharded model, the global batch, `torch.nn.utils.clip_grad_norm_`, `torch.opti
 every >= 2-D tensor. The layouts run through the trainer itself (`pretrain`) on 2 processes.
 Combinations DeepSpeed cannot run (ZeRO-2/3 with PP) must refuse, naming the combination.
 """
-import math
+import json
+import os
 
 import pytest
 import torch
@@ -47,10 +48,10 @@ def _model():
     return ModelConfig(**MODEL, norm_impl="torch")
 
 
-def _train(zero, tp, sp, pp, bf16, recompute, compile_):
+def _train(zero, tp, sp, pp, bf16, recompute, compile_, run_dir=None):
     from megatron_mixln.training.config import TrainingConfig
 
-    return TrainingConfig(**TRAIN, zero_stage=zero, tensor_model_parallel_size=tp, sequence_parallel=sp,
+    return TrainingConfig(**TRAIN, run_dir=run_dir, zero_stage=zero, tensor_model_parallel_size=tp, sequence_parallel=sp,
                           pipeline_model_parallel_size=pp, bf16=bf16, recompute_activations=recompute,
                           compile=compile_)
 
@@ -95,7 +96,8 @@ def _layouts_job(rank, world_size, tmpdir):
     for name, layout in LAYOUTS.items():
         torch._dynamo.reset()  # a fresh compile cache per layout, as in a real run
         graphs_before = compiled_graph_count()
-        summary = pretrain(_model(), _train(*layout), tiny_datasets())
+        run_dir = os.path.join(tmpdir, name)
+        summary = pretrain(_model(), _train(*layout, run_dir=run_dir), tiny_datasets())
         engine = summary["engine"]
         state = get_parallel_state() if layout[1] * layout[3] > 1 else None
         out[name] = {
@@ -106,6 +108,13 @@ def _layouts_job(rank, world_size, tmpdir):
             "compiled_blocks": compiled_block_count(engine.module, state),
             "graphs": compiled_graph_count() - graphs_before,
         }
+        if rank == 0:  # what the run logged at start-up (config.json) and after its first step (metrics.jsonl)
+            with open(os.path.join(run_dir, "config.json")) as fh:
+                config = json.load(fh)
+            with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+                events = [r for r in map(json.loads, fh) if r["kind"] == "event" and r.get("event") == "compiled"]
+            out[name]["logged"] = {"param_groups": config["param_groups"], "compiled_blocks": config["compiled_blocks"],
+                                   "graphs": [e["graphs"] for e in events]}
         engine.destroy()
     return out
 
@@ -190,6 +199,19 @@ def test_layout_gives_the_reference_update(runs, references, name):
             assert r["compiled_blocks"] == MODEL["num_layers"] and r["graphs"] > 0, (name, r)
         else:
             assert r["compiled_blocks"] == 0 and r["graphs"] == 0
+    # the start-up log: the whole model's groups (TP shards and stages summed) and what was compiled
+    logged = runs[0][name]["logged"]
+    init = ref["init"]
+    assert logged["param_groups"] == {
+        "decay_tensors": sum(v.ndim >= 2 for v in init.values()),
+        "decay_parameters": sum(v.numel() for v in init.values() if v.ndim >= 2),
+        "no_decay_tensors": sum(v.ndim < 2 for v in init.values()),
+        "no_decay_parameters": sum(v.numel() for v in init.values() if v.ndim < 2)}, name
+    assert logged["compiled_blocks"] == (MODEL["num_layers"] if compile_ else 0)
+    if compile_:  # the first-step count (later steps may add recompilations)
+        assert len(logged["graphs"]) == 1 and 0 < logged["graphs"][0] <= runs[0][name]["graphs"]
+    else:
+        assert logged["graphs"] == []
 
 
 @pytest.mark.parametrize("zero", [2, 3])
