@@ -14,7 +14,7 @@ from megatron_mixln.parallel.pipeline import (
     EmbeddingPipe, HeadPipe, build_pipeline_module, check_deepspeed_config, check_pipeline_config,
     init_stage_like_full_model, pipeline_layer_grad_norms, stage_partition,
 )
-from megatron_mixln.parallel.reductions import global_grad_norm, global_num_parameters
+from megatron_mixln.parallel.reductions import clip_grad_norm_, global_grad_norm, global_num_parameters
 from megatron_mixln.parallel.sequence_parallel import allreduce_sequence_parallel_grads, mark_sequence_parallel_params
 from megatron_mixln.parallel.sharding import merge_tp, split_tp, tp_partition_dim
 from megatron_mixln.parallel.state import (
@@ -47,5 +47,5 @@ __all__ = [
     "build_pipeline_module", "pipeline_layer_grad_norms", "init_stage_like_full_model", "stage_partition", "EmbeddingPipe", "HeadPipe",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "SEQ_DIM", "gather_from_tp_last_dim",
     "tp_partition_dim", "split_tp", "merge_tp", "load_plain_state_dict", "local_plain_state_dict",
-    "gather_plain_tensors", "tensor_parallel_grad_getter", "global_num_parameters", "global_grad_norm",
+    "gather_plain_tensors", "tensor_parallel_grad_getter", "global_num_parameters", "global_grad_norm", "clip_grad_norm_",
 ]

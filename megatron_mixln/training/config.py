@@ -67,6 +67,7 @@ class TrainingConfig:
     zero_stage: int | None = _help("ZeRO stage 0-3 (checked against --deepspeed-config; default 0 without one)", default=None)
     recompute_activations: bool = _help("activation checkpointing of every transformer block", default=False)
     compile: bool = _help("torch.compile each transformer block", default=False)
+    compile_backend: str = _help("torch.compile backend: inductor, or aot_eager / eager to debug", default="inductor")
     tensor_model_parallel_size: int = _help("tensor-parallel ranks", default=1)
     pipeline_model_parallel_size: int = _help("pipeline stages", default=1)
     sequence_parallel: bool = _help("Megatron sequence parallelism (needs tensor parallelism)", default=False)
@@ -165,7 +166,7 @@ class TrainingConfig:
         if self.lr_warmup_fraction is not None:
             if not 0.0 <= self.lr_warmup_fraction < 1.0:
                 raise UsageError(f"--lr-warmup-fraction: must be in [0, 1), got {self.lr_warmup_fraction}")
-            self.lr_warmup_iters = int(self.lr_warmup_fraction * self.lr_decay_iters)
+            self.lr_warmup_iters = warmup_iters_from_fraction(self.lr_warmup_fraction, self.lr_decay_iters)
             self.lr_warmup_fraction = None  # resolved: the config now says one thing only
         if self.lr_warmup_iters is None:
             self.lr_warmup_iters = 0
@@ -173,6 +174,12 @@ class TrainingConfig:
             raise UsageError(
                 f"--lr-warmup-iters {self.lr_warmup_iters} is longer than the decay ({self.lr_decay_iters} steps)"
             )
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise UsageError(f"--compile-backend: unknown {self.compile_backend!r}; allowed: {', '.join(backends)}")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"--zero-stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.tag is not None and not self.load:
@@ -191,6 +198,16 @@ class TrainingConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+def warmup_iters_from_fraction(fraction: float, decay_iters: int) -> int:
+    """Megatron's warm-up of `fraction * decay_iters` steps, rounded to the nearest whole step (halves
+    up). The product is taken exactly, on the decimal the user wrote (`Fraction(repr(fraction))`): in
+    floating point 0.29 * 100 is 28.999999999999996, which truncation made 28 steps instead of 29."""
+    from fractions import Fraction
+
+    exact = Fraction(repr(float(fraction))) * decay_iters
+    return int(exact + Fraction(1, 2))  # floor(x + 1/2) for x >= 0
 
 
 def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:

@@ -12,42 +12,67 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from megatron_mixln.model import ModelConfig, build_model, init_weights
+from megatron_mixln.model.block import Block
 from megatron_mixln.training.checkpoint_io import install_safe_checkpoint_engine
 from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.distributed import parallel_api
 from megatron_mixln.training.ds_config import zero_stage_of
+from megatron_mixln.training.grad_clip import install_global_grad_clipping
+from megatron_mixln.training.param_groups import param_groups
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """forward(*args) with its activations recomputed in backward. A Python frame of our own (not
+    torch.utils.checkpoint's, which disables Dynamo), so that torch.compile traces through it and
+    keeps the checkpoint as a region of the compiled graph."""
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[Block]:
+    """The transformer blocks of a plain model, or of this rank's pipeline stage."""
+    return [m for m in model.modules() if isinstance(m, Block)]
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint).
 
     The block's forward is replaced on the instance rather than wrapped in a new module, so the
-    state-dict keys stay the same with and without the flag.
+    state-dict keys stay the same with and without the flag. Composes with `apply_compile` in either
+    order: the compiled block traces `_checkpointed` and compiles the checkpointed region.
     """
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(_checkpointed, block.forward)
 
 
-def apply_compile(model: torch.nn.Module, **compile_kwargs) -> None:
+def apply_compile(model: torch.nn.Module, **compile_kwargs) -> int:
     """torch.compile each block separately (small graphs, compiled once and reused: all blocks of a
-    position share code). nn.Module.compile works in place and keeps parameter names."""
-    for block in model.layers:
+    position share code). nn.Module.compile works in place and keeps parameter names. Returns the
+    number of blocks compiled."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
         block.compile(**compile_kwargs)
+    return len(blocks)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linears, embeddings); none on norm gains and biases (Megatron's rule)."""
-    decay, no_decay = [], []
-    seen = set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+def compiled_block_count(model: torch.nn.Module, state=None) -> int:
+    """Blocks of the whole model that run compiled (pipeline stages summed; collective over the
+    pipeline group when there is one)."""
+    local = sum(block._compiled_call_impl is not None for block in transformer_blocks(model))
+    if state is None or state.pp_size == 1:
+        return local
+    import torch.distributed as dist
+
+    params = list(model.parameters())
+    total = torch.tensor([float(local)], device=params[0].device if params else "cpu")
+    dist.all_reduce(total, group=state.pp_group)
+    return int(total.item())
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has produced in this process so far (Dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def build_plain_model(model_config: ModelConfig, seed: int, ds_config: dict,
@@ -92,6 +117,8 @@ def build_model_and_optimizer(model_config: ModelConfig, cfg: TrainingConfig, ds
             activation_checkpoint_interval=1 if cfg.recompute_activations else 0,
             sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
         )
+        if cfg.compile:  # the stage's blocks; DeepSpeed's own recomputation calls them inside its checkpoint
+            apply_compile(model, backend=cfg.compile_backend)
         mpu = None
     else:
         # Tensor parallelism shards full weights, so under TP the model is built whole (on the CPU) and
@@ -103,7 +130,7 @@ def build_model_and_optimizer(model_config: ModelConfig, cfg: TrainingConfig, ds
         if cfg.recompute_activations:
             apply_activation_checkpointing(model)
         if cfg.compile:
-            apply_compile(model)
+            apply_compile(model, backend=cfg.compile_backend)
         mpu = state.mpu if state is not None else None
     # DeepSpeed keeps the last engine's mpu process-wide (deepspeed.utils.groups.mpu); an engine built
     # after another one in the same process (tests, notebooks) must not inherit its groups.
@@ -114,4 +141,5 @@ def build_model_and_optimizer(model_config: ModelConfig, cfg: TrainingConfig, ds
         model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config, mpu=mpu
     )
     install_safe_checkpoint_engine(engine)
+    install_global_grad_clipping(engine, state)
     return engine

@@ -33,7 +33,8 @@ from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
 from megatron_mixln.training.loss import make_token_loss_fn
 from megatron_mixln.training.metrics import MetricsLogger, format_train_line
-from megatron_mixln.training.model_setup import build_model_and_optimizer
+from megatron_mixln.training.model_setup import build_model_and_optimizer, compiled_block_count, compiled_graph_count
+from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
@@ -99,7 +100,10 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     device = torch.device(engine.device)
     ga = engine.gradient_accumulation_steps()
     layer_norms, grad_norm = None, None
-    plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    # ZeRO-0 fp32: DeepSpeed keeps no norm. With clipping, grad_clip's global clip measures it (and
+    # get_global_grad_norm returns it); without, it is measured here, between backward and step.
+    measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+                    and not engine.gradient_clipping())
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
         # its loss is already averaged over data-parallel ranks.
@@ -113,7 +117,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
                 from megatron_mixln.parallel import pipeline_layer_grad_norms
 
                 collected.extend(pipeline_layer_grad_norms(engine.module, state, _grad_getter(engine, state)))
-            if plain_fp32:  # as below: DeepSpeed keeps no norm for a plain fp32 optimizer
+            if measure_norm:  # as below
                 norms.append(_plain_grad_norm(engine, state))
 
         with _before_model_step(engine, before_step):
@@ -130,7 +134,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
             if engine.is_gradient_accumulation_boundary():
                 if want_layer_norms:
                     layer_norms = layer_grad_norms(engine.module, _grad_getter(engine, state))
-                if plain_fp32:
+                if measure_norm:
                     grad_norm = _plain_grad_norm(engine, state)
                 set_lr(engine.optimizer, lr)
                 guard.arm()
@@ -238,10 +242,13 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
 
     n_params = _num_params(engine.module, state)
+    groups = param_group_counts(engine.module, state)
+    compiled_blocks = compiled_block_count(engine.module, state)
     run_config = {
         "model": model_config.to_dict(), "training": cfg.to_dict(), "positions": model_config.positions_str,
         "world_size": dist.get_world_size(), "data_parallel_size": dp_size, "global_batch_size": global_batch,
         "gradient_accumulation_steps": ga, "zero_stage": zero_stage_of(ds_config), "parameters": n_params,
+        "param_groups": groups, "compiled_blocks": compiled_blocks,
     }
     logger = MetricsLogger(cfg.run_directory, is_rank0(), run_config, cfg.wandb_project,
                            cfg.wandb_name or model_config.norm_position, cfg.wandb_mode)
@@ -255,6 +262,16 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                  f" (data-parallel {dp_size}), global batch {global_batch} = micro {cfg.micro_batch_size} x dp "
                  f"{dp_size} x accumulation {ga}, ZeRO stage {zero_stage_of(ds_config)}, "
                  f"{'bf16' if cfg.bf16 else 'fp32'}")
+    logger.print(describe_param_groups(groups, cfg.weight_decay))
+    logger.print(f"torch.compile: {'on' if cfg.compile else 'off'}"
+                 + (f" (backend {cfg.compile_backend}), {compiled_blocks} of {model_config.num_layers} blocks compiled"
+                    if cfg.compile else "")
+                 + f"; activation recomputation {'on' if cfg.recompute_activations else 'off'}")
+    if cfg.compile and zero_stage_of(ds_config) == 3:
+        logger.print("WARNING: --compile with ZeRO-3: DeepSpeed's per-module parameter hooks break each block's graph "
+                     "and Dynamo recompiles per module up to its recompile limit; results are unchanged, the "
+                     "speed-up is partial")
+    graphs_before = compiled_graph_count()
 
     tokens_per_step = global_batch * model_config.seq_length
     embed_params = model_config.vocab_size * model_config.hidden_size  # whatever rank/stage holds it
@@ -284,6 +301,12 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                              time_up)
             window_time += time.perf_counter() - t0
             window_steps += 1
+            if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
+                graphs = compiled_graph_count() - graphs_before
+                logger.log("event", step, {"event": "compiled", "graphs": graphs})
+                logger.print(f"torch.compile: {graphs} graph{'s' * (graphs != 1)} compiled in the first step"
+                             if graphs else "WARNING: --compile is on but torch.compile produced no graph in the "
+                             "first step: the blocks run eagerly")
             if math.isfinite(res.loss):
                 window_losses.append(res.loss)
             ts.iteration, ts.consumed_samples = step, ts.consumed_samples + global_batch

@@ -89,3 +89,13 @@ def test_load_nothing_or_another_shape(capsys, data, tmp_path):
 def test_parallel_sizes_that_do_not_fit_the_world(capsys, data):
     _fails(capsys, tiny_cli_args(data, tensor_model_parallel_size=2),
            "world size 1 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1")
+
+
+def test_unknown_compile_backend(capsys, data):
+    _fails(capsys, tiny_cli_args(data, compile=True, compile_backend="inductr"), "--compile-backend", "'inductr'",
+           "inductor")
+
+
+def test_zero3_with_pipeline_refused(capsys, data):
+    _fails(capsys, tiny_cli_args(data, pipeline_model_parallel_size=2, zero_stage=3),
+           "--pipeline-model-parallel-size 2 with --zero-stage 3")

@@ -1,5 +1,6 @@
 """Activation checkpointing and torch.compile are applied from outside, change no parameter name,
-and compute the same thing; weight decay skips norm gains."""
+compose with each other, and compute the same thing; weight decay skips norm gains and biases,
+whatever shape ZeRO-3 left the parameters in."""
 import copy
 
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from training_testlib import tiny_model
 
 from megatron_mixln.model import build_model
-from megatron_mixln.training.model_setup import apply_activation_checkpointing, apply_compile, param_groups
+from megatron_mixln.training.model_setup import apply_activation_checkpointing, apply_compile
+from megatron_mixln.training.param_groups import param_groups
 
 
 def _loss_and_grads(model, tokens):
@@ -69,3 +71,76 @@ def test_recompute_under_zero3_trains_identically(single_rank):
     runs = [run_and_destroy(tiny_model(), tiny_train(zero_stage=3, recompute_activations=rc, train_iters=3, eval_iters=0),
                             tiny_datasets()) for rc in (False, True)]
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+
+
+def _recording_backend(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # run the captured graph as it is (checkpoint regions included)
+
+    return backend
+
+
+def test_compile_and_recompute_both_take_effect_in_either_order():
+    """--compile with --recompute-activations: every block is compiled, and the graph Dynamo captured
+    holds the checkpointed region (the activation-checkpoint higher-order op); gradients equal eager.
+    Before the fix the checkpoint wrapper hid the block from Dynamo: 0 graphs, silently eager."""
+    import torch._dynamo
+
+    from megatron_mixln.training.model_setup import compiled_graph_count
+
+    plain, _, tokens = _pair()
+    loss_a, grads_a = _loss_and_grads(plain, tokens)
+    for order in ("recompute_then_compile", "compile_then_recompute"):
+        torch._dynamo.reset()
+        model, graphs = copy.deepcopy(plain), []
+        before = compiled_graph_count()
+        if order == "recompute_then_compile":
+            apply_activation_checkpointing(model)
+            n = apply_compile(model, backend=_recording_backend(graphs))
+        else:
+            n = apply_compile(model, backend=_recording_backend(graphs))
+            apply_activation_checkpointing(model)
+        loss_b, grads_b = _loss_and_grads(model, tokens)
+        assert n == 3 and compiled_graph_count() - before == len(graphs) >= 2, order  # a post and a pre block
+        assert all("tag_activation_checkpoint" in gm.code for gm in graphs), order
+        assert abs(loss_a - loss_b) < 1e-6
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_groups_from_structure_not_shapes():
+    """The groups depend on what a parameter is, not on its (possibly ZeRO-3-partitioned) shape: with
+    every shape replaced by (0,) -- as zero.Init leaves them, the true shape in `ds_shape` -- the split
+    is the same as on the plain model, where it is the >= 2-D rule."""
+    from megatron_mixln.training.param_groups import split_decay
+
+    model = build_model(tiny_model(num_layers=3, norm_position="peri", post_ln_layers=None, normalization="LayerNorm"))
+    decay, no_decay = split_decay(model)
+    assert [id(p) for p in decay] == [id(p) for p in model.parameters() if p.ndim >= 2]
+    assert [id(p) for p in no_decay] == [id(p) for p in model.parameters() if p.ndim < 2]
+    assert any(n.endswith("bias") for n, _ in model.named_parameters())  # LayerNorm biases are in no_decay
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    decay2, no_decay2 = split_decay(model)
+    assert [id(p) for p in decay2] == [id(p) for p in decay] and [id(p) for p in no_decay2] == [id(p) for p in no_decay]
+
+
+def test_zero3_engine_keeps_weight_decay(single_rank):
+    """Under ZeRO-3's partitioned construction the engine's optimizer still has the decay group."""
+    from megatron_mixln.training.ds_config import build_ds_config
+    from megatron_mixln.training.model_setup import build_model_and_optimizer
+    from training_testlib import tiny_train
+
+    cfg = tiny_train(zero_stage=3, weight_decay=0.5)
+    engine = build_model_and_optimizer(tiny_model(), cfg, build_ds_config(cfg, 4, 2))
+    try:
+        # ZeRO-3 keeps each group's model tensors in fp16_groups (it empties the inner groups between steps)
+        groups = {g["weight_decay"]: sum(p.ds_numel for p in tensors)
+                  for g, tensors in zip(engine.optimizer.param_groups, engine.optimizer.fp16_groups)}
+        plain = build_model(tiny_model())
+        assert groups == {0.5: sum(p.numel() for p in plain.parameters() if p.ndim >= 2),
+                          0.0: sum(p.numel() for p in plain.parameters() if p.ndim < 2)}
+    finally:
+        engine.destroy()
