@@ -66,7 +66,7 @@ class TrainingConfig:
     )
     zero_stage: int | None = _help("ZeRO stage 0-3 (checked against --deepspeed-config; default 0 without one)", default=None)
     recompute_activations: bool = _help("activation checkpointing of every transformer block", default=False)
-    compile: bool = _help("torch.compile each transformer block", default=False)
+    compile: bool = _help("torch.compile each transformer block and the loss", default=False)
     tensor_model_parallel_size: int = _help("tensor-parallel ranks", default=1)
     pipeline_model_parallel_size: int = _help("pipeline stages", default=1)
     sequence_parallel: bool = _help("Megatron sequence parallelism (needs tensor parallelism)", default=False)

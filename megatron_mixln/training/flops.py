@@ -19,14 +19,22 @@ _GPU_PEAKS = {
 }
 
 
+def gpu_peak_tflops(bf16: bool, name: str | None = None) -> float | None:
+    """Dense peak TFLOP/s of a listed GPU (`name`, default: the current CUDA device), else None."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    for key, (p_bf16, p_fp32) in _GPU_PEAKS.items():
+        if key in name.upper():
+            return p_bf16 if bf16 else p_fp32
+    return None
+
+
 def default_peak_tflops(bf16: bool) -> float | None:
     """Peak for this device, or None when unknown (MFU is then not reported)."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().upper()
-        for key, (p_bf16, p_fp32) in _GPU_PEAKS.items():
-            if key in name:
-                return p_bf16 if bf16 else p_fp32
-        return None
+        return gpu_peak_tflops(bf16)
     # CPU: a rough AVX2 estimate, 32 fp32 FLOPs/cycle/core at ~2 GHz for the threads torch uses.
     return torch.get_num_threads() * 32 * 2.0e9 / 1e12
 

@@ -30,9 +30,19 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 def apply_compile(model: torch.nn.Module, **compile_kwargs) -> None:
     """torch.compile each block separately (small graphs, compiled once and reused: all blocks of a
-    position share code). nn.Module.compile works in place and keeps parameter names."""
+    position share code). nn.Module.compile works in place and keeps parameter names.
+
+    With cross-block fusion a block's graph starts with the previous block's handed-off residual
+    add, so the add and the first norm fuse into one Inductor kernel even across compiled blocks."""
     for block in model.layers:
         block.compile(**compile_kwargs)
+
+
+def compile_loss(token_loss_fn, **compile_kwargs):
+    """The per-token loss compiled on its own: Inductor fuses the fp32 upcast of the logits, the
+    log-softmax and the NLL gather (forward and backward) instead of writing full-vocabulary fp32
+    tensors between them -- at a 8k vocabulary on CPU, the largest single gain of --compile."""
+    return torch.compile(token_loss_fn, **compile_kwargs)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -31,7 +31,7 @@ from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
 from megatron_mixln.training.loss import make_token_loss_fn
 from megatron_mixln.training.metrics import MetricsLogger, format_train_line
-from megatron_mixln.training.model_setup import build_model_and_optimizer
+from megatron_mixln.training.model_setup import build_model_and_optimizer, compile_loss
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
@@ -203,6 +203,8 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
                           model_config.seq_length)
     peak = cfg.peak_tflops or default_peak_tflops(cfg.bf16)
     token_loss_fn = make_token_loss_fn(state)
+    if cfg.compile and cfg.pipeline_model_parallel_size == 1 and cfg.tensor_model_parallel_size == 1:
+        token_loss_fn = compile_loss(token_loss_fn)  # (TP's vocab-parallel loss holds collectives: left eager)
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
     preempt = PreemptionFlag()
