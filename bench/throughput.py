@@ -7,7 +7,7 @@
     python bench/throughput.py --preset 1b --dtype bf16 --compile on --micro-batch-size 8 \
         --seq-length 2048 --json out.json                        # one GPU
 
-One step = forward, backward and optimizer step (AdamW, lr 1e-3, fused=True on CUDA) on a fixed
+One step = forward, backward and optimizer step (AdamW, lr 1e-3, fused=True) on a fixed
 (micro-batch, seq-length) batch of random tokens. Both models have the same shape (LLaMA: SwiGLU,
 RoPE, untied head, SDPA attention) and the same optimizer; `transformers` runs its own loss
 (`labels=`), as the seed's training loop does, this stack runs the trainer's (fp32 cross entropy).
@@ -16,9 +16,9 @@ The two are built in one process and timed alternately (A B, B A, ...) so machin
 there). Reported: median tokens/s per device and its spread (min-max over the rounds), the ratio of
 medians (this stack / transformers), MFU = tokens/s x FLOPs/token / peak with the trainer's FLOPs
 count (`megatron_mixln.training.flops`: 6 N + 12 L d T per token) -- only where the peak is known
-(a listed GPU, or `--peak-tflops`; "n/a" on CPU) -- and peak memory: on CUDA the model's own
-states (params, grads, AdamW moments) plus its peak transient memory in a step; on CPU the growth of
-peak RSS of a child process that builds only that model and runs two steps (`--no-memory` skips it).
+(a listed GPU, or `--peak-tflops`; "n/a" on CPU) -- and peak memory of one step after the warm-up:
+the model's parameters and AdamW state plus the step's peak growth over them (gradients,
+activations, temporaries): CUDA allocator figures on a GPU, resident-set growth on CPU (Linux).
 
 `--dtype bf16` is torch.autocast mixed precision by default (fp32 weights and optimizer);
 `--bf16-mode cast` casts both models to bf16 (bf16 weights, as the Mix-LN reference loop, and as
@@ -199,10 +199,8 @@ def make_step(impl: str, model, optimizer, tokens, labels, autocast_dtype, compi
 
 
 def make_optimizer(model, device):
-    kwargs = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    if device.type == "cuda":
-        kwargs["fused"] = True  # one kernel for all parameters instead of a foreach loop
-    return torch.optim.AdamW(model.parameters(), **kwargs)
+    # fused=True: one kernel over all parameters instead of a foreach loop (CUDA, and CPU since torch 2.4)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
 
 
 def prepare(impl: str, cfg: ModelConfig, args, dtype: str, compile_on: bool, device):
@@ -228,15 +226,6 @@ def prepare(impl: str, cfg: ModelConfig, args, dtype: str, compile_on: bool, dev
     return model, optimizer, make_step(impl, model, optimizer, tokens, labels, autocast_dtype, compile_on)
 
 
-def state_bytes(model, optimizer) -> int:
-    """Bytes of the model's persistent training state: parameters, gradients, optimizer tensors."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # grads
-    for st in optimizer.state.values():
-        total += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
-    return total
-
-
 def sdpa_context(backend: str):
     if backend == "auto":
         return contextlib.nullcontext()
@@ -253,35 +242,46 @@ def sync(device):
 
 # ---------------------------------------------------------------- peak memory
 
-def _cpu_memory_child(queue, argv, threads, impl, spec, position, dtype, compile_on):
-    """Child process: RSS growth from before building one model to the end of two training steps."""
-    import resource
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
 
-    args = parse_args(argv)
-    torch.set_num_threads(threads)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cfg = model_config(args, spec, position)
-    _, _, step = prepare(impl, cfg, args, dtype, compile_on, torch.device("cpu"))
-    for _ in range(2):
+
+def step_peak_growth(step, device) -> int | None:
+    """Bytes a training step allocates at its peak over what was allocated before it (grads and
+    activations; on CPU the resident-set growth, peak reset through /proc/self/clear_refs), or None
+    where it cannot be measured."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+        base = _proc_kib("VmRSS")
+        step()
+        return (_proc_kib("VmHWM") - base) * 1024
+    except OSError:
+        return None
 
 
-def cpu_peak_memory(argv, impl, spec, position, dtype, compile_on) -> int | None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_cpu_memory_child, args=(queue, argv, torch.get_num_threads(), impl, spec, position, dtype, compile_on))
-    proc.start()
-    proc.join()
-    return queue.get() if proc.exitcode == 0 and not queue.empty() else None
+def persistent_bytes(model, optimizer) -> int:
+    """Parameters and optimizer state (AdamW: step, exp_avg, exp_avg_sq), resident between steps."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+    return total
 
 
 # ---------------------------------------------------------------- one table row
 
-def measure(args, argv, spec: dict, position: str, dtype: str, compile_on: bool, device) -> dict:
+def measure(args, spec: dict, position: str, dtype: str, compile_on: bool, device) -> dict:
     cfg = model_config(args, spec, position)
     tokens_per_step = args.micro_batch_size * args.seq_length
     n_params = None
@@ -292,16 +292,13 @@ def measure(args, argv, spec: dict, position: str, dtype: str, compile_on: bool,
             n_params = sum(p.numel() for p in model.parameters())
         runs[impl] = {"model": model, "optimizer": optimizer, "step": step, "times": [], "memory": None}
     with sdpa_context(args.sdpa_backend):
-        for impl, run in runs.items():  # warm-up (compilation), and on CUDA the memory of each model
-            if device.type == "cuda":
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(max(args.warmup, 1 if device.type == "cuda" else 0)):
+        for impl, run in runs.items():  # warm-up (compilation, optimizer state), then one step's memory
+            for _ in range(args.warmup):
                 run["step"]()
-            sync(device)
-            if device.type == "cuda":
-                transient = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
-                run["memory"] = state_bytes(run["model"], run["optimizer"]) + max(transient, 0)
+            if not args.no_memory:
+                growth = step_peak_growth(run["step"], device)
+                if growth is not None:
+                    run["memory"] = persistent_bytes(run["model"], run["optimizer"]) + growth
         order = list(runs)
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         for r in range(args.repeats):
@@ -312,9 +309,6 @@ def measure(args, argv, spec: dict, position: str, dtype: str, compile_on: bool,
                     runs[impl]["step"]()
                 sync(device)
                 runs[impl]["times"].append(clock() - t0)
-    if device.type == "cpu" and not args.no_memory:
-        for impl in runs:
-            runs[impl]["memory"] = cpu_peak_memory(argv, impl, spec, position, dtype, compile_on)
     embed = cfg.vocab_size * cfg.hidden_size
     fpt = flops_per_token(n_params or 0, embed, cfg.num_layers, cfg.hidden_size, cfg.seq_length)
     peak = args.peak_tflops or (gpu_peak_tflops(dtype == "bf16") if device.type == "cuda" else None)
@@ -389,7 +383,7 @@ def main(argv=None):
           flush=True)
     rows = []
     for spec, position, dtype, comp in itertools.product(shapes(args), args.norm_position, args.dtype, args.compile):
-        row = measure(args, argv, spec, position, dtype, comp == "on", device)
+        row = measure(args, spec, position, dtype, comp == "on", device)
         rows.append(row)
         print("  " + " | ".join(fmt_row(row)), file=sys.stderr, flush=True)
     print_table(rows)
