@@ -358,7 +358,8 @@ HEADER = ["shape", "positions", "dtype", "compile", "mixln tok/s (min-max)", "mi
           "hf tok/s (min-max)", "hf MFU", "hf GiB", "ratio (per-round min-max)"]
 
 
-def print_table(rows, file=sys.stdout):
+def print_table(rows, file=None):
+    file = file or sys.stdout
     print("| " + " | ".join(HEADER) + " |", file=file)
     print("|" + "---|" * len(HEADER), file=file)
     for row in rows:
