@@ -68,3 +68,15 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UsageError, match="not valid JSON"):
         build_ds_config(TrainingConfig(deepspeed_config=str(bad)), 4, 1)
+
+
+@pytest.mark.parametrize("name, fused", [("zero1.json", True), ("zero3_offload.json", None)])
+def test_torch_adam_is_fused_on_cuda_unless_offloaded(monkeypatch, name, fused):
+    import megatron_mixln.training.ds_config as ds_config
+
+    monkeypatch.setattr(ds_config, "_cuda_available", lambda: True)
+    cfg = TrainingConfig(deepspeed_config=os.path.join(REPO, "ds_configs", name), micro_batch_size=4, bf16=True)
+    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)
+    assert ds["optimizer"]["params"].get("fused") is fused
+    monkeypatch.setattr(ds_config, "_cuda_available", lambda: False)
+    assert "fused" not in build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)["optimizer"]["params"]
