@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--hf-compile", default="same", choices=["same", "off"],
                    help="same: compile transformers' model too when --compile on; off: keep it eager (the seed's loop)")
+    p.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                   help="this stack under --compile on: each block (the trainer's way) or the whole model")
     p.add_argument("--cross-block-fusion", default="on", choices=["on", "off"],
                    help="this stack's cross-block residual-add fusion (ModelConfig.cross_block_fusion)")
     p.add_argument("--norm-impl", default="auto", help="this stack's add+norm implementation (auto, torch, triton, apex)")
@@ -215,7 +217,7 @@ def prepare(impl: str, cfg: ModelConfig, args, dtype: str, compile_on: bool, dev
             autocast_dtype = torch.bfloat16
     if compile_on:
         if impl == "mixln":
-            apply_compile(model)
+            apply_compile(model, whole_model=args.compile_scope == "model")
         elif args.hf_compile == "same":
             model.compile()
     model.train()
@@ -380,7 +382,7 @@ def main(argv=None):
     print(f"# micro-batch {args.micro_batch_size} x seq {args.seq_length}, vocab {args.vocab_size}, AdamW; "
           f"{args.repeats} rounds x {args.steps} steps after {args.warmup} warm-up, alternating; "
           f"bf16 = {args.bf16_mode}, sdpa {args.sdpa_backend}, cross-block fusion {args.cross_block_fusion}, "
-          f"{args.clock} clock, transformers compiled: {args.hf_compile}",
+          f"{args.clock} clock, compile scope {args.compile_scope}, transformers compiled: {args.hf_compile}",
           flush=True)
     rows = []
     for spec, position, dtype, comp in itertools.product(shapes(args), args.norm_position, args.dtype, args.compile):

@@ -28,12 +28,17 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def apply_compile(model: torch.nn.Module, **compile_kwargs) -> None:
+def apply_compile(model: torch.nn.Module, whole_model: bool = False, **compile_kwargs) -> None:
     """torch.compile each block separately (small graphs, compiled once and reused: all blocks of a
-    position share code). nn.Module.compile works in place and keeps parameter names.
+    position share code), or with `whole_model` the model as one graph (embedding, every block, final
+    norm and head: more fusion, longer compile). nn.Module.compile works in place and keeps
+    parameter names.
 
     With cross-block fusion a block's graph starts with the previous block's handed-off residual
     add, so the add and the first norm fuse into one Inductor kernel even across compiled blocks."""
+    if whole_model:
+        model.compile(**compile_kwargs)
+        return
     for block in model.layers:
         block.compile(**compile_kwargs)
 
