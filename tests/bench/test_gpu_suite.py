@@ -62,7 +62,11 @@ def test_7b_smoke_uses_the_slurm_jobs_settings_and_parses():
                  "--optimizer adam --lr 5e-4 --lr-warmup-fraction 0.1 --lr-decay-style cosine --clip-grad 1.0",
                  "--bf16", "--recompute-activations"):
         assert flag in slurm and flag in " ".join(argv), flag
-    assert train.deepspeed_config == "ds_configs/zero3_offload.json"
+    assert train.deepspeed_config == "ds_configs/zero3_offload.json" and train.torch_adam is True
+    from megatron_mixln.training.ds_config import build_ds_config, optimizer_offloaded, zero_stage_of
+
+    ds = build_ds_config(train, global_batch_size=8, gradient_accumulation_steps=1)
+    assert zero_stage_of(ds) == 3 and optimizer_offloaded(ds) and ds["zero_force_ds_cpu_optimizer"] is False
 
 
 def test_7b_data_snippet_writes_a_readable_dataset(tmp_path):
