@@ -29,19 +29,20 @@ class Block(nn.Module):
     s = 1/sqrt(layer_number) for lns, else 1; a = (2L)^(1/4) for deepnorm, sqrt(8) for deeppost,
     else 1. `layer_number` is 1-based and global (it survives pipeline splitting).
 
-    Cross-block fusion (`hand_off_residual`, set once by whoever chains the layers, see
+    Cross-block fusion (`hand_off_residual`, decided once by whoever chains the layers, see
     `plan_residual_handoff`): a pre/lns/peri layer followed by a pre/lns/peri layer (or by the final
-    norm) does not do its last add; it returns the pair (h, d), y = h + d, and the next layer's first
-    norm does the add and the norm in one `add_norm` -- one pass over the activations instead of two,
-    forward and backward:
+    norm) skips its last add and returns the pair (h, d), standing for y = h + d; the next layer's
+    first norm does the add and the norm as one `add_norm` (one fused kernel forward, one backward,
+    instead of an add, a norm and a gradient add):
 
-        layer l (pre):   h ──┬─ N ─ MLP ─ d ──┐                       (h, d)
-                             └────────────────┼──────────────────────────┐
-        layer l+1 (pre):                      └─ add_norm: x = h + d, N(x)·s ─ Attn ─┐
-                                                           x ─────────────────────── (+) ...
+                   layer l                        |  layer l+1
+        unfused:   h ─┬─ N ─ MLP ─ d ─(+)─ y ──────┼─ y ─┬─ N·s ─ Attn ─ ...
+                      └────────────────┘           |     └─ residual
+        fused:     h ─┬─ N ─ MLP ─ d ──────────────┼─ add_norm(d, residual=h) ─┬─ N(h + d)·s ─ Attn ─ ...
+                      └─ h ─── (h, d) ─────────────┘                            └─ h + d: residual
 
-    A layer that starts without a norm (post-like) adds a pair it is given itself; a post-like layer
-    never hands off (its output is already normalised). So every boundary -- pre->pre, pre->post,
+    A post-like layer (its input goes un-normalised into attention) adds a pair it is given itself
+    and never hands off (its output is already normalised), so every boundary -- pre->pre, pre->post,
     post->pre, peri, lns, a pipeline stage's edge -- computes exactly the unfused sums.
     """
 
