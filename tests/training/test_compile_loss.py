@@ -18,3 +18,14 @@ def test_compiled_loss_matches_eager_fp32_and_bf16_logits():
         la.mean().backward()
         lb.mean().backward()
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_trainer_with_compile_trains_like_eager(single_rank):
+    """--compile (blocks and the loss compiled) through the real trainer: the same loss curve."""
+    from training_testlib import run_and_destroy, tiny_datasets, tiny_model, tiny_train
+
+    runs = [run_and_destroy(tiny_model(), tiny_train(compile=c, train_iters=3, eval_iters=0), tiny_datasets())
+            for c in (False, True)]
+    eager, compiled = ([h["loss"] for h in r["history"]] for r in runs)
+    assert len(eager) == len(compiled) == 3
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
