@@ -6,9 +6,12 @@
 #
 # Steps (each under its own time limit, so one slow or failing step cannot eat the others' time;
 # every step's status, time and output tail go into ONE results file):
-#   1 setup       launchers/setup_env.sh into $VENV (default .venv; a CUDA torch already there is kept;
-#                 with no .venv, one is made with --system-site-packages so the machine's CUDA torch is
-#                 used); liger-kernel if importable or installable (optional)
+#   1 setup       launchers/setup_env.sh into $VENV, keeping the CUDA torch there. $VENV: given, else
+#                 .venv if it exists, else the environment of a `python3` that already has a CUDA torch
+#                 (a GPU image's own venv), else a new .venv. Offline machines (pip cannot reach an index):
+#                 build/download the missing wheels elsewhere (`pip wheel deepspeed==<pin> --no-deps`,
+#                 liger-kernel, ...) into a folder and pass WHEELS=folder: they are installed first,
+#                 with --no-index. liger-kernel is optional (the kernel sweep runs without it)
 #   2 cuda tests  the GPU-marked kernel tests, and the model/cross-block-fusion kernel tests on CUDA
 #   3 kernels     bench/norm_kernels.py --quick (Triton vs torch eager, torch.compile, apex/Liger where importable)
 #   4 throughput  bench/throughput.py: 130m, 350m, 1b in bf16 with compile vs transformers' eager loop
@@ -16,7 +19,7 @@
 #                 recompute) for a few steps on the one GPU, optimizer states offloaded to the CPU
 #                 (see choose_7b_config): tokens/s and peak memory
 #
-# Environment: VENV, OUT_DIR (default outputs/gpu_suite), RESULTS (default $OUT_DIR/results.md),
+# Environment: VENV, WHEELS, OUT_DIR (default outputs/gpu_suite), RESULTS (default $OUT_DIR/results.md),
 # SEVEN_B_STEPS (default 3), ZERO_CONFIG (the 7B smoke's DeepSpeed config; default: see choose_7b_config).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +30,17 @@ case "${1:-}" in
     "") ;;
     *) echo "gpu_suite.sh: unknown argument '$1' (expected nothing or --dry-run)" >&2; exit 2 ;;
 esac
-VENV="${VENV:-$ROOT/.venv}"
+if [ -z "${VENV:-}" ]; then
+    if [ -x "$ROOT/.venv/bin/python" ]; then
+        VENV="$ROOT/.venv"
+    elif python3 -c "import torch, sys; assert torch.cuda.is_available() and sys.prefix != sys.base_prefix" 2>/dev/null; then
+        VENV="$(python3 -c 'import sys; print(sys.prefix)')"   # the image's venv that holds its CUDA torch
+    else
+        VENV="$ROOT/.venv"
+    fi
+fi
+WHEELS="${WHEELS:-}"
+export PIP_RETRIES="${PIP_RETRIES:-0}" PIP_DEFAULT_TIMEOUT="${PIP_DEFAULT_TIMEOUT:-5}"  # offline: fail fast
 OUT_DIR="${OUT_DIR:-$ROOT/outputs/gpu_suite}"
 RESULTS="${RESULTS:-$OUT_DIR/results.md}"
 SEVEN_B_STEPS="${SEVEN_B_STEPS:-3}"
@@ -55,8 +68,8 @@ choose_7b_config() {
 }
 
 cmd_setup() {
-    if [ ! -x "$PY" ]; then
-        python3 -m venv --system-site-packages "$VENV"  # sees the machine's CUDA torch, which setup_env keeps
+    if [ -n "$WHEELS" ]; then
+        "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || echo "could not install the wheels in $WHEELS"
     fi
     VENV="$VENV" bash launchers/setup_env.sh || echo "setup_env.sh failed (offline?): continuing with what is importable"
     "$PY" -c "import liger_kernel" 2>/dev/null \
@@ -127,7 +140,7 @@ run_step() {
         echo "## $name: $status ($((SECONDS - t0)) s)"
         echo
         echo '```'
-        tail -n 40 "$log"
+        tail -n 60 "$log"
         echo '```'
         echo
     } >>"$RESULTS.tmp"
@@ -137,6 +150,10 @@ run_step() {
 if [ "$DRY" = 1 ]; then
     echo "gpu_suite.sh --dry-run: VENV=$VENV OUT_DIR=$OUT_DIR RESULTS=$RESULTS (total limit 480 s)"
 else
+    if ! nvidia-smi -L >/dev/null 2>&1; then  # before anything is installed anywhere
+        echo "gpu_suite.sh: no NVIDIA GPU here (nvidia-smi -L failed); on a machine without one use --dry-run" >&2
+        exit 1
+    fi
     mkdir -p "$OUT_DIR"
     {
         echo "# GPU suite: $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -145,7 +162,7 @@ else
         echo
     } >"$RESULTS.tmp"
 fi
-export ROOT OUT_DIR PY SEVEN_B_STEPS VENV
+export ROOT OUT_DIR PY SEVEN_B_STEPS VENV WHEELS
 for step in "${STEPS[@]}"; do
     run_step "$step"
 done

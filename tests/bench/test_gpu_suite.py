@@ -79,3 +79,12 @@ def test_7b_data_snippet_writes_a_readable_dataset(tmp_path):
 
     ds = IndexedDataset(str(prefix) + "_text_document")
     assert len(ds) == 512 and int(max(ds[0])) < 32000
+
+
+def test_refuses_to_run_without_a_gpu_before_installing_anything(tmp_path):
+    if subprocess.run(["bash", "-c", "nvidia-smi -L"], capture_output=True).returncode == 0:
+        pytest.skip("a GPU is present")
+    proc = subprocess.run(["bash", str(SUITE)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT_DIR": str(tmp_path / "out"), "VENV": str(tmp_path / "venv")})
+    assert proc.returncode == 1 and "no NVIDIA GPU" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "venv").exists()
