@@ -15,6 +15,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from megatron_mixln.model.block import resolve_stream
+
 
 @torch.no_grad()
 def hidden_states(model, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -22,8 +24,8 @@ def hidden_states(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     h = model.embed(tokens)
     states = [h]
     for layer in model.layers:
-        h = layer(h)
-        states.append(h)
+        h = layer(h)  # a (h, d) pair after a layer that hands its last add to the next one
+        states.append(resolve_stream(h))
     return states
 
 

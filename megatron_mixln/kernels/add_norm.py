@@ -26,9 +26,14 @@ def add_norm_torch(x, residual, weight, bias, eps, residual_scale=1.0, out_scale
     unfused `norm(x + residual)` would give -- so under autocast an fp32 residual stream stays
     fp32 when a bf16 sublayer output is added to it.
     """
-    s = x.float()
-    if residual is not None:
-        s = s + residual.float() * residual_scale if residual_scale != 1.0 else s + residual.float()
+    if residual is None:
+        s = x.float()
+    elif residual_scale != 1.0:
+        s = x.float() + residual.float() * residual_scale
+    elif torch.float32 in (x.dtype, residual.dtype):
+        s = x + residual  # promotes to fp32 inside the add: the same sum, without an upcast copy
+    else:
+        s = x.float() + residual.float()
     if kind == "rmsnorm":
         y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
     else:

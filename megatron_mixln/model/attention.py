@@ -19,10 +19,11 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: float, device) -> tuple[torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); computed in fp32 (the fp32 tables promote a bf16 x inside
+    the multiplications, so no separate upcast copies of x are made), returned in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):

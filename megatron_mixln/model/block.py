@@ -11,6 +11,10 @@ from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
 
 PRE_LIKE = ("pre", "lns")  # norm before each sublayer, residual stream un-normalised
 POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
+# Cross-block fusion: a layer ending in `h + d` can leave that add to the next layer when the next
+# one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
+ENDS_WITH_ADD = ("pre", "lns", "peri")
+STARTS_WITH_NORM = ("pre", "lns", "peri")
 
 
 class Block(nn.Module):
@@ -24,6 +28,22 @@ class Block(nn.Module):
 
     s = 1/sqrt(layer_number) for lns, else 1; a = (2L)^(1/4) for deepnorm, sqrt(8) for deeppost,
     else 1. `layer_number` is 1-based and global (it survives pipeline splitting).
+
+    Cross-block fusion (`hand_off_residual`, decided once by whoever chains the layers, see
+    `plan_residual_handoff`): a pre/lns/peri layer followed by a pre/lns/peri layer (or by the final
+    norm) skips its last add and returns the pair (h, d), standing for y = h + d; the next layer's
+    first norm does the add and the norm as one `add_norm` (one fused kernel forward, one backward,
+    instead of an add, a norm and a gradient add):
+
+                   layer l                        |  layer l+1
+        unfused:   h ─┬─ N ─ MLP ─ d ─(+)─ y ──────┼─ y ─┬─ N·s ─ Attn ─ ...
+                      └────────────────┘           |     └─ residual
+        fused:     h ─┬─ N ─ MLP ─ d ──────────────┼─ add_norm(d, residual=h) ─┬─ N(h + d)·s ─ Attn ─ ...
+                      └─ h ─── (h, d) ─────────────┘                            └─ h + d: residual
+
+    A post-like layer (its input goes un-normalised into attention) adds a pair it is given itself
+    and never hands off (its output is already normalised), so every boundary -- pre->pre, pre->post,
+    post->pre, peri, lns, a pipeline stage's edge -- computes exactly the unfused sums.
     """
 
     def __init__(self, config: ModelConfig, layer_number: int):
@@ -32,6 +52,7 @@ class Block(nn.Module):
         self.position = config.positions[layer_number - 1]
         self.residual_scale = deepnorm_alpha(self.position, config.num_layers)
         self.out_scale = lns_scale(self.position, layer_number)
+        self.hand_off_residual = False  # see plan_residual_handoff
 
         def norm():
             return Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
@@ -43,18 +64,54 @@ class Block(nn.Module):
             self.attn_out_norm, self.mlp_out_norm = norm(), norm()
 
     def forward(self, x):
+        """x: (batch, seq, hidden), or a pair (h, d) meaning h + d (the previous layer's handed-off add).
+        Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`."""
+        x, pending = x if isinstance(x, tuple) else (x, None)
         if self.position in PRE_LIKE:
-            attn_out = self.attn(self.attn_norm(x, out_scale=self.out_scale))
-            mlp_in, h = self.mlp_norm(attn_out, residual=x, out_scale=self.out_scale)  # h = x + attn_out
-            return h + self.mlp(mlp_in)
+            attn_in, x = first_norm(self.attn_norm, x, pending, self.out_scale)
+            mlp_in, h = self.mlp_norm(self.attn(attn_in), residual=x, out_scale=self.out_scale)  # h = x + attn_out
+            return self._last_add(h, self.mlp(mlp_in))
         if self.position in POST_LIKE:
+            if pending is not None:
+                x = x + pending
             h, _ = self.attn_norm(self.attn(x), residual=x, residual_scale=self.residual_scale)
             y, _ = self.mlp_norm(self.mlp(h), residual=h, residual_scale=self.residual_scale)
             return y
         # peri: the MLP's input norm is fused with the attention residual add.
-        attn_out = self.attn_out_norm(self.attn(self.attn_norm(x)))
-        mlp_in, h = self.mlp_norm(attn_out, residual=x)  # h = x + N(attn_out)
-        return h + self.mlp_out_norm(self.mlp(mlp_in))
+        attn_in, x = first_norm(self.attn_norm, x, pending)
+        mlp_in, h = self.mlp_norm(self.attn_out_norm(self.attn(attn_in)), residual=x)  # h = x + N(attn_out)
+        return self._last_add(h, self.mlp_out_norm(self.mlp(mlp_in)))
+
+    def _last_add(self, h, d):
+        return (h, d) if self.hand_off_residual else h + d
 
     def extra_repr(self):
-        return f"layer_number={self.layer_number}, position={self.position}"
+        handoff = ", hands off its last add" if self.hand_off_residual else ""
+        return f"layer_number={self.layer_number}, position={self.position}{handoff}"
+
+
+def first_norm(norm: Norm, x, pending, out_scale: float = 1.0):
+    """-> (norm(x + pending) * out_scale, x + pending): one add_norm; plain norm(x) when nothing is pending."""
+    if pending is None:
+        return norm(x, out_scale=out_scale), x
+    return norm(pending, residual=x, out_scale=out_scale)
+
+
+def resolve_stream(x, norm: nn.Module | None = None):
+    """A layer's output as one tensor: h + d for a handed-off pair, through `norm` if given (the
+    final norm: then the add is fused into it too)."""
+    if isinstance(norm, Norm):
+        return norm(x[1], residual=x[0])[0] if isinstance(x, tuple) else norm(x)
+    if isinstance(x, tuple):
+        x = x[0] + x[1]
+    return norm(x) if norm is not None else x
+
+
+def plan_residual_handoff(blocks, then_norm: bool) -> None:
+    """Decide, once, which of these consecutive blocks hand their last residual add to the next one:
+    those ending with an add (pre, lns, peri) whose next block starts with a norm (pre, lns, peri);
+    the last block when `then_norm` (a final norm follows it in the same process/stage)."""
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        takes = blocks[i + 1].position in STARTS_WITH_NORM if i + 1 < len(blocks) else then_norm
+        block.hand_off_residual = block.position in ENDS_WITH_ADD and takes

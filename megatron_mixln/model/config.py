@@ -36,6 +36,10 @@ class ModelConfig:
     scaled_embedding_init: bool = _help("embedding std sqrt(2/5)=0.632, as the Mix-LN reference code", default=False)
     scaled_output_init: bool = _help("o_proj/down_proj std = init_method_std/sqrt(2L)", default=False)
     norm_impl: str = _help("add+norm implementation: auto, torch, triton or apex", default="auto")
+    cross_block_fusion: bool = _help(
+        "fuse a pre/lns/peri layer's last residual add into the next layer's first norm (or the final norm)",
+        default=True,
+    )
     positions: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):

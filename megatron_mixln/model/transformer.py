@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
-from megatron_mixln.model.block import Block
+from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.init import init_weights
 from megatron_mixln.model.norms import Norm
@@ -24,17 +24,23 @@ class Transformer(nn.Module):
             else nn.Identity()
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.cross_block_fusion:
+            plan_residual_handoff(self.layers, then_norm=config.final_norm)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if not any(p.is_meta for p in self.parameters()):
             init_weights(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
+
+        Between layers `h` is a tensor or, after a layer that hands off its last add, a pair (h, d)
+        standing for h + d (see Block); the final norm then does that add itself.
+        """
         h = self.embed(tokens)
         for layer in self.layers:
             h = layer(h)
-        return self.lm_head(self.final_norm(h))
+        return self.lm_head(resolve_stream(h, self.final_norm))
 
 
 def build_model(config: ModelConfig, device: str | torch.device | None = None) -> Transformer:

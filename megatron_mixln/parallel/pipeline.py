@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from megatron_mixln.model.block import Block
+from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.init import init_weights
 from megatron_mixln.model.norms import Norm
 from megatron_mixln.parallel.cross_entropy import vocab_parallel_lm_loss
@@ -54,7 +54,8 @@ class HeadPipe(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, h):
-        return self.lm_head(self.final_norm(h))
+        """h: a tensor, or the last block's handed-off (h, d) pair: the final norm does that add."""
+        return self.lm_head(resolve_stream(h, self.final_norm))
 
 
 def check_pipeline_config(config, pp_size: int, partition_method: str) -> None:
@@ -202,9 +203,21 @@ def local_layers(pipe) -> dict:
     return {int(name): module for name, module in pipe.named_children() if name.isdigit()}
 
 
+def plan_stage_residual_handoff(layers: dict, config) -> None:
+    """Cross-block fusion inside one stage: blocks hand their last add on as in the whole model, but
+    a stage's last block does so only when the head (final norm) is on the same stage; otherwise it
+    sends a plain tensor, so stage-to-stage traffic (and SP's gather at the boundary) is unchanged."""
+    if not config.cross_block_fusion:
+        return
+    ordered = [m for _, m in sorted(layers.items())]
+    blocks = [m for m in ordered if isinstance(m, Block)]
+    plan_residual_handoff(blocks, then_norm=config.final_norm and isinstance(ordered[-1], HeadPipe))
+
+
 def _init_and_shard_stage(pipe, model_config, state, sequence_parallel: bool, seed: int) -> None:
     _check_same_groups(pipe, state)
     layers = local_layers(pipe)
+    plan_stage_residual_handoff(layers, model_config)
     local = {}
     for module in layers.values():
         if isinstance(module, EmbeddingPipe):

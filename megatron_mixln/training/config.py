@@ -66,7 +66,7 @@ class TrainingConfig:
     )
     zero_stage: int | None = _help("ZeRO stage 0-3 (checked against --deepspeed-config; default 0 without one)", default=None)
     recompute_activations: bool = _help("activation checkpointing of every transformer block", default=False)
-    compile: bool = _help("torch.compile each transformer block", default=False)
+    compile: bool = _help("torch.compile each transformer block and the loss", default=False)
     compile_backend: str = _help("torch.compile backend: inductor, or aot_eager / eager to debug", default="inductor")
     tensor_model_parallel_size: int = _help("tensor-parallel ranks", default=1)
     pipeline_model_parallel_size: int = _help("pipeline stages", default=1)

@@ -166,3 +166,11 @@ def _fill_optimizer(ds: dict, cfg: TrainingConfig, source: str) -> None:
     _agree(params, "torch_adam", bool(torch_adam), "optimizer.params.torch_adam", "--torch-adam", source)
     if torch_adam and optimizer_offloaded(ds):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)  # torch Adam on the offloaded states is allowed
+    if torch_adam and not optimizer_offloaded(ds) and _cuda_available():
+        params.setdefault("fused", True)  # torch's one-kernel AdamW on GPU (DeepSpeed passes the key through)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -19,16 +19,22 @@ _GPU_PEAKS = {
 }
 
 
+def gpu_peak_tflops(bf16: bool, name: str | None = None) -> float | None:
+    """Dense peak TFLOP/s of a listed GPU (`name`, default: the current CUDA device), else None."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    for key, (p_bf16, p_fp32) in _GPU_PEAKS.items():
+        if key in name.upper():
+            return p_bf16 if bf16 else p_fp32
+    return None
+
+
 def default_peak_tflops(bf16: bool) -> float | None:
     """Dense peak TFLOP/s of this CUDA device when it is one of the listed GPUs, else None: MFU is
     then not reported (a CPU has no published peak to divide by; pass --peak-tflops to get one)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name().upper()
-    for key, (p_bf16, p_fp32) in _GPU_PEAKS.items():
-        if key in name:
-            return p_bf16 if bf16 else p_fp32
-    return None
+    return gpu_peak_tflops(bf16)
 
 
 def flops_per_token(num_params: int, embedding_params: int, num_layers: int, hidden_size: int, seq_length: int) -> float:

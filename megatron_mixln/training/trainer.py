@@ -33,7 +33,8 @@ from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
 from megatron_mixln.training.loss import make_token_loss_fn
 from megatron_mixln.training.metrics import MetricsLogger, format_train_line
-from megatron_mixln.training.model_setup import build_model_and_optimizer, compiled_block_count, compiled_graph_count
+from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
+                                                 compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
@@ -279,6 +280,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                           model_config.seq_length)
     peak = cfg.peak_tflops or default_peak_tflops(cfg.bf16)
     token_loss_fn = make_token_loss_fn(state)
+    if cfg.compile and cfg.pipeline_model_parallel_size == 1 and cfg.tensor_model_parallel_size == 1:
+        token_loss_fn = compile_loss(token_loss_fn, backend=cfg.compile_backend)  # (TP's vocab-parallel loss holds collectives: left eager)
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
     preempt = PreemptionFlag()

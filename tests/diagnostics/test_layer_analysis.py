@@ -4,6 +4,7 @@ import torch
 
 from megatron_mixln.diagnostics import angular_distances, layer_removal_drop, perplexity
 from megatron_mixln.model import ModelConfig, build_model
+from megatron_mixln.model.block import resolve_stream
 
 
 def _model():
@@ -29,7 +30,7 @@ def test_angular_distance_matches_per_sample_formula():
         for b in range(tokens.shape[0]):
             h = [model.embed(tokens[b : b + 1])]
             for layer in model.layers:
-                h.append(layer(h[-1]))
+                h.append(resolve_stream(layer(h[-1])))
             for l in range(4):
                 for n in range(1, 4 - l):
                     u, v = h[l][0, -1].double(), h[l + n][0, -1].double()

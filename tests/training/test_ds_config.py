@@ -98,3 +98,13 @@ def test_auto_sizes_need_a_hidden_size(tmp_path):
     path = _write(tmp_path, {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}})
     with pytest.raises(UsageError, match=r'"zero_optimization.stage3_max_live_parameters" cannot be "auto"'):
         build_ds_config(TrainingConfig(deepspeed_config=path, micro_batch_size=4), 8, 2, 64)
+@pytest.mark.parametrize("name, fused", [("zero1.json", True), ("zero3_offload.json", None)])
+def test_torch_adam_is_fused_on_cuda_unless_offloaded(monkeypatch, name, fused):
+    import megatron_mixln.training.ds_config as ds_config
+
+    monkeypatch.setattr(ds_config, "_cuda_available", lambda: True)
+    cfg = TrainingConfig(deepspeed_config=os.path.join(REPO, "ds_configs", name), micro_batch_size=4, bf16=True)
+    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)
+    assert ds["optimizer"]["params"].get("fused") is fused
+    monkeypatch.setattr(ds_config, "_cuda_available", lambda: False)
+    assert "fused" not in build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)["optimizer"]["params"]
