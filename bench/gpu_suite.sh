@@ -53,18 +53,18 @@ declare -A BUDGET=([setup]=40 [cuda_tests]=60 [kernels]=50 [throughput]=120 [7b_
 STEPS=(setup cuda_tests kernels throughput 7b_smoke)
 
 choose_7b_config() {
-    # HOOK: tools/estimate_memory.py (another issue) decides the ZeRO stage/offload that fits one GPU.
-    # When it exists it is asked first: it must print the path of a DeepSpeed config on its last line.
-    # Until then (and if it fails): ZeRO-3 with the optimizer offloaded to CPU -- 7B's bf16 params and
-    # grads (~27 GB) on the GPU, fp32 master weights and Adam moments (~81 GB) in host memory.
+    # tools/estimate_memory.py decides: ZeRO-3 with everything on the GPU if that fits this GPU's
+    # memory (exit 0), else ZeRO-3 with the optimizer offloaded to CPU -- 7B's bf16 params and grads
+    # (~27 GB) on the GPU, fp32 master weights and Adam moments (~81 GB) in host memory.
     if [ -n "${ZERO_CONFIG:-}" ]; then echo "$ZERO_CONFIG"; return; fi
-    if [ -f tools/estimate_memory.py ]; then
-        local cfg
-        cfg="$("$PY" tools/estimate_memory.py --preset 7b --num-gpus 1 --micro-batch-size 8 --seq-length 256 \
-               --bf16 --recompute-activations --print-deepspeed-config 2>/dev/null | tail -n 1)"
-        if [ -f "$cfg" ]; then echo "$cfg"; return; fi
+    local gib
+    gib="$("$PY" -c 'import torch; print(int(torch.cuda.get_device_properties(0).total_memory / 2**30))' 2>/dev/null || echo 80)"
+    if "$PY" tools/estimate_memory.py --preset 7b --nodes 1 --gpus-per-node 1 --gpu-memory-gib "$gib" \
+            --zero-stage 3 --micro-batch-size 8 --seq-length 256 --bf16 --recompute-activations >&2; then
+        echo ds_configs/zero3.json
+    else
+        echo ds_configs/zero3_offload.json
     fi
-    echo ds_configs/zero3_offload.json
 }
 
 cmd_setup() {
