@@ -16,15 +16,3 @@ def spm_model(tmp_path_factory):
     from hf_testlib import train_spm
 
     return train_spm(str(tmp_path_factory.mktemp("spm") / "spm"))
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """A 1-rank process group (file store, gloo on loopback) for in-process training runs."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    from megatron_mixln.training.distributed import init_distributed, shutdown_distributed
-
-    init_distributed()
-    yield
-    shutdown_distributed()

@@ -2,19 +2,3 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-import pytest
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """A 1-rank process group (file store, gloo on loopback) for in-process training runs."""
-    import os
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    from megatron_mixln.training.distributed import init_distributed, shutdown_distributed
-
-    init_distributed()
-    yield
-    shutdown_distributed()
