@@ -327,14 +327,22 @@ def check_resume_layout(meta: dict, load_dir: str, data_parallel_size: int, zero
         raise UsageError(
             f"--load {load_dir} ({meta['tag']}) was written with ZeRO stage {saved_stage} on {saved_dp} "
             f"data-parallel ranks; this run has ZeRO stage {zero_stage} on {data_parallel_size}. Resume with the "
-            "same layout, or " + (
-                "consolidate its partitioned weights with DeepSpeed's zero_to_fp32 first"
-                if (saved_stage == 3) != (zero_stage == 3) else
-                f"convert it, optimizer states kept: python tools/convert_checkpoint.py --input {load_dir} "
-                f"--tag {meta['tag']} --output NEW_DIR --to universal, then --load NEW_DIR (or, with fresh "
-                "optimizer moments, any data-parallel size and ZeRO stage: "
-                + convert_command(load_dir, tensor_model_parallel_size, pipeline_model_parallel_size) + ")")
+            "same layout, or " + _reshape_advice(meta, load_dir, saved_stage, zero_stage, tensor_model_parallel_size,
+                                                 pipeline_model_parallel_size)
         )
+
+
+def _reshape_advice(meta: dict, load_dir: str, saved_stage: int, zero_stage: int, tp: int, pp: int) -> str:
+    """How to load a ZeRO checkpoint at another data-parallel size or stage: DeepSpeed's universal format keeps
+    the optimizer states (stage 1 <-> 2, or 3 -> 3); a weights-only conversion works for any layout (a stage-3
+    checkpoint needs zero_to_fp32 for that)."""
+    fresh = ("consolidate its partitioned weights with DeepSpeed's zero_to_fp32 (fresh optimizer moments)"
+             if saved_stage == 3 else "with fresh optimizer moments, any data-parallel size and ZeRO stage: "
+             + convert_command(load_dir, tp, pp))
+    if (saved_stage == 3) != (zero_stage == 3):
+        return fresh
+    return (f"convert it, optimizer states kept: python tools/convert_checkpoint.py --input {load_dir} --tag "
+            f"{meta['tag']} --output NEW_DIR --to universal, then --load NEW_DIR (or {fresh})")
 
 
 def convert_command(load_dir: str, tp: int | str, pp: int | str) -> str:

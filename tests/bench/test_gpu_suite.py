@@ -57,15 +57,20 @@ def test_7b_smoke_uses_the_slurm_jobs_settings_and_parses():
     argv = command_args(dry_run(), "megatron_mixln.pretrain")
     model, train = parse_configs(argv)
     assert model.positions == ("post",) * 2 + ("pre",) * 30 and model.hidden_size == 4096
-    slurm = (ROOT / "slurm" / "pretrain_7b_mixln.sh").read_text()
-    for flag in ("--norm-position mix --post-ln-layers 2", "--seq-length 256", "--micro-batch-size 8",
-                 "--optimizer adam --lr 5e-4 --lr-warmup-fraction 0.1 --lr-decay-style cosine --clip-grad 1.0",
-                 "--bf16", "--recompute-activations"):
-        assert flag in slurm and flag in " ".join(argv), flag
+    from megatron_mixln.planning.job_script import read_job_script
+
+    job_argv, _ = read_job_script(str(ROOT / "slurm" / "pretrain_7b_mixln.sh"))  # as bash expands it
+    job, smoke = " ".join(job_argv), " ".join(argv)
+    for flag in ("--preset 7b", "--norm-position mix", "--post-ln-layers 2", "--seq-length 256",
+                 "--micro-batch-size 8", "--optimizer adam --lr 5e-4", "--lr-decay-style cosine",
+                 "--clip-grad 1.0", "--bf16", "--recompute-activations"):
+        assert flag in job and flag in smoke, flag
+    warmup, iters = (int(job_argv[job_argv.index(f) + 1]) for f in ("--lr-warmup-iters", "--train-iters"))
+    assert "--lr-warmup-fraction 0.1" in smoke and warmup / iters == 0.1
     assert train.deepspeed_config == "ds_configs/zero3_offload.json" and train.torch_adam is True
     from megatron_mixln.training.ds_config import build_ds_config, optimizer_offloaded, zero_stage_of
 
-    ds = build_ds_config(train, global_batch_size=8, gradient_accumulation_steps=1)
+    ds = build_ds_config(train, global_batch_size=8, gradient_accumulation_steps=1, hidden_size=model.hidden_size)
     assert zero_stage_of(ds) == 3 and optimizer_offloaded(ds) and ds["zero_force_ds_cpu_optimizer"] is False
 
 

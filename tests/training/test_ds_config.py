@@ -104,7 +104,8 @@ def test_torch_adam_is_fused_on_cuda_unless_offloaded(monkeypatch, name, fused):
 
     monkeypatch.setattr(ds_config, "_cuda_available", lambda: True)
     cfg = TrainingConfig(deepspeed_config=os.path.join(REPO, "ds_configs", name), micro_batch_size=4, bf16=True)
-    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)
+    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4, hidden_size=64)
     assert ds["optimizer"]["params"].get("fused") is fused
     monkeypatch.setattr(ds_config, "_cuda_available", lambda: False)
-    assert "fused" not in build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4)["optimizer"]["params"]
+    ds = build_ds_config(cfg, global_batch_size=32, gradient_accumulation_steps=4, hidden_size=64)
+    assert "fused" not in ds["optimizer"]["params"]

@@ -138,8 +138,8 @@ def test_resume_layout_must_match_for_partitioned_states(single_rank, tmp_path):
     # resumes at the new size (the end-to-end resume at another DP size: tests/parallel/test_parallel_pretrain.py)
     with pytest.raises(UsageError) as err:
         ckpt.check_resume_layout(meta, save, data_parallel_size=2, zero_stage=1)
-    command, load = re.search(r"(python tools/convert_checkpoint\.py .*--to deepspeed --tp 1 --pp 1), then --load (\S+)$",
-                              str(err.value)).groups()
+    command, load = re.search(r"(python tools/convert_checkpoint\.py [^()]*?--to deepspeed --tp 1 --pp 1), then --load "
+                              r"([^\s)]+)", str(err.value)).groups()
     assert "universal-checkpoint tools" not in str(err.value)  # DeepSpeed's tools were the wrong fix
     subprocess.run([sys.executable] + shlex.split(command)[1:], cwd=ROOT, check=True, capture_output=True)
     converted = ckpt.inspect_checkpoint(load, tiny_model())
