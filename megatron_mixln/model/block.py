@@ -1,6 +1,7 @@
 """One transformer layer whose norm position is data, fixed when the layer is built."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from megatron_mixln.model.attention import Attention
@@ -24,6 +25,9 @@ class Block(nn.Module):
 
     s = 1/sqrt(layer_number) for lns, else 1; a = (2L)^(1/4) for deepnorm, sqrt(8) for deeppost,
     else 1. `layer_number` is 1-based and global (it survives pipeline splitting).
+
+    Gated pre/lns layers (`config.gated_layers`, the reference code's scale_res_pre_norm) multiply each
+    sublayer output by a learnable scalar before the add: h = x + g_a·Attn(N(x)); y = h + g_m·MLP(N(h)).
     """
 
     def __init__(self, config: ModelConfig, layer_number: int):
@@ -41,12 +45,19 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = norm(), norm()
         if self.position == "peri":
             self.attn_out_norm, self.mlp_out_norm = norm(), norm()
+        self.gated = layer_number in config.gated_layers
+        if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init
+            self.attn_gate = nn.Parameter(torch.full((), config.residual_gate_init))
+            self.mlp_gate = nn.Parameter(torch.full((), config.residual_gate_init))
 
     def forward(self, x):
         if self.position in PRE_LIKE:
             attn_out = self.attn(self.attn_norm(x, out_scale=self.out_scale))
+            if self.gated:
+                attn_out = attn_out * self.attn_gate
             mlp_in, h = self.mlp_norm(attn_out, residual=x, out_scale=self.out_scale)  # h = x + attn_out
-            return h + self.mlp(mlp_in)
+            mlp_out = self.mlp(mlp_in)
+            return h + (mlp_out * self.mlp_gate if self.gated else mlp_out)
         if self.position in POST_LIKE:
             h, _ = self.attn_norm(self.attn(x), residual=x, residual_scale=self.residual_scale)
             y, _ = self.mlp_norm(self.mlp(h), residual=h, residual_scale=self.residual_scale)
@@ -57,4 +68,4 @@ class Block(nn.Module):
         return h + self.mlp_out_norm(self.mlp(mlp_in))
 
     def extra_repr(self):
-        return f"layer_number={self.layer_number}, position={self.position}"
+        return f"layer_number={self.layer_number}, position={self.position}" + (", gated" if self.gated else "")
