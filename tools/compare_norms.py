@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                 print(f"[compare_norms] submitted job array {job} ({len(todo)} tasks); rerun this command when it "
                       "has finished to write the report")
                 return 0
-            launch.run_local(sweep, todo, args.parallel or 1, args.nproc_per_run)
+            launch.run_local(sweep, todo, args.parallel or 1, args.nproc_per_run, REPO)
     except SweepError as exc:
         print(f"compare_norms: error: {exc}", file=sys.stderr)
         return 2

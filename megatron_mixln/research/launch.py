@@ -71,9 +71,13 @@ def local_command(sweep: Sweep, v: Variant, python: str = sys.executable, nproc:
     return [python, "-m", "megatron_mixln.pretrain", *args]
 
 
-def run_local(sweep: Sweep, todo: list[Variant], parallel: int = 1, nproc: int = 1, log=print) -> dict[str, int]:
-    """Run `todo`, `parallel` at a time. -> {variant name: exit code}."""
+def run_local(sweep: Sweep, todo: list[Variant], parallel: int = 1, nproc: int = 1, repo: str | None = None,
+              log=print) -> dict[str, int]:
+    """Run `todo`, `parallel` at a time (`repo` first on the children's PYTHONPATH). -> {variant name: exit code}."""
     pending, running, codes = list(todo), {}, {}
+    env = dict(os.environ)
+    if repo:
+        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     while pending or running:
         while pending and len(running) < parallel:
             v = pending.pop(0)
@@ -82,7 +86,7 @@ def run_local(sweep: Sweep, todo: list[Variant], parallel: int = 1, nproc: int =
             cmd = local_command(sweep, v, nproc=nproc)
             log(f"[compare_norms] start {v.name}{' (resuming)' if '--load' in cmd else ''}: {shlex.join(cmd)}")
             logf = open(os.path.join(run_dir, "train.log"), "a")
-            running[v.name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf, cmd, time.time())
+            running[v.name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), logf, cmd, time.time())
         for name, (proc, logf, cmd, t0) in list(running.items()):
             rc = proc.poll()
             if rc is None:

@@ -22,6 +22,9 @@ from megatron_mixln.model.positions import ALIASES, POSITIONS
 SWEPT_FIELDS = ("norm_position", "post_ln_layers", "post_ln_fraction", "seed")
 HARNESS_FIELDS = ("save", "load", "run_dir", "wandb_name")
 OWNED_FLAGS = tuple("--" + f.replace("_", "-") for f in SWEPT_FIELDS + HARNESS_FIELDS)
+# Fields that do not change what a run computes (interruption, bookkeeping): not part of the identity.
+NEUTRAL_FIELDS = ("exit_interval", "save_interval", "keep_last", "wandb_project", "wandb_mode", "data_cache_path",
+                  "log_interval", "peak_tflops")
 SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep_config.json"
 
@@ -209,7 +212,7 @@ def validate(sweep: Sweep) -> dict:
 
 
 def _strip(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in SWEPT_FIELDS + HARNESS_FIELDS}
+    return {k: v for k, v in d.items() if k not in SWEPT_FIELDS + HARNESS_FIELDS + NEUTRAL_FIELDS}
 
 
 def _diff(a: dict, b: dict) -> list[str]:
