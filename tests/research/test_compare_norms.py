@@ -36,7 +36,8 @@ def _flags(data, **extra):
                  seq_length=SEQ, micro_batch_size=4, global_batch_size=GLOBAL_BATCH, train_iters=TRAIN_ITERS, lr=1e-2,
                  lr_warmup_iters=2, eval_iters=2, eval_interval=4, log_interval=2, grad_norm_interval=2,
                  save_interval=4, data_path=data + "_train_text_document",
-                 valid_data_path=data + "_valid_text_document", **extra)
+                 valid_data_path=data + "_valid_text_document")
+    flags.update(extra)
     out = []
     for k, v in flags.items():
         out += ["--" + k.replace("_", "-"), str(v)]
@@ -129,7 +130,7 @@ def test_interrupted_run_was_resumed_and_a_rerun_skips_everything(sweep, capsys)
     (["--positions", "mix", "--post-ln-fraction", "a"], "--post-ln-fraction 'a': expected a comma-separated list"),
     (["--positions", "pre", "--post-ln-fraction", "0.25"], "a fraction sweep needs 'mix' in --positions"),
     (["--positions", "pre", "--seed", "3"], "--seed: set by the sweep for every run"),
-    (["--positions", "pre", "--hidden-size", "30"], "run pre-s1234: hidden_size: 30 is not divisible"),
+    (["--positions", "pre", "--hidden-size", "30"], "run pre-s1234: hidden_size/num_attention_heads: head dim must be even"),
 ])
 def test_bad_input_fails_before_training(sweep, capsys, args, message):
     out = str(sweep["tmp"] / "bad")
