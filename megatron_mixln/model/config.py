@@ -44,7 +44,7 @@ class ModelConfig:
         default=None)
     residual_gate_init: float = _help("initial value of every residual gate (the reference's 0.001)", default=0.001)
     freeze_pad_embedding: bool = _help("zeroed, never-trained embedding row for --pad-token-id", default=False)
-    pad_token_id: int | None = _help("padding id (default: the tokenizer's pad, else 0)", default=None)
+    pad_token_id: int | None = _help("padding token id (default 0: the pad id of T5's and this project's sentencepiece models)", default=None)
     norm_impl: str = _help("add+norm implementation: auto, torch, triton or apex", default="auto")
     positions: tuple[str, ...] = field(init=False, repr=False)
     scaled_output_layers: tuple[int, ...] = field(init=False, repr=False)
