@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 
 import numpy as np
 import pytest
@@ -171,9 +170,6 @@ def test_slurm_array_submission_and_collection(sweep, monkeypatch, capsys):
     """No cluster: a fake sbatch records the submission, each array task runs slurm/compare_norms_task.sh
     with a fake pretrain script that dumps its environment, and collection reads the finished runs."""
     import subprocess
-
-    from megatron_mixln.research import launch
-    from megatron_mixln.research.sweep import build_sweep
 
     tmp, data = sweep["tmp"], sweep["data"]
     bin_dir = tmp / "bin"

@@ -2,7 +2,6 @@
 token counts over real tokens only), --eval-tokens (exactly N targets, token-weighted), --bf16-pure
 (bf16 weights and Adam states, identical to a plain torch loop), and their bad-input errors."""
 import json
-import math
 
 import numpy as np
 import pytest
