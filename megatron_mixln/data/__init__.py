@@ -23,7 +23,7 @@ _EXPORTS = {
     "Tokenizer": "tokenizer", "build_tokenizer": "tokenizer", "check_vocab": "tokenizer",
     "parse_split": "split", "split_ranges": "split",
     "PretrainingSampler": "sampler",
-    "GPTDataset": "gpt_dataset", "build_gpt_indices": "gpt_dataset",
+    "GPTDataset": "gpt_dataset", "DocumentDataset": "document_dataset", "build_gpt_indices": "gpt_dataset",
     "BlendedDataset": "blended_dataset", "build_blending_indices": "blended_dataset",
     "build_exhaustive_blending_indices": "blended_dataset",
     "parse_data_path": "builder", "build_train_valid_test_datasets": "builder",

@@ -1,6 +1,7 @@
 """One transformer layer whose norm position is data, fixed when the layer is built."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from megatron_mixln.model.attention import Attention
@@ -44,6 +45,9 @@ class Block(nn.Module):
     A post-like layer (its input goes un-normalised into attention) adds a pair it is given itself
     and never hands off (its output is already normalised), so every boundary -- pre->pre, pre->post,
     post->pre, peri, lns, a pipeline stage's edge -- computes exactly the unfused sums.
+
+    Gated pre/lns layers (`config.gated_layers`, the reference code's scale_res_pre_norm) multiply each
+    sublayer output by a learnable scalar before the add: h = x + g_a·Attn(N(x)); y = h + g_m·MLP(N(h)).
     """
 
     def __init__(self, config: ModelConfig, layer_number: int):
@@ -62,6 +66,10 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = norm(), norm()
         if self.position == "peri":
             self.attn_out_norm, self.mlp_out_norm = norm(), norm()
+        self.gated = layer_number in config.gated_layers
+        if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init
+            self.attn_gate = nn.Parameter(torch.full((), config.residual_gate_init))
+            self.mlp_gate = nn.Parameter(torch.full((), config.residual_gate_init))
 
     def forward(self, x):
         """x: (batch, seq, hidden), or a pair (h, d) meaning h + d (the previous layer's handed-off add).
@@ -69,8 +77,12 @@ class Block(nn.Module):
         x, pending = x if isinstance(x, tuple) else (x, None)
         if self.position in PRE_LIKE:
             attn_in, x = first_norm(self.attn_norm, x, pending, self.out_scale)
-            mlp_in, h = self.mlp_norm(self.attn(attn_in), residual=x, out_scale=self.out_scale)  # h = x + attn_out
-            return self._last_add(h, self.mlp(mlp_in))
+            attn_out = self.attn(attn_in)
+            if self.gated:
+                attn_out = attn_out * self.attn_gate
+            mlp_in, h = self.mlp_norm(attn_out, residual=x, out_scale=self.out_scale)  # h = x + attn_out
+            mlp_out = self.mlp(mlp_in)
+            return self._last_add(h, mlp_out * self.mlp_gate if self.gated else mlp_out)
         if self.position in POST_LIKE:
             if pending is not None:
                 x = x + pending
@@ -87,7 +99,8 @@ class Block(nn.Module):
 
     def extra_repr(self):
         handoff = ", hands off its last add" if self.hand_off_residual else ""
-        return f"layer_number={self.layer_number}, position={self.position}{handoff}"
+        gated = ", gated" if self.gated else ""
+        return f"layer_number={self.layer_number}, position={self.position}{handoff}{gated}"
 
 
 def first_norm(norm: Norm, x, pending, out_scale: float = 1.0):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from megatron_mixln.model.positions import POSITIONS, format_positions, resolve_positions
+from megatron_mixln.model.positions import POSITIONS, format_positions, resolve_positions, select_layers
 from megatron_mixln.model.presets import preset
 
 NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
@@ -35,12 +35,24 @@ class ModelConfig:
     init_method_std: float = _help("std of the normal init of linear and embedding weights", default=0.02)
     scaled_embedding_init: bool = _help("embedding std sqrt(2/5)=0.632, as the Mix-LN reference code", default=False)
     scaled_output_init: bool = _help("o_proj/down_proj std = init_method_std/sqrt(2L)", default=False)
+    scaled_output_init_layers: str | None = _help(
+        "scaled output init on these layers only: 'pre' (the Pre-LN layers: the reference's scale_post_pre), "
+        "'post', 'all' or 1-based layers/ranges such as '4-12,14'", default=None)
+    residual_gate_layers: str | None = _help(
+        "learnable residual gates on these (pre/lns) layers: h = x + g_a*Attn(N(x)), y = h + g_m*MLP(N(h)); "
+        "'all', 'pre' or '1-3,7' (the reference's scale_res_pre_norm is --norm-position pre with 'all')",
+        default=None)
+    residual_gate_init: float = _help("initial value of every residual gate (the reference's 0.001)", default=0.001)
+    freeze_pad_embedding: bool = _help("zeroed, never-trained embedding row for --pad-token-id", default=False)
+    pad_token_id: int | None = _help("padding token id (default 0: the pad id of T5's and this project's sentencepiece models)", default=None)
     norm_impl: str = _help("add+norm implementation: auto, torch, triton or apex", default="auto")
     cross_block_fusion: bool = _help(
         "fuse a pre/lns/peri layer's last residual add into the next layer's first norm (or the final norm)",
         default=True,
     )
     positions: tuple[str, ...] = field(init=False, repr=False)
+    scaled_output_layers: tuple[int, ...] = field(init=False, repr=False)
+    gated_layers: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "seq_length"):
@@ -74,6 +86,27 @@ class ModelConfig:
         self.positions = resolve_positions(
             self.norm_position, self.num_layers, self.post_ln_layers, self.post_ln_fraction
         )
+        self._resolve_layer_options()
+
+    def _resolve_layer_options(self) -> None:
+        """Per-layer options -> sorted 1-based layer tuples (decided once, read by init and Block)."""
+        if self.scaled_output_init and self.scaled_output_init_layers:
+            raise ValueError("scaled_output_init_layers: give it or scaled_output_init (all layers), not both")
+        spec = "all" if self.scaled_output_init else self.scaled_output_init_layers
+        self.scaled_output_layers = select_layers(spec, self.positions, "scaled_output_init_layers")
+        self.gated_layers = select_layers(self.residual_gate_layers, self.positions, "residual_gate_layers")
+        not_pre = [l for l in self.gated_layers if self.positions[l - 1] not in ("pre", "lns")]
+        if not_pre:
+            raise ValueError(f"residual_gate_layers: layers {not_pre} are not pre/lns layers (positions "
+                             f"{self.positions_str}); gates scale the sublayer output added to an un-normalised "
+                             "residual stream")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id: {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def pad_id(self) -> int:
+        """The padding token id (--pad-token-id, default 0: T5's and this project's tokenizers' pad)."""
+        return 0 if self.pad_token_id is None else self.pad_token_id
 
     @property
     def norm_kind(self) -> str:

@@ -14,18 +14,27 @@ SCALED_EMBEDDING_STD = math.sqrt(2.0 / 5.0)  # the Mix-LN reference code's embed
 
 @torch.no_grad()
 def init_weights(model: nn.Module) -> None:
-    """N(0, std) everywhere; optional scaled embedding and scaled output projections;
-    DeepNorm layers use xavier_normal with the DeepNet gain on v, o, gate, up, down (q, k gain 1)."""
+    """N(0, std) everywhere; optional scaled embedding and scaled output projections (on
+    `cfg.scaled_output_layers`: every layer with --scaled-output-init, chosen ones with
+    --scaled-output-init-layers); DeepNorm layers use xavier_normal with the DeepNet gain on v, o,
+    gate, up, down (q, k gain 1); residual gates = cfg.residual_gate_init; with
+    --freeze-pad-embedding the padding row of the embedding is zero."""
     cfg = model.config
     std = cfg.init_method_std
     embed_std = SCALED_EMBEDDING_STD if cfg.scaled_embedding_init else std
-    out_std = std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_output_init else std
+    scaled_out_std = std / math.sqrt(2 * cfg.num_layers)
     nn.init.normal_(model.embed.weight, 0.0, embed_std)
+    if cfg.freeze_pad_embedding:
+        model.embed.weight[cfg.pad_id].zero_()
     if not cfg.tie_embeddings:
         nn.init.normal_(model.lm_head.weight, 0.0, std)
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         gain = deepnorm_init_gain(block.position, cfg.num_layers)
+        out_std = scaled_out_std if block.layer_number in cfg.scaled_output_layers else std
+        if getattr(block, "gated", False):
+            block.attn_gate.fill_(cfg.residual_gate_init)
+            block.mlp_gate.fill_(cfg.residual_gate_init)
         if gain is not None:
             for lin in (attn.q_proj, attn.k_proj):
                 nn.init.xavier_normal_(lin.weight, gain=1.0)

@@ -102,3 +102,28 @@ def deepnorm_init_gain(position: str, num_layers: int) -> float | None:
 def lns_scale(position: str, layer_number: int) -> float:
     """LayerNorm Scaling: norm outputs of (1-based, global) layer l are multiplied by 1/sqrt(l)."""
     return 1.0 / math.sqrt(layer_number) if position == "lns" else 1.0
+
+
+def select_layers(spec: str | None, positions, flag: str) -> tuple[int, ...]:
+    """A layer selection -> sorted 1-based layer numbers. `spec`: None/'' (none), 'all', a position name
+    ('pre', 'post', ...: the layers with that position) or numbers and ranges '1,4-6'. ValueError names `flag`."""
+    if spec is None or str(spec).strip() in ("", "none"):
+        return ()
+    spec, L = str(spec).strip(), len(positions)
+    if spec == "all":
+        return tuple(range(1, L + 1))
+    name = ALIASES.get(spec, spec)
+    if name in POSITIONS:
+        return tuple(l for l in range(1, L + 1) if positions[l - 1] == name)
+    layers: set[int] = set()
+    for item in (s.strip() for s in spec.split(",")):
+        lo, _, hi = item.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} in {spec!r} is not a layer number or range; expected 'all', a "
+                             f"position ({', '.join(POSITIONS)}) or 1-based layers such as '1,4-6'") from None
+        if not 1 <= first <= last <= L:
+            raise ValueError(f"{flag}: {item!r} is outside layers 1..{L}")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))

@@ -16,7 +16,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # --freeze-pad-embedding: torch's padding_idx gives that row a zero gradient, so it never trains.
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
+                                  padding_idx=config.pad_id if config.freeze_pad_embedding else None)
         self.layers = nn.ModuleList(Block(config, n) for n in range(1, config.num_layers + 1))
         self.final_norm = (
             Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)

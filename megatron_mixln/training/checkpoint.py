@@ -57,6 +57,9 @@ class TrainState:
     consumed_samples: int = 0  # training samples read, over all data-parallel ranks
     skipped_steps: int = 0  # non-finite steps whose update was dropped
     bad_steps_in_a_row: int = 0
+    consumed_tokens: int = 0  # target tokens trained on (padding excluded), over all data-parallel ranks
+    rollbacks: int = 0  # --rollback-on-spike reloads so far
+    lr_scale: float = 1.0  # product of --rollback-lr-factor over the rollbacks
 
 
 def tag_for(iteration: int) -> str:
@@ -120,6 +123,7 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
         meta = {"tag": tag, "train_state": asdict(train_state), "model_config": model_config.to_dict(),
                 "world_size": dist.get_world_size(), "data_parallel_size": data_parallel_size,
                 "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
+                "bf16_pure": bool(cfg.bf16_pure),
                 "tensor_model_parallel_size": tensor_model_parallel_size,
                 "pipeline_model_parallel_size": pipeline_model_parallel_size,
                 "data_fingerprint": data_fingerprint}

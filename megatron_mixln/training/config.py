@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 OPTIMIZERS = ("adam", "adamw")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
+SAMPLE_MODES = ("pack", "truncate-pad")
 
 
 class UsageError(ValueError):
@@ -35,6 +36,10 @@ class TrainingConfig:
         "tokenizer (sentencepiece .model, tokenizer.json, or null:N); checks and defaults --vocab-size", default=None
     )
     make_vocab_size_divisible_by: int = _help("pad the tokenizer's vocab to a multiple of this", default=128)
+    sample_mode: str = _help(
+        "pack: Megatron's packed samples spanning documents; truncate-pad: the Mix-LN reference loader, one "
+        "document per sample truncated/right-padded to seq+1 tokens, padding out of the loss and token counts",
+        default="pack")
     # --- batch ---
     micro_batch_size: int = _help("sequences per process per forward/backward", default=4)
     global_batch_size: int | None = _help(
@@ -60,6 +65,9 @@ class TrainingConfig:
     )
     # --- precision, engine ---
     bf16: bool = _help("bf16 parameters and activations (fp32 master weights in the optimizer)", default=False)
+    bf16_pure: bool = _help(
+        "the whole model and Adam's states in bf16, no fp32 master weights (the reference code; ZeRO 0 only)",
+        default=False)
     deepspeed_config: str | None = _help(
         "DeepSpeed JSON (ds_configs/zero*.json); its batch/clip/optimizer/bf16 fields are filled from the flags",
         default=None,
@@ -78,6 +86,9 @@ class TrainingConfig:
     # --- evaluation, checkpoints ---
     eval_interval: int = _help("validate every N steps (and at the end)", default=1000)
     eval_iters: int = _help("validation set = eval_iters x global batch sequences (0 disables)", default=100)
+    eval_tokens: int | None = _help(
+        "validate on exactly this many target tokens (token-weighted; the paper ~10M); overrides --eval-iters",
+        default=None)
     save: str | None = _help("checkpoint directory (also the run directory unless --run-dir)", default=None)
     load: str | None = _help("checkpoint directory to resume from", default=None)
     save_interval: int | None = _help("save every N steps (default: only at the end and on preemption)", default=None)
@@ -114,6 +125,12 @@ class TrainingConfig:
     # --- stability, reproducibility ---
     max_bad_steps: int = _help("save and stop after N consecutive NaN/Inf steps (skipped, not applied)", default=5)
     spike_factor: float = _help("log a loss spike when loss > factor x running mean (0 disables)", default=1.5)
+    rollback_on_spike: float = _help(
+        "loss > FACTOR x running mean (or non-finite) for --rollback-patience steps in a row: reload the last "
+        "good checkpoint and skip the data seen since it (0 disables; needs --save and --save-interval)", default=0.0)
+    rollback_patience: int = _help("consecutive spiking steps that trigger a rollback", default=3)
+    rollback_lr_factor: float = _help("multiply the LR by this after each rollback (1 keeps it)", default=1.0)
+    max_rollbacks: int = _help("stop as diverged after this many rollbacks", default=3)
     seed: int = _help("random seed (model init, data order)", default=1234)
 
     def __post_init__(self):
@@ -180,6 +197,7 @@ class TrainingConfig:
             backends = torch._dynamo.list_backends(exclude_tags=())
             if self.compile_backend not in backends:
                 raise UsageError(f"--compile-backend: unknown {self.compile_backend!r}; allowed: {', '.join(backends)}")
+        self._check_paper_modes()
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"--zero-stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.tag is not None and not self.load:
@@ -191,6 +209,38 @@ class TrainingConfig:
                 f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size} with --zero-stage "
                 f"{self.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
             )
+
+    def _check_paper_modes(self) -> None:
+        if self.sample_mode not in SAMPLE_MODES:
+            raise UsageError(f"--sample-mode: unknown {self.sample_mode!r}; allowed: {', '.join(SAMPLE_MODES)}")
+        if self.bf16 and self.bf16_pure:
+            raise UsageError("--bf16 and --bf16-pure: give one (--bf16 keeps fp32 master weights, --bf16-pure none)")
+        if self.bf16_pure and self.zero_stage not in (None, 0):
+            raise UsageError(f"--bf16-pure with --zero-stage {self.zero_stage}: pure bf16 trains the bf16 weights "
+                             "in place, which only ZeRO stage 0 does (ZeRO 1-3 keep fp32 partitions)")
+        if self.eval_tokens is not None and self.eval_tokens <= 0:
+            raise UsageError(f"--eval-tokens: must be > 0, got {self.eval_tokens}")
+        if self.pipeline_model_parallel_size > 1 and (self.sample_mode != "pack" or self.eval_tokens):
+            raise UsageError("--sample-mode truncate-pad and --eval-tokens mask tokens out of the loss, which the "
+                             "pipeline engine's loss does not do: use --pipeline-model-parallel-size 1")
+        if self.rollback_on_spike:
+            if self.rollback_on_spike <= 1.0:
+                raise UsageError(f"--rollback-on-spike: must be > 1 (a factor over the running mean) or 0, "
+                                 f"got {self.rollback_on_spike}")
+            if not (self.save and self.save_interval):
+                raise UsageError("--rollback-on-spike needs --save and --save-interval (the good checkpoints to "
+                                 "roll back to)")
+            if self.keep_last == 1:
+                raise UsageError("--rollback-on-spike with --keep-last 1: keep at least 2 checkpoints, so one from "
+                                 "before the spike survives")
+        if self.rollback_patience < 1 or self.max_rollbacks < 1:
+            raise UsageError("--rollback-patience and --max-rollbacks: must be >= 1")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise UsageError(f"--rollback-lr-factor: must be in (0, 1], got {self.rollback_lr_factor}")
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_tokens) or self.eval_iters > 0
 
     @property
     def run_directory(self) -> str | None:

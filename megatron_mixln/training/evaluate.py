@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from megatron_mixln.training.loss import token_losses
+from megatron_mixln.training.loss import masked_sum_and_count, split_batch, token_losses
 
 
 def is_pipeline_engine(engine) -> bool:
@@ -22,8 +22,10 @@ def is_pipeline_engine(engine) -> bool:
 
 
 @torch.no_grad()
-def evaluate(engine, batches: Iterable[torch.Tensor], token_loss_fn=token_losses, dp_group=None) -> dict:
-    """-> {"valid_loss", "valid_ppl", "valid_tokens"}; `batches` are this rank's (micro, seq+1) tokens."""
+def evaluate(engine, batches: Iterable[torch.Tensor], token_loss_fn=token_losses, dp_group=None,
+             pad_id: int = 0) -> dict:
+    """-> {"valid_loss", "valid_ppl", "valid_tokens"}; `batches` are this rank's (micro, seq+1) tokens,
+    IGNORE entries (padding, targets past --eval-tokens) left out of the NLL sum and the token count."""
     device = torch.device(engine.device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of NLL, token count]
     was_training = engine.training
@@ -44,10 +46,10 @@ def evaluate(engine, batches: Iterable[torch.Tensor], token_loss_fn=token_losses
                 totals[1] += n_tokens
         else:
             for tokens in batches:
-                tokens = tokens.to(device)
-                nll = token_loss_fn(engine(tokens[:, :-1]), tokens[:, 1:])
-                totals[0] += nll.double().sum()
-                totals[1] += nll.numel()
+                inputs, labels, mask = split_batch(tokens.to(device), pad_id)
+                total, count = masked_sum_and_count(token_loss_fn(engine(inputs), labels).double(), mask)
+                totals[0] += total
+                totals[1] += count
     finally:
         engine.train(was_training)
     dist.all_reduce(totals, group=dp_group)

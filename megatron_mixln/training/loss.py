@@ -1,6 +1,7 @@
-"""Next-token cross entropy. Every token counts (Megatron's default: no loss mask, EOD included),
-so every micro-batch carries the same number of tokens and a mean of per-micro-batch means is the
-token-weighted mean."""
+"""Next-token cross entropy. In packed mode every token counts (Megatron's default: no loss mask, EOD
+included), so every micro-batch carries the same number of tokens and a mean of per-micro-batch
+means is the token-weighted mean. Padding (--sample-mode truncate-pad) and validation targets past
+--eval-tokens are marked IGNORE in the batch and masked out of the loss and the token counts."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,40 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     vocab = logits.shape[-1]
     return F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), reduction="none").view_as(labels)
+
+
+IGNORE = -1  # a batch entry that is no token: right padding, or a target past the evaluation budget
+
+
+def split_batch(batch: torch.Tensor, pad_id: int = 0):
+    """(micro, seq+1) int64 -> inputs (micro, seq), labels (micro, seq), mask (micro, seq) bool or None.
+
+    IGNORE entries become `pad_id` in inputs and labels (right padding: under causal attention they
+    only reach later, also masked, positions); mask is False where the label was IGNORE, None when
+    the batch has no IGNORE entry (packed samples: every target counts).
+    """
+    if not bool((batch == IGNORE).any()):
+        return batch[:, :-1], batch[:, 1:], None
+    mask = batch[:, 1:] != IGNORE
+    filled = batch.masked_fill(batch == IGNORE, pad_id)
+    return filled[:, :-1], filled[:, 1:], mask
+
+
+def masked_sum_and_count(nll: torch.Tensor, mask: torch.Tensor | None):
+    """(sum of NLL over counted targets, number of counted targets) as fp32 tensors."""
+    if mask is None:
+        return nll.sum(), torch.tensor(float(nll.numel()), device=nll.device)
+    m = mask.to(nll.dtype)
+    return (nll * m).sum(), m.sum()
+
+
+def mean_loss(nll: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The micro-batch loss: the plain mean (packed), or the mean over real targets (the reference's
+    per-batch CrossEntropyLoss with ignored padding); 0 when nothing counts."""
+    if mask is None:
+        return nll.mean()
+    total, count = masked_sum_and_count(nll, mask)
+    return total / count.clamp(min=1.0)
 
 
 def make_token_loss_fn(state=None):

@@ -146,6 +146,10 @@ def build_model_and_optimizer(model_config: ModelConfig, cfg: TrainingConfig, ds
         if cfg.compile:
             apply_compile(model, backend=cfg.compile_backend)
         mpu = state.mpu if state is not None else None
+    if cfg.bf16_pure:
+        # The reference code's precision: weights (and so Adam's moments, created like them) in bf16 and
+        # updated in place; DeepSpeed's bf16 mode stays off, so it adds no fp32 master copy.
+        model.to(torch.bfloat16)
     # DeepSpeed keeps the last engine's mpu process-wide (deepspeed.utils.groups.mpu); an engine built
     # after another one in the same process (tests, notebooks) must not inherit its groups.
     from deepspeed.utils import groups as ds_groups

@@ -23,19 +23,21 @@ from megatron_mixln.training.checkpoint import (
     TrainState, check_resume_layout, fallback_warning, inspect_checkpoint, load_checkpoint, save_checkpoint,
 )
 from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
-from megatron_mixln.training.data import build_datasets, check_data_path, micro_batches, validation_batches
+from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
+                                          validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
 from megatron_mixln.training.distributed import (
-    data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
+    barrier, data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
 )
 from megatron_mixln.training.ds_config import build_ds_config, zero_stage_of
 from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
-from megatron_mixln.training.loss import make_token_loss_fn
+from megatron_mixln.training.loss import make_token_loss_fn, masked_sum_and_count, mean_loss, split_batch
 from megatron_mixln.training.metrics import MetricsLogger, format_train_line
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
+from megatron_mixln.training.rollback import RollbackMonitor, good_checkpoint_before
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
@@ -50,6 +52,7 @@ class StepResult:
     stop_requested: bool  # some rank got a preemption signal
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
     time_up: bool = False  # some rank is past --exit-duration-in-mins
+    tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
 
 
 def _grad_getter(engine, state=None):
@@ -93,7 +96,7 @@ def _before_model_step(engine, fn):
 
 
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
-               want_layer_norms: bool, state=None, time_up=lambda: False) -> StepResult:
+               want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0) -> StepResult:
     """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
     that arrives during the step stops the run after this step, not after the next one. `time_up()`
     (past --exit-duration-in-mins on this rank's clock) rides on the same all_reduce, so every rank
@@ -105,6 +108,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     # get_global_grad_norm returns it); without, it is measured here, between backward and step.
     measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
                     and not engine.gradient_clipping())
+    local_tokens = torch.zeros((), device=device)
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
         # its loss is already averaged over data-parallel ranks.
@@ -125,11 +129,14 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
             local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
         layer_norms = collected if want_layer_norms else None
         grad_norm = norms[0] if norms else None
+        local_tokens += ga * engine.train_micro_batch_size_per_gpu() * (engine.module.model_config.seq_length)
     else:
         local_loss = torch.zeros((), device=device)
         for _ in range(ga):
-            tokens = next(batches).to(device)
-            loss = token_loss_fn(engine(tokens[:, :-1]), tokens[:, 1:]).mean()
+            inputs, labels, mask = split_batch(next(batches).to(device), pad_id)
+            nll = token_loss_fn(engine(inputs), labels)
+            loss = mean_loss(nll, mask)  # per micro-batch, over its real targets
+            local_tokens += masked_sum_and_count(nll.detach(), mask)[1]
             engine.backward(loss)  # DeepSpeed scales by 1/ga and all-reduces at the boundary
             local_loss += loss.detach().float() / ga
             if engine.is_gradient_accumulation_boundary():
@@ -145,12 +152,17 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
         grad_norm = None if norm is None else float(norm)
     # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
-    flags = torch.tensor([float(stop_requested()), float(time_up())], device=device)
-    stats = torch.cat([local_loss.reshape(1), flags])
+    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
+                         torch.tensor(float(time_up()), device=device), local_tokens.float()])
     dist.all_reduce(stats)
     world = dist.get_world_size()
+    replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
     return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
-                      stats[2].item() > 0)
+                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas))
+
+
+def _data_parallel_size(state, world: int) -> int:
+    return world if state is None else state.dp_size
 
 
 def _num_params(model, state=None) -> int:
@@ -228,14 +240,23 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)
         if meta.get("universal"):  # DeepSpeed cuts this run's TP slices and ZeRO partitions out of it
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        if bool(meta.get("bf16_pure", False)) != cfg.bf16_pure:
+            raise UsageError(f"--load {cfg.load} ({meta['tag']}) was written {'with' if meta.get('bf16_pure') else 'without'}"
+                             f" --bf16-pure; resume with the same precision")
+    _check_layer_options(model_config, cfg)
     if cfg.save:
         _check_writable(cfg.save, "--save")
     fingerprint = _data_fingerprint(cfg) if datasets is None else None
     if meta:
         _warn(check_data_fingerprint(meta, fingerprint, cfg.load, cfg.override_data_check))
     if datasets is None:
-        datasets = build_datasets(cfg, model_config.seq_length, global_batch, model_config.vocab_size)
+        datasets = build_datasets(cfg, model_config.seq_length, global_batch, model_config.vocab_size,
+                                  model_config.pad_id)
     train_ds, valid_ds = datasets
+    budgets = None
+    if cfg.eval_tokens:
+        budgets = eval_token_budgets(valid_ds, cfg.eval_tokens, model_config.seq_length, cfg.micro_batch_size * dp_size)
+    n_valid = len(budgets) if budgets is not None else cfg.eval_iters * global_batch
 
     _seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
@@ -259,10 +280,12 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         logger.log("event", ts.iteration, {"event": "resumed", "from": cfg.load, "tag": meta["tag"]})
         logger.print(f"resumed from {cfg.load} ({meta['tag']}): iteration {ts.iteration}, "
                      f"{ts.consumed_samples} samples consumed")
+    modes = _paper_modes(model_config, cfg)
+    logger.print(f"modes: {modes}")
     logger.print(f"model: {n_params:,} parameters, positions {model_config.positions_str}; world {dist.get_world_size()}"
                  f" (data-parallel {dp_size}), global batch {global_batch} = micro {cfg.micro_batch_size} x dp "
                  f"{dp_size} x accumulation {ga}, ZeRO stage {zero_stage_of(ds_config)}, "
-                 f"{'bf16' if cfg.bf16 else 'fp32'}")
+                 f"{'pure bf16' if cfg.bf16_pure else 'bf16' if cfg.bf16 else 'fp32'}")
     logger.print(describe_param_groups(groups, cfg.weight_decay))
     logger.print(f"torch.compile: {'on' if cfg.compile else 'off'}"
                  + (f" (backend {cfg.compile_backend}), {compiled_blocks} of {model_config.num_layers} blocks compiled"
@@ -284,6 +307,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         token_loss_fn = compile_loss(token_loss_fn, backend=cfg.compile_backend)  # (TP's vocab-parallel loss holds collectives: left eager)
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
+    rollback = RollbackMonitor(cfg.rollback_on_spike, cfg.rollback_patience) if cfg.rollback_on_spike else None
+    pad_id = model_config.pad_id
     preempt = PreemptionFlag()
     ts_start = ts.iteration
     limit = cfg.exit_duration_in_mins
@@ -295,13 +320,13 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     try:
         while ts.iteration < cfg.train_iters:
             step = ts.iteration + 1
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg) * ts.lr_scale
             want_layers = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
             t0 = time.perf_counter()
             if step > ts_start + 1:  # the first step keeps the start-up allowance
                 watchdog.progress(f"step {step}")
             res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
-                             time_up)
+                             time_up, pad_id)
             window_time += time.perf_counter() - t0
             window_steps += 1
             if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
@@ -313,6 +338,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             if math.isfinite(res.loss):
                 window_losses.append(res.loss)
             ts.iteration, ts.consumed_samples = step, ts.consumed_samples + global_batch
+            ts.consumed_tokens += res.tokens
 
             bad = not res.applied or not math.isfinite(res.loss)
             ts.skipped_steps += int(bad)
@@ -327,12 +353,23 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             if spike_mean is not None:
                 logger.print(f"step {step}: loss spike {res.loss:.4f} > {cfg.spike_factor} x running mean {spike_mean:.4f}")
                 logger.log("event", step, {"event": "loss_spike", "loss": res.loss, "running_mean": spike_mean})
+            if rollback is not None and rollback.update(step, res.loss):
+                if ts.rollbacks >= cfg.max_rollbacks:
+                    stop_reason = "diverged"
+                    logger.print(f"step {step}: loss still spiking after {ts.rollbacks} rollbacks (--max-rollbacks)")
+                else:
+                    ts = _roll_back(engine, cfg, ts, rollback, step, logger)
+                    batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size,
+                                            dp_rank, dp_size)
+                    window_time, window_steps, window_losses = 0.0, 0, []
+                    continue
 
             if step % cfg.log_interval == 0 or step == cfg.train_iters:
                 tps = tokens_per_step * window_steps / max(window_time, 1e-9)
                 # Like Megatron: the loss of a log line is the mean over its window (finite steps only).
                 loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
                 values = {"loss": loss, "lr": lr, "grad_norm": res.grad_norm, "tokens_per_sec": tps,
+                          "consumed_tokens": ts.consumed_tokens,
                           "mfu": fpt * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
                           "memory_gib": memory_gib(), "consumed_samples": ts.consumed_samples,
                           "skipped_steps": ts.skipped_steps}
@@ -342,11 +379,10 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             if res.layer_norms is not None:
                 logger.log("grad_norms", step, flatten_grad_norms(res.layer_norms))
 
-            if cfg.eval_iters > 0 and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
-                n_valid = cfg.eval_iters * global_batch
+            if cfg.evaluates and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
                 watchdog.progress(f"evaluation at step {step}")
-                result = evaluate(engine, validation_batches(valid_ds, n_valid, cfg.micro_batch_size, dp_rank, dp_size),
-                                  token_loss_fn, dp_group)
+                result = evaluate(engine, validation_batches(valid_ds, n_valid, cfg.micro_batch_size, dp_rank, dp_size,
+                                                             budgets), token_loss_fn, dp_group, pad_id)
                 evals.append({"step": step, **result})
                 logger.log("valid", step, result)
                 logger.print(f"step {step}: validation loss {result['valid_loss']:.4f} | perplexity "
@@ -354,6 +390,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
 
             if ts.bad_steps_in_a_row >= cfg.max_bad_steps:
                 stop_reason = "diverged"
+            if stop_reason == "diverged":
+                logger.log("event", step, {"event": "diverged", "loss": res.loss})
             elif res.stop_requested:
                 stop_reason = "preempted"
             elif cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
@@ -362,7 +400,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                 stop_reason = "exit_duration"
                 logger.print(f"step {step}: --exit-duration-in-mins {limit:g} reached "
                              f"({_minutes_since(start):.2f} min on rank 0's clock); saving and exiting")
-            periodic = cfg.save_interval and step % cfg.save_interval == 0
+            # While a spike is under way (rollback on), no periodic save: the good checkpoint must survive.
+            periodic = cfg.save_interval and step % cfg.save_interval == 0 and not (rollback and rollback.in_spike)
             if cfg.save and (stop_reason or periodic or step == cfg.train_iters):
                 watchdog.progress(f"checkpoint save at step {step}")
                 tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, cfg.keep_last, dp_size,
@@ -391,3 +430,56 @@ def _check_writable(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot create the directory: {exc.strerror}") from None
     if not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: not writable")
+
+
+def _check_layer_options(model_config: ModelConfig, cfg: TrainingConfig) -> None:
+    """Model options the parallel layouts do not carry (checked before anything is built)."""
+    if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
+        raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
+                         "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
+    if model_config.gated_layers and cfg.sequence_parallel:
+        raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
+                         "sequence shard; drop one of the two")
+
+
+def _paper_modes(model_config: ModelConfig, cfg: TrainingConfig) -> str:
+    """The paper-faithful choices of this run, in one line (they are also in config.json)."""
+    parts = [f"sample-mode {cfg.sample_mode}", "pure bf16" if cfg.bf16_pure else "bf16 (fp32 masters)" if cfg.bf16
+             else "fp32", f"eval {cfg.eval_tokens} tokens" if cfg.eval_tokens else f"eval {cfg.eval_iters} iters",
+             f"embedding std {'sqrt(2/5)' if model_config.scaled_embedding_init else model_config.init_method_std}"]
+    if model_config.scaled_output_layers:
+        parts.append(f"scaled output init on layers {list(model_config.scaled_output_layers)}")
+    if model_config.gated_layers:
+        parts.append(f"residual gates on layers {list(model_config.gated_layers)} (init {model_config.residual_gate_init})")
+    if model_config.freeze_pad_embedding:
+        parts.append(f"frozen pad embedding row {model_config.pad_id}")
+    if cfg.rollback_on_spike:
+        parts.append(f"rollback on spike x{cfg.rollback_on_spike} for {cfg.rollback_patience} steps "
+                     f"(lr factor {cfg.rollback_lr_factor})")
+    return ", ".join(parts)
+
+
+def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMonitor, step: int, logger) -> TrainState:
+    """Reload the newest checkpoint from before the spike; keep the data position (the window since that
+    checkpoint is skipped); scale the LR. Raises UsageError when no such checkpoint exists."""
+    first = monitor.first_spike_step
+    tag = good_checkpoint_before(cfg.save, first)
+    if tag is None:
+        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first} but {cfg.save} holds "
+                         "no checkpoint from before it; lower --save-interval")
+    barrier()
+    consumed_samples, consumed_tokens = ts.consumed_samples, ts.consumed_tokens
+    restored = load_checkpoint(engine, cfg.save, tag)
+    restored.consumed_samples, restored.consumed_tokens = consumed_samples, consumed_tokens
+    restored.rollbacks = ts.rollbacks + 1
+    restored.lr_scale = ts.lr_scale * cfg.rollback_lr_factor
+    restored.bad_steps_in_a_row = 0
+    monitor.reset()
+    logger.print(f"step {step}: loss above {cfg.rollback_on_spike} x its running mean since step "
+                 f"{first}; rolled back to {tag} (iteration {restored.iteration}), skipping the data "
+                 f"up to sample {consumed_samples}, lr scale {restored.lr_scale:g} (rollback {restored.rollbacks})")
+    logger.log("event", step, {"event": "rollback", "first_spike_step": first, "to_iteration": restored.iteration, "tag": tag,
+                               "resume_sample": consumed_samples, "lr_scale": restored.lr_scale,
+                               "rollbacks": restored.rollbacks})
+    return restored
+

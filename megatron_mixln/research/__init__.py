@@ -1,0 +1,1 @@
+"""Norm-position comparison sweeps (tools/compare_norms.py): plan the variants, launch them, collect their metrics, report."""
