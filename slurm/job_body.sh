@@ -3,7 +3,7 @@
 # (`VAR=value sbatch ...`: sbatch passes the submitting shell's environment to the job); the README's
 # Slurm section has the table.
 #
-#   model      PRESET NORM_POSITION (mix) POST_LN_LAYERS (mix only) SEQ_LENGTH (256)
+#   model      PRESET NORM_POSITION (mix) POST_LN_LAYERS (mix only; set but empty: no --post-ln-layers, e.g. for --post-ln-fraction in EXTRA_ARGS) SEQ_LENGTH (256)
 #   schedule   TRAIN_ITERS LR WARMUP_ITERS (TRAIN_ITERS/10; linear, then cosine to 0.1 x LR) CLIP_GRAD (1.0)
 #   batch      MICRO_BATCH (8) GLOBAL_BATCH (512)
 #   engine     DS_CONFIG (ds_configs/zero1.json) BF16 (1) RECOMPUTE (0)
