@@ -21,7 +21,13 @@ def is_stock_llama(config) -> bool:
 
 
 def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int | None, custom: bool):
-    """A transformers config object for `config` (ModelConfig). special_ids: bos/eos/pad token ids or None."""
+    """A transformers config object for `config` (ModelConfig). special_ids: bos/eos/pad token ids or None.
+
+    Raises ValueError for a model with learnable residual gates (--residual-gate-layers): the exported
+    modeling code has no gates, and dropping them would change the model."""
+    if getattr(config, "gated_layers", ()):
+        raise ValueError(f"residual_gate_layers {config.residual_gate_layers!r}: models with learnable residual "
+                         "gates cannot be exported (the Hugging Face modeling code has no gates)")
     common = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,

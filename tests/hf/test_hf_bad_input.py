@@ -44,6 +44,10 @@ def test_export_bad_inputs(tmp_path, plain, spm_model):
         (bad / "config.json").write_text(json.dumps(cfg))
         _fails("convert_to_hf", tmp_path, "--checkpoint", str(bad), "--output", out,
                expect=(f"{name}/config.json", expect))
+    # learnable residual gates (the reference's scale_res_pre_norm): the HF modeling code has none
+    save_tiny(tmp_path / "gated", norm_position="pre", residual_gate_layers="all")
+    _fails("convert_to_hf", tmp_path, "--checkpoint", str(tmp_path / "gated"), "--output", out,
+           expect=("residual_gate_layers", "cannot be exported"))
     # a tokenizer larger than the model's vocabulary (300 pieces, vocab 200)
     save_tiny(tmp_path / "small", vocab_size=200)
     _fails("convert_to_hf", tmp_path, "--checkpoint", str(tmp_path / "small"), "--output", out, "--tokenizer", spm_model,
