@@ -26,6 +26,8 @@ import re
 import shutil
 from argparse import Namespace
 
+import torch
+
 UNIVERSAL = "universal.json"  # marker in a converted tag: {"source_tag", "source_layout", ...}
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"
 
@@ -120,3 +122,43 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
     atomic_write_text(os.path.join(dst, "latest"), out_tag)
     return {"source": {"format": "deepspeed", "tag": tag, **layout},
             "target": {"format": "universal", "tag": out_tag, "dir": dst}}
+
+
+
+def group_hyperparameters(optimizer) -> list[dict]:
+    """Each param group's hyper-parameters (everything but "params"), in group order."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def repair_zero3_universal_load(optimizer, tag_dir: str, own: list[dict]) -> None:
+    """Undo the one-group assumptions of DeepSpeed's ZeRO-3 universal loader
+    (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`); call it right
+    after `engine.load_checkpoint` of a universal checkpoint under ZeRO-3. With two param groups
+    (megatron_mixln.training.param_groups: decay, no decay) that loader
+
+    - gives every group the hyper-parameters of the checkpoint's FIRST group, so the no-decay group (norm
+      gains, biases) comes back with the decay group's weight_decay. Here group i gets group i's saved
+      hyper-parameters (`tag_dir/zero/optimizer_state.pt`, "param_groups"), as DeepSpeed's ZeRO-1/2
+      loader does (`ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir`); a checkpoint with
+      another number of groups (other group rules) cannot be matched group to group, and the groups then
+      keep this run's own hyper-parameters `own` (`group_hyperparameters` before the load);
+    - stores ONE `step` tensor object as the Adam step of every sub-group; torch's Adam(W) increments it in
+      place (`step_t += 1`) once per sub-group, so after the first resumed update the second group's bias
+      correction runs one step ahead, and every update advances it by the number of groups. Each state
+      gets its own copy here.
+
+    `optimizer` is the ZeRO-3 optimizer (`engine.optimizer`). Raises FileNotFoundError when
+    optimizer_state.pt is missing."""
+    from megatron_mixln.parallel.checkpoint_convert import _load
+
+    path = os.path.join(tag_dir, "zero", "optimizer_state.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (a ZeRO-3 universal checkpoint keeps its param groups there)")
+    saved = _load(path).get("param_groups") or []
+    groups = optimizer.param_groups
+    source = saved if len(saved) == len(groups) else own
+    for group, values in zip(groups, source):
+        group.update({k: v for k, v in values.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -39,7 +39,8 @@ from megatron_mixln.data.file_manifest import (
 from megatron_mixln.data.fileio import atomic_write_text
 from megatron_mixln.parallel.checkpoint_convert import (CONVERTED, PLAIN_WEIGHTS, is_converted_checkpoint,
                                                         is_plain_dir)
-from megatron_mixln.parallel.universal import UNIVERSAL, universal_checkpoint_info
+from megatron_mixln.parallel.universal import (UNIVERSAL, group_hyperparameters, repair_zero3_universal_load,
+                                               universal_checkpoint_info)
 from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.distributed import barrier, is_rank0
 
@@ -361,11 +362,16 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
     another TP/PP layout has no optimizer states: the optimizer's moments then restart from zero
     (the LR is set from the schedule at every step, so it is right from the first resumed step)."""
     converted = is_converted_checkpoint(load_dir, tag)  # a universal one keeps its optimizer states
+    # DeepSpeed's ZeRO-3 universal loader assumes one param group (parallel.universal.repair_zero3_universal_load)
+    zero3_universal = engine.zero_optimization_stage() == 3 and os.path.isfile(os.path.join(load_dir, tag, UNIVERSAL))
+    own_groups = group_hyperparameters(engine.optimizer) if zero3_universal else None
     path, client_state = engine.load_checkpoint(
         load_dir, tag=tag, load_optimizer_states=not converted, load_lr_scheduler_states=False
     )
     if path is None or not client_state or "mixln" not in client_state:
         raise UsageError(f"--load {load_dir}: DeepSpeed could not load checkpoint {tag!r}")
+    if zero3_universal:
+        repair_zero3_universal_load(engine.optimizer, os.path.join(load_dir, tag), own_groups)
     state = client_state["mixln"]
     rng_states = state["rng_states"]
     rank = dist.get_rank()

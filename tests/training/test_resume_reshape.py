@@ -1,8 +1,9 @@
 """Resume on another cluster shape with the optimizer states kept (DeepSpeed universal checkpoints,
 megatron_mixln.parallel.universal): 2 ranks ZeRO-2 -> 1 rank ZeRO-1, 1 rank ZeRO-1 -> 2 ranks ZeRO-2,
 2 ranks ZeRO-3 -> 1 rank ZeRO-3, and TP=2 -> TP=1; each resumed loss curve equals the uninterrupted 1-rank run's within fp32
-tolerance. The 2-rank ZeRO-2 run is stopped by --exit-duration-in-mins, which only rank 1's clock
-says has passed: both ranks stop, and save, after the same step."""
+tolerance (ZeRO-3: with each param group's own weight decay and Adam step). The 2-rank ZeRO-2 run is
+stopped by --exit-duration-in-mins, which only rank 1's clock says has passed: both ranks stop, and
+save, after the same step."""
 import math
 import os
 
@@ -67,9 +68,15 @@ def runs(single_rank, tmp_path_factory):
     convert(ref_ckpt, ref_ckpt + "_from_weights", to="deepspeed", tag=ckpt.tag_for(STOP))  # optimizer states dropped
     resumed = {name: run_and_destroy(tiny_model(), tiny_train(zero_stage=1, load=ref_ckpt + "_from_" + name, **RUN),
                                      tiny_datasets())["history"] for name in ("zero2", "tp2", "weights")}
-    resumed["zero3"] = run_and_destroy(tiny_model(), tiny_train(zero_stage=3, load=ref_ckpt + "_from_zero3", **RUN),
-                                       tiny_datasets())["history"]
-    return {"ref": ref["history"], "two": two, "resumed": resumed, "ref_ckpt": ref_ckpt}
+    from megatron_mixln.training.trainer import pretrain
+
+    zero3 = pretrain(tiny_model(), tiny_train(zero_stage=3, load=ref_ckpt + "_from_zero3", **RUN), tiny_datasets())
+    resumed["zero3"] = zero3["history"]
+    optimizer = zero3["engine"].optimizer  # ZeRO-3: one Adam state per flat sub-group (one per param group here)
+    zero3_groups = {"weight_decay": [g["weight_decay"] for g in optimizer.param_groups],
+                    "step": [float(s["step"]) for s in optimizer.state.values()]}
+    zero3["engine"].destroy()
+    return {"ref": ref["history"], "two": two, "resumed": resumed, "ref_ckpt": ref_ckpt, "zero3_groups": zero3_groups}
 
 
 def _same_curve(got, want, steps):
@@ -113,6 +120,14 @@ def test_one_rank_zero1_resume_on_two_ranks_zero2(runs):
 def test_two_ranks_zero3_resume_on_one_rank_zero3(runs):
     """The 7B configuration's stage (ZeRO-3) on half the ranks."""
     _same_curve(runs["resumed"]["zero3"], runs["ref"], range(STOP + 1, 7))
+
+
+@pytest.mark.slow
+def test_zero3_resume_keeps_each_param_groups_decay_and_step(runs):
+    """DeepSpeed's ZeRO-3 universal loader gives every param group the first group's hyper-parameters and
+    one shared Adam step tensor (megatron_mixln.parallel.universal.repair_zero3_universal_load): the norm
+    gains' group must keep no weight decay, and 3 saved + 3 resumed updates are step 6 in each group."""
+    assert runs["zero3_groups"] == {"weight_decay": [tiny_train().weight_decay, 0.0], "step": [6.0, 6.0]}
 
 
 @pytest.mark.slow
