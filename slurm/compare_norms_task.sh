@@ -4,9 +4,10 @@
 #   python tools/compare_norms.py --launcher slurm --sbatch-args "--nodes=1 --gpus-per-node=8" ...
 #     -> sbatch --array=0-(N-1)[%K] --export=ALL,MIXLN_TASK_DIR=OUT/slurm,ROOT=REPO slurm/compare_norms_task.sh
 #
-# Task i sources OUT/slurm/task_<i>.env (the environment contract of slurm/pretrain_7b_mixln.sh: PRESET,
-# NORM_POSITION, POST_LN_LAYERS, TRAIN_ITERS, DATA, TOKENIZER, CKPT, DS_CONFIG, EXTRA_ARGS) and replaces
-# itself with that script, so the script's USR1 trap, save-and-requeue and resume work per task.
+# Task i sources OUT/slurm/task_<i>.env (TRAINER_ARGS_FILE=OUT/slurm/task_<i>.args, the run's whole trainer
+# command line, plus TRAIN_DATA, VALID_DATA, TOKENIZER, CKPT, NORM_POSITION, TRAIN_ITERS) and replaces itself
+# with slurm/pretrain_7b_mixln.sh, so the script's checks, USR1 trap, save-and-requeue and resume work per
+# task while the run trains exactly what --launcher local would.
 #
 #SBATCH --job-name=mixln-compare
 #SBATCH --signal=B:USR1@120

@@ -17,7 +17,10 @@
 #   placement  LAUNCHER (srun | deepspeed) GPUS_PER_NODE (processes per node; default the job's
 #              --ntasks-per-node) MASTER_ADDR (default: the first node's Slurm NodeAddr) MASTER_PORT
 #   paths      ROOT (the repository; default the submit directory) VENV (default $ROOT/.venv)
-#   anything   EXTRA_ARGS (appended to the trainer's flags; later flags win)
+#   anything   EXTRA_ARGS (appended to the trainer's flags; later flags win); TRAINER_ARGS_FILE (one flag
+#              per line: the trainer's whole command line instead of this size's defaults -- what
+#              tools/compare_norms.py writes, so a Slurm run trains exactly what a local one would;
+#              DATA, TOKENIZER and CKPT are still checked, TRAIN_ITERS still names the final checkpoint)
 #   sweeps     NORM_POSITIONS (comma list; with `sbatch --array=0-N`, task i trains position i and
 #              saves to $CKPT/<position>)
 #   checking   DRY_RUN=1: do every check, print the trainer's command line, exit 0 without training
@@ -120,6 +123,11 @@ if [ "${RECOMPUTE:-0}" = 1 ]; then args+=(--recompute-activations); fi
 if [ -f "$CKPT/latest" ]; then args+=(--load "$CKPT"); fi
 read -ra extra <<< "${EXTRA_ARGS:-}"
 args+=("${extra[@]}")
+if [ -n "${TRAINER_ARGS_FILE:-}" ]; then  # one whole trainer command line (tools/compare_norms.py): none of the
+    [ -f "$TRAINER_ARGS_FILE" ] || fail "TRAINER_ARGS_FILE=$TRAINER_ARGS_FILE: no such file"  # size's defaults
+    mapfile -t args < "$TRAINER_ARGS_FILE"
+    [ -f "$CKPT/latest" ] && args+=(--load "$CKPT")
+fi
 
 final_tag="$(printf 'iter_%07d' "$TRAIN_ITERS")"
 latest() { cat "$CKPT/latest" 2>/dev/null || echo none; }

@@ -47,6 +47,11 @@ def parse_args(argv):
     p.add_argument("--analysis-samples", type=int, default=64, help="validation samples for the layer analysis")
     p.add_argument("--dry-run", action="store_true", help="validate and print the runs' commands; write nothing")
     p.add_argument("--report-only", action="store_true", help="launch nothing; report on the runs there are")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv[:-1]):  # "--sbatch-args --nodes=1": argparse takes a lone "--x" for a flag
+        if a == "--sbatch-args":
+            argv[i:i + 2] = [f"--sbatch-args={argv[i + 1]}"]
+            break
     args, passthrough = p.parse_known_args(argv)
     if args.parallel is not None and args.parallel < 1:
         p.error("--parallel: must be >= 1")

@@ -9,7 +9,6 @@ Default special ids follow T5's layout -- pad 0, eos 1, unk 2 -- plus bos 3; ``-
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -41,26 +40,28 @@ class TokenizerTrainOptions:
 
 
 def iter_text_lines(files: list[str], keys: list[str]) -> Iterator[str]:
-    """Non-empty lines of the ``keys`` fields of every JSON line; bad lines are skipped."""
+    """Non-empty lines of the ``keys`` fields of every record; bad lines are skipped. Reads every
+    container and encoding the preprocessor reads (``inputs``: compressed, UTF-16/32, BOM, Parquet).
+    Raises DataError naming a file that cannot be read."""
+    from .inputs import LineReader, ParquetReader, check_input, plan_file_tasks
+
     for path in files:
-        opener = gzip.open if path.endswith(".gz") else open
-        try:
-            with opener(path, "rb") as fh:
-                for raw in fh:
-                    try:
-                        obj = json.loads(raw)
-                    except (ValueError, UnicodeDecodeError):
-                        continue
-                    if not isinstance(obj, dict):
-                        continue
-                    for key in keys:
-                        value = obj.get(key)
-                        if isinstance(value, str):
-                            for line in value.splitlines():
-                                if line.strip():
-                                    yield line
-        except (OSError, EOFError) as err:  # e.g. a truncated gzip download
-            raise DataError(f"{path}: cannot be read ({err})") from None
+        encoding = check_input(path, keys)
+        (task,) = plan_file_tasks([path], 1 << 62, {path: encoding})
+        reader = ParquetReader(task, keys) if encoding == "parquet" else LineReader(task)
+        for _, record in reader:
+            try:
+                obj = record if isinstance(record, dict) else json.loads(record, strict=False)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if not isinstance(obj, dict):
+                continue
+            for key in keys:
+                value = obj.get(key)
+                if isinstance(value, str):
+                    for line in value.splitlines():
+                        if line.strip():
+                            yield line
 
 
 def _check(opts: TokenizerTrainOptions) -> list[str]:

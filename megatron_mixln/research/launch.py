@@ -6,9 +6,10 @@ checkpoint that is not final is resumed with `--load`. Each local run leaves `st
 command) and `train.log` in its run directory.
 
 Slurm: `sbatch --array=0-(N-1)[%K] slurm/compare_norms_task.sh`; task i sources
-`OUT/slurm/task_<i>.env`, which sets the environment contract of `slurm/pretrain_7b_mixln.sh`
-(PRESET, NORM_POSITION, POST_LN_LAYERS, TRAIN_ITERS, DATA, TOKENIZER, CKPT, DS_CONFIG, EXTRA_ARGS), and
-runs that script. The array's job id goes to `OUT/slurm/job.json`; while it is still queued or running
+`OUT/slurm/task_<i>.env` and runs `slurm/pretrain_7b_mixln.sh` with TRAINER_ARGS_FILE naming
+`OUT/slurm/task_<i>.args`: the run's whole trainer command line, the same flags `--launcher local` runs,
+so none of the 7B job's own defaults apply (the script still checks DATA/TOKENIZER, places the run in
+CKPT, requeues on preemption and resumes). The array's job id goes to `OUT/slurm/job.json`; while it is still queued or running
 (`squeue`), a rerun reports that and submits nothing.
 """
 from __future__ import annotations
@@ -23,8 +24,7 @@ import time
 from megatron_mixln.research.sweep import Sweep, SweepError, Variant
 
 DIVERGED_EXIT = 3
-CONTRACT = ("PRESET", "NORM_POSITION", "POST_LN_LAYERS", "TRAIN_ITERS", "DATA", "TOKENIZER", "CKPT", "DS_CONFIG",
-            "EXTRA_ARGS")
+CONTRACT = ("NORM_POSITION", "TRAIN_ITERS", "TRAIN_DATA", "VALID_DATA", "TOKENIZER", "CKPT", "TRAINER_ARGS_FILE")
 
 
 def run_state(run_dir: str, train_iters: int) -> str:
@@ -119,38 +119,33 @@ def _pop_flag(args: list[str], flag: str, nargs_multi: bool = False) -> tuple[li
     return args[i + 1:j], args[:i] + args[j:]
 
 
-def slurm_env(sweep: Sweep, v: Variant) -> dict[str, str]:
-    """The environment contract of slurm/pretrain_7b_mixln.sh for one run. Flags with a contract variable
-    move into it; everything else, and the run's own flags, go to EXTRA_ARGS (after the script's
-    defaults, so they win). POST_LN_LAYERS is empty for non-Mix runs and fraction-swept Mix runs."""
-    args = list(sweep.passthrough)
-    if sweep.config_values:
-        args = ["--config", os.path.join(sweep.out, "sweep_config.json")] + args
+def slurm_env(sweep: Sweep, v: Variant, args_file: str, train_iters: int) -> dict[str, str]:
+    """The environment of slurm/pretrain_7b_mixln.sh for one run: TRAINER_ARGS_FILE names the run's whole
+    command line (the same flags --launcher local runs, one per line), so none of the 7B job's own defaults
+    apply; DATA/TOKENIZER (checked by the script before any launch), CKPT, NORM_POSITION and TRAIN_ITERS
+    (the script's "finished" test) are set from the same flags."""
+    args = sweep.pretrain_args(v)
     env = {k: "" for k in CONTRACT}
-    for flag, var in (("--preset", "PRESET"), ("--train-iters", "TRAIN_ITERS"), ("--tokenizer", "TOKENIZER"),
-                      ("--deepspeed-config", "DS_CONFIG")):
-        value, args = _pop_flag(args, flag)
-        if value:
-            env[var] = value[0]
-    data, rest = _pop_flag(args, "--data-path", nargs_multi=True)
-    valid, rest2 = _pop_flag(rest, "--valid-data-path", nargs_multi=True)
-    suffix_t, suffix_v = "_train_text_document", "_valid_text_document"
-    if (data and valid and len(data) == len(valid) == 1 and data[0].endswith(suffix_t)
-            and valid[0] == data[0][:-len(suffix_t)] + suffix_v):
-        env["DATA"], args = data[0][:-len(suffix_t)], rest2  # the script's ${DATA}_{train,valid}_text_document
+    tokenizer, _ = _pop_flag(args, "--tokenizer")
+    env["TOKENIZER"] = tokenizer[0] if tokenizer else ""
+    data, _ = _pop_flag(args, "--data-path", nargs_multi=True)
+    valid, _ = _pop_flag(args, "--valid-data-path", nargs_multi=True)
+    prefixes = [d for d in (data or []) if not _is_number(d)]
+    env["TRAIN_DATA"] = prefixes[0] if prefixes else ""
+    env["VALID_DATA"] = (valid or prefixes)[0] if (valid or prefixes) else ""
     env["NORM_POSITION"] = v.position
-    if v.position == "mix" and v.fraction is None and v.post_ln_layers is not None:
-        env["POST_LN_LAYERS"] = str(v.post_ln_layers)
-    extra = args + (["--post-ln-fraction", repr(v.fraction)] if v.fraction is not None else [])
-    run = sweep.run_dir(v)
-    extra += ["--seed", str(v.seed), "--run-dir", run, "--wandb-name", v.name]
-    env["CKPT"] = os.path.join(run, "ckpt")
-    for a in extra:
-        if not a or any(c.isspace() for c in a):
-            raise SweepError(f"--launcher slurm: the pretraining argument {a!r} is empty or holds whitespace, which "
-                             "EXTRA_ARGS (one space-separated string) cannot carry")
-    env["EXTRA_ARGS"] = " ".join(extra)
+    env["TRAIN_ITERS"] = str(train_iters)
+    env["CKPT"] = os.path.join(sweep.run_dir(v), "ckpt")
+    env["TRAINER_ARGS_FILE"] = args_file
     return env
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def write_slurm_tasks(sweep: Sweep, todo: list[Variant]) -> str:
@@ -159,9 +154,17 @@ def write_slurm_tasks(sweep: Sweep, todo: list[Variant]) -> str:
 
     d = os.path.join(sweep.out, "slurm")
     os.makedirs(d, exist_ok=True)
+    from megatron_mixln.training.arguments import parse_configs
+
     for i, v in enumerate(todo):
         os.makedirs(sweep.run_dir(v), exist_ok=True)
-        lines = [f"export {k}={shlex.quote(val)}" for k, val in slurm_env(sweep, v).items()]
+        args = sweep.pretrain_args(v)
+        if any("\n" in a for a in args):
+            raise SweepError(f"--launcher slurm: a pretraining argument holds a newline: {args!r}")
+        args_file = os.path.join(d, f"task_{i}.args")
+        atomic_write_text(args_file, "\n".join(args) + "\n")
+        train_iters = parse_configs(args)[1].train_iters
+        lines = [f"export {k}={shlex.quote(val)}" for k, val in slurm_env(sweep, v, args_file, train_iters).items()]
         atomic_write_text(os.path.join(d, f"task_{i}.env"), "\n".join([f"# {v.name}", *lines]) + "\n")
     atomic_write_json(os.path.join(d, "tasks.json"), [v.name for v in todo])
     return d

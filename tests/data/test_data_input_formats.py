@@ -223,3 +223,21 @@ def test_parquet_without_the_key_and_a_bad_parquet_file(tmp_path, spm_model):
     broken = _write(tmp_path / "broken.parquet", b"PAR1 not really")
     with pytest.raises(DataError, match=r"broken.parquet: not a readable Parquet file"):
         _run(tmp_path, "broken", [broken], spm_model)
+
+
+@pytest.mark.parametrize("suffix", [".zst", ".xz", ".bz2", ".parquet"])
+def test_tokenizer_training_reads_the_same_containers(tmp_path, texts, suffix):
+    """tools/train_tokenizer.py sees the same text from every container the preprocessor reads."""
+    from megatron_mixln.data.tokenizer_training import iter_text_lines
+
+    plain = _write(tmp_path / "plain.jsonl", b"\n".join(_lines(texts)) + b"\n")
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        other = str(tmp_path / "t.parquet")
+        pq.write_table(pa.table({"text": texts}), other, row_group_size=5)
+    else:
+        other = _write(tmp_path / f"t.jsonl{suffix}", COMPRESSORS[suffix](b"\xef\xbb\xbf" + open(plain, "rb").read()))
+    want = list(iter_text_lines([plain], ["text"]))
+    assert want and list(iter_text_lines([other], ["text"])) == want

@@ -6,7 +6,9 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -191,24 +193,27 @@ def test_slurm_array_submission_and_collection(sweep, monkeypatch, capsys):
     names = json.load(open(os.path.join(out, "slurm", "tasks.json")))
     assert names == ["mix-a0-s1", "mix-a0-s2", "mix-a0.5-s1", "mix-a0.5-s2"]
 
-    # Each task, as Slurm would start it: the contract variables reach the pretraining script.
-    fake = _fake_bin(tmp, "fake_pretrain.sh", 'for v in PRESET NORM_POSITION POST_LN_LAYERS TRAIN_ITERS DATA TOKENIZER '
-                     'CKPT DS_CONFIG EXTRA_ARGS; do echo "$v=${!v}"; done > "$CKPT.env"\n')
+    # Each task, as Slurm would start it: compare_norms_task.sh -> the real slurm/pretrain_7b_mixln.sh (DRY_RUN=1
+    # prints the trainer command after every check): exactly the flags --launcher local runs, none of the 7B
+    # job's own defaults (a --preset 9m sweep must not become a 7B run).
+    from megatron_mixln.research.launch import local_command
+    from megatron_mixln.research.sweep import build_sweep
+
+    _fake_bin(bin_dir, "scontrol", 'case "$2" in hostnames) echo n1 ;; node) echo "NodeName=n1 NodeAddr=127.0.0.1" ;; esac\n')
+    same = build_sweep("mix", "0,0.5", "1,2", None, flags, out)
+    by_name = {v.name: v for v in same.variants}
     for i, name in enumerate(names):
         env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i), MIXLN_TASK_DIR=os.path.join(out, "slurm"), ROOT=REPO,
-                   PRETRAIN_SCRIPT=str(fake))
-        subprocess.run(["bash", os.path.join(REPO, "slurm", "compare_norms_task.sh")], env=env, check=True,
-                       capture_output=True)
-        got = dict(line.split("=", 1) for line in open(os.path.join(out, "runs", name, "ckpt.env")).read().splitlines())
-        fraction = "0.0" if "a0-" in name else "0.5"
-        seed = name[-1]
-        assert got["PRESET"] == "9m" and got["TRAIN_ITERS"] == str(TRAIN_ITERS) and got["DATA"] == data
-        assert got["TOKENIZER"] == "null:255" and got["NORM_POSITION"] == "mix" and got["POST_LN_LAYERS"] == ""
-        assert got["CKPT"] == os.path.join(out, "runs", name, "ckpt") and got["DS_CONFIG"] == ""
-        extra = got["EXTRA_ARGS"].split()
-        assert f"--post-ln-fraction {fraction}" in got["EXTRA_ARGS"] and f"--seed {seed}" in got["EXTRA_ARGS"]
-        assert "--data-path" not in extra and "--preset" not in extra and "--hidden-size" in extra
-        assert extra[extra.index("--run-dir") + 1] == os.path.join(out, "runs", name)
+                   SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", DRY_RUN="1", VENV=sys.prefix)
+        done = subprocess.run(["bash", os.path.join(REPO, "slurm", "compare_norms_task.sh")], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        line = next(l for l in done.stdout.splitlines() if l.startswith("dry run: "))
+        argv = shlex.split(line[len("dry run: "):])
+        ran = argv[argv.index("megatron_mixln.pretrain") + 1:]
+        want = local_command(same, by_name[name])
+        assert ran == want[want.index("megatron_mixln.pretrain") + 1:]
+        assert "--preset" in ran and ran[ran.index("--preset") + 1] == "9m" and "--bf16" not in ran
 
     # While the array is queued, a rerun submits nothing.
     queue.write_text("4242_0\n")
@@ -235,7 +240,14 @@ def test_slurm_env_contract_for_mix_k_and_other_positions(sweep):
     from megatron_mixln.research.sweep import build_sweep
 
     s = build_sweep("pre,mix", None, "7", 3, _flags(sweep["data"]), str(sweep["tmp"] / "y"))
-    pre, mix = (slurm_env(s, v) for v in s.variants)
-    assert pre["NORM_POSITION"] == "pre" and pre["POST_LN_LAYERS"] == ""
-    assert mix["NORM_POSITION"] == "mix" and mix["POST_LN_LAYERS"] == "3"
-    assert re.search(r"--seed 7\b", mix["EXTRA_ARGS"]) and "--post-ln-fraction" not in mix["EXTRA_ARGS"]
+    pre, mix = (slurm_env(s, v, "ARGS", TRAIN_ITERS) for v in s.variants)
+    assert pre["NORM_POSITION"] == "pre" and mix["NORM_POSITION"] == "mix"
+    assert mix["TRAINER_ARGS_FILE"] == "ARGS" and mix["TRAIN_ITERS"] == str(TRAIN_ITERS)
+    assert mix["TRAIN_DATA"] == sweep["data"] + "_train_text_document" and mix["VALID_DATA"] == sweep["data"] + "_valid_text_document"
+    assert mix["CKPT"].endswith(os.path.join("y", "runs", s.variants[1].name, "ckpt"))
+
+
+def test_a_single_sbatch_option_is_taken_as_the_value_of_sbatch_args():
+    args, passthrough = tool.parse_args([*SWEEP, "--out", "x", "--launcher", "slurm", "--sbatch-args", "--nodes=1",
+                                         "--train-iters", "3"])
+    assert args.sbatch_args == "--nodes=1" and passthrough == ["--train-iters", "3"]
