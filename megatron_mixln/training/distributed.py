@@ -65,7 +65,9 @@ def init_distributed(timeout_minutes: float | None = None, collective_timeout_s:
                 _set_pg_timeout(datetime.timedelta(seconds=collective_timeout_s))
         else:
             # No launcher: a 1-rank group through a file store (no TCP store), gloo bound to loopback.
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            if "GLOO_SOCKET_IFNAME" not in os.environ:  # removed again by shutdown: must not leak to children
+                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+                _SET_ENV.append("GLOO_SOCKET_IFNAME")
             if "LOCAL_RANK" not in os.environ:  # DeepSpeed's engine insists on it
                 os.environ["LOCAL_RANK"] = "0"
                 _SET_ENV.append("LOCAL_RANK")
