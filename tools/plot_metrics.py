@@ -20,6 +20,10 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_mixln.training.metrics import read_metrics  # noqa: E402
+
 NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
          "deepnorm": "DeepNorm", "deeppost": "DeepPost"}
 GRAD_KEY = re.compile(r"^grad_norm/layer_(\d+)/(\w+)$")
@@ -30,27 +34,16 @@ def load_run(run_dir: str) -> dict:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
         raise SystemExit(f"error: {run_dir}: no metrics.jsonl (expected a run directory of megatron_mixln.pretrain)")
-    records: dict[tuple[str, int], dict] = {}
-    with open(metrics_path) as fh:
-        lines = fh.read().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):  # a run killed mid-line: ignore the torn tail
-                continue
-            raise SystemExit(f"error: {metrics_path}:{n}: not JSON") from None
-        if rec.get("kind") in ("train", "valid", "grad_norms"):
-            records[(rec["kind"], rec["step"])] = rec
+    try:
+        by_kind = read_metrics(metrics_path)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     config = {}
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as fh:
             config = json.load(fh)
-    by_kind = {k: sorted((r for (kind, _), r in records.items() if kind == k), key=lambda r: r["step"])
-               for k in ("train", "valid", "grad_norms")}
-    return {"dir": run_dir, "config": config, "label": run_label(config, run_dir), **by_kind}
+    return {"dir": run_dir, "config": config, "label": run_label(config, run_dir),
+            **{k: by_kind[k] for k in ("train", "valid", "grad_norms")}}
 
 
 def run_label(config: dict, run_dir: str) -> str:

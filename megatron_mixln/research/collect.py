@@ -24,31 +24,11 @@ GRAD_KEY = re.compile(r"^grad_norm/layer_(\d+)/(\w+)$")
 
 
 def read_metrics(run_dir: str) -> dict:
-    """{"train": [...], "valid": [...], "grad_norms": [...], "events": [...]} -- the last record of a
-    (kind, step) wins (a resumed or rolled-back run logs a step again); a torn last line is ignored."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    records: dict[tuple[str, int], dict] = {}
-    events = []
-    if os.path.isfile(path):
-        with open(path) as fh:
-            lines = fh.read().splitlines()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):
-                    continue
-                raise ValueError(f"{path}:{n}: not JSON") from None
-            if rec.get("kind") == "event":
-                events.append(rec)
-            elif rec.get("kind") in ("train", "valid", "grad_norms"):
-                records[(rec["kind"], rec["step"])] = rec
-    out = {k: sorted((r for (kind, _), r in records.items() if kind == k), key=lambda r: r["step"])
-           for k in ("train", "valid", "grad_norms")}
-    out["events"] = events
-    return out
+    """{"train": [...], "valid": [...], "grad_norms": [...], "events": [...]} of a run directory (see
+    training.metrics.read_metrics: the last record of a step wins, a torn last line is ignored)."""
+    from megatron_mixln.training.metrics import read_metrics as read_metrics_file
+
+    return read_metrics_file(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def layer_profile(record: dict) -> list[float]:

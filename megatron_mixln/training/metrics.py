@@ -84,3 +84,36 @@ def format_train_line(step: int, train_iters: int, v: dict) -> str:
     if v.get("skipped_steps"):
         parts.append(f"skipped {v['skipped_steps']}")
     return " | ".join(parts)
+
+
+METRIC_KINDS = ("train", "valid", "grad_norms")
+
+
+def read_metrics(path: str) -> dict[str, list[dict]]:
+    """A run's metrics.jsonl -> {"train", "valid", "grad_norms": records sorted by step, "events": in order}.
+
+    The last record of a (kind, step) wins (a resumed or rolled-back run logs a step again); a torn last
+    line (a run killed mid-write) is ignored; a missing file reads as empty. Raises ValueError naming
+    `path:line` for any other line that is not JSON."""
+    records: dict[tuple[str, int], dict] = {}
+    events = []
+    if os.path.isfile(path):
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):
+                    continue
+                raise ValueError(f"{path}:{n}: not JSON") from None
+            if rec.get("kind") == "event":
+                events.append(rec)
+            elif rec.get("kind") in METRIC_KINDS:
+                records[(rec["kind"], rec["step"])] = rec
+    out = {k: sorted((r for (kind, _), r in records.items() if kind == k), key=lambda r: r["step"])
+           for k in METRIC_KINDS}
+    out["events"] = events
+    return out
