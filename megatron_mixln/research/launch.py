@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from megatron_mixln.data import parse_data_path
 from megatron_mixln.research.sweep import Sweep, SweepError, Variant
 
 DIVERGED_EXIT = 3
@@ -130,22 +131,15 @@ def slurm_env(sweep: Sweep, v: Variant, args_file: str, train_iters: int) -> dic
     env["TOKENIZER"] = tokenizer[0] if tokenizer else ""
     data, _ = _pop_flag(args, "--data-path", nargs_multi=True)
     valid, _ = _pop_flag(args, "--valid-data-path", nargs_multi=True)
-    prefixes = [d for d in (data or []) if not _is_number(d)]
+    prefixes = parse_data_path(data)[0] if data else []  # the script checks the first prefix of each
+    valid_prefixes = parse_data_path(valid)[0] if valid else prefixes
     env["TRAIN_DATA"] = prefixes[0] if prefixes else ""
-    env["VALID_DATA"] = (valid or prefixes)[0] if (valid or prefixes) else ""
+    env["VALID_DATA"] = valid_prefixes[0] if valid_prefixes else ""
     env["NORM_POSITION"] = v.position
     env["TRAIN_ITERS"] = str(train_iters)
     env["CKPT"] = os.path.join(sweep.run_dir(v), "ckpt")
     env["TRAINER_ARGS_FILE"] = args_file
     return env
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def write_slurm_tasks(sweep: Sweep, todo: list[Variant]) -> str:

@@ -193,9 +193,7 @@ def _data_fingerprint(cfg: TrainingConfig) -> dict | None:
     """Rank 0 hashes the data files' .idx; the others get its result (one read, not one per rank)."""
     if not cfg.data_path:
         return None
-    check_data_path(cfg.data_path)  # on every rank: a missing file fails everywhere, not only on rank 0
-    if cfg.valid_data_path:
-        check_data_path(cfg.valid_data_path, "--valid-data-path")
+    # The files exist: pretrain() checked them on every rank before the rendezvous.
     result = [data_fingerprint(cfg) if is_rank0() else None]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(result, src=0)
