@@ -47,7 +47,7 @@ def results(sweep_record: dict, runs: list[dict]) -> dict:
 
 
 def write_report(out: str, sweep_record: dict, runs: list[dict], figures: list[str]) -> dict:
-    from megatron_mixln.data.fileio import atomic_write_json, atomic_write_text
+    from megatron_mixln.fileio import atomic_write_json, atomic_write_text
 
     res = results(sweep_record, runs)
     atomic_write_json(os.path.join(out, "results.json"), res)
