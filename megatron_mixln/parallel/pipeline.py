@@ -22,7 +22,7 @@ from torch import nn
 
 from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.init import init_weights
-from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.two_stream import make_final_norm
 from megatron_mixln.parallel.cross_entropy import vocab_parallel_lm_loss
 from megatron_mixln.parallel.mappings import gather_from_sequence, scatter_to_sequence
 from megatron_mixln.parallel.sequence_parallel import mark_sequence_parallel_params
@@ -47,10 +47,7 @@ class HeadPipe(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.final_norm = (
-            Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
-            if config.final_norm else nn.Identity()
-        )
+        self.final_norm = make_final_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, h):
