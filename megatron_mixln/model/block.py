@@ -17,6 +17,13 @@ POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
 # one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
 ENDS_WITH_ADD = ("pre", "lns", "peri")
 STARTS_WITH_NORM = ("pre", "lns", "peri")
+# norms a layer has besides attn_norm and mlp_norm (those two make the sublayers' inputs or follow their adds)
+EXTRA_NORMS_OF = {"peri": ("attn_out_norm", "mlp_out_norm"), **EXTRA_NORMS}
+
+
+def norms_per_layer(position: str) -> int:
+    """Norm modules of one layer at `position` (2, 4 for peri, 6 for siamese)."""
+    return 2 + len(EXTRA_NORMS_OF.get(position, ()))
 
 
 class Block(nn.Module):
@@ -68,7 +75,7 @@ class Block(nn.Module):
         self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups, config.rotary_base)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
         self.attn_norm, self.mlp_norm = norm(), norm()
-        for name in {"peri": ("attn_out_norm", "mlp_out_norm"), **EXTRA_NORMS}.get(self.position, ()):
+        for name in EXTRA_NORMS_OF.get(self.position, ()):
             setattr(self, name, norm())
         self.gated = layer_number in config.gated_layers
         if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init

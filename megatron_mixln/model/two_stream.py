@@ -107,6 +107,11 @@ def stream_count(positions) -> int:
     return 2 if positions and positions[0] in FORWARDS else 1
 
 
+def final_norm_count(config) -> int:
+    """Norm modules before the LM head: 3 for SiameseNorm, 1 otherwise (0 with --no-final-norm)."""
+    return len(FINAL_NORMS.get(config.positions[0], ("norm",))) if config.final_norm else 0
+
+
 def make_final_norm(config) -> nn.Module:
     """The norm(s) before the LM head: `TwoStreamFinalNorm` for a two-stream model, else one `Norm`
     (nn.Identity with --no-final-norm, which the config refuses for two-stream models)."""
