@@ -23,6 +23,8 @@ CASES = {  # id: (ModelConfig overrides, stock LlamaForCausalLM expected)
     "gqa-tied-pre": (dict(norm_position="pre", num_query_groups=1, tie_embeddings=True), True),
     "pre-no-final-norm": (dict(norm_position="pre", final_norm=False), False),
     "pre-layernorm": (dict(norm_position="pre", normalization="LayerNorm"), False),
+    "siamese": (dict(norm_position="siamese"), False),
+    "residual-dual-layernorm-gqa": (dict(norm_position="residual-dual", normalization="LayerNorm", num_query_groups=2), False),
 }
 
 

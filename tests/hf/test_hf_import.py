@@ -86,6 +86,7 @@ def test_mixln_reference_layout_imports_with_equal_logits(tmp_path, kinds, flags
     dict(norm_position="post,peri,lns,deepnorm,deeppost,pre", normalization="LayerNorm", num_layers=6),
     dict(norm_position="mix", post_ln_layers=2, num_query_groups=2, tie_embeddings=True, final_norm=False),
     dict(norm_position="pre", scaled_embedding_init=True, rotary_base=500000.0),  # stock LlamaForCausalLM
+    dict(norm_position="siamese", num_layers=3),  # two residual streams, six norms per layer, three final norms
 ])
 def test_round_trip_is_bit_identical(tmp_path, overrides):
     from megatron_mixln.parallel.checkpoint_convert import load_plain, read_checkpoint
