@@ -1,35 +1,22 @@
 """tools/compare_norms.py sweeps the two-stream positions next to Pre-LN and Mix-LN: a sweep
 `pre,mix,siamese,residual-dual` trains on sample data and its report shows all four, with the
 numbers of each run's metrics file and layer diagnostics of each (the x stream of two-stream layers)."""
-import importlib.util
 import json
 import math
 import os
 
-import numpy as np
-
-from megatron_mixln.data import IndexedDatasetWriter
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-spec = importlib.util.spec_from_file_location("compare_norms_tool", os.path.join(REPO, "tools", "compare_norms.py"))
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
+from test_compare_norms import _data, tool
 
 POSITIONS = {"pre": "Pre-LN", "mix": "Mix-LN", "siamese": "SiameseNorm", "residual-dual": "ResiDual"}
 RUNS = {"pre": "pre-s1", "mix": "mix-k1-s1", "siamese": "siamese-s1", "residual-dual": "residual-dual-s1"}
 
 
 def test_sweep_of_pre_mix_siamese_residual_dual(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 60), ("valid", 12)):
-        with IndexedDatasetWriter(str(tmp_path / f"d_{split}_text_document"), dtype=np.uint16) as w:
-            for _ in range(n):
-                w.add_document(rng.integers(0, 256, 40))
+    data = _data(tmp_path)
     flags = dict(vocab_size=256, hidden_size=32, ffn_hidden_size=64, num_layers=4, num_attention_heads=2,
                  seq_length=16, micro_batch_size=4, global_batch_size=8, train_iters=6, lr=1e-2, lr_warmup_iters=2,
                  eval_iters=1, eval_interval=6, log_interval=2, grad_norm_interval=3, save_interval=6,
-                 post_ln_layers=1, data_path=str(tmp_path / "d_train_text_document"),
-                 valid_data_path=str(tmp_path / "d_valid_text_document"))
+                 post_ln_layers=1, data_path=data + "_train_text_document", valid_data_path=data + "_valid_text_document")
     args = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), str(v))]
     out = str(tmp_path / "out")
     assert tool.main(["--positions", ",".join(POSITIONS), "--seeds", "1", "--out", out, "--parallel", "2",
