@@ -90,7 +90,8 @@ def test_post_saves_as_much_as_pre_and_peri_more():
 
 def test_triton_norm_blocks_equal_their_formula():
     """The Triton add+norm path (what --norm-impl auto runs on CUDA), interpreted on CPU in a fresh
-    process: pre, post, peri, deepnorm; RMSNorm in bf16 and LayerNorm in fp32."""
+    process: pre, post, peri, deepnorm, siamese (layers 1 and 2), residual-dual; RMSNorm in bf16 and
+    LayerNorm in fp32."""
     pytest.importorskip("triton")
     import json
     import os
@@ -104,7 +105,7 @@ def test_triton_norm_blocks_equal_their_formula():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 14
     for case, (got, want) in results.items():
         assert got == want, (case, got, want)
 
