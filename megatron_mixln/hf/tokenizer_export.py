@@ -179,8 +179,12 @@ def _write_hf_json(tok: HFTokenizer, out_dir: str, max_length: int) -> str:
     else:
         shutil.copyfile(tok.path, dest)
     ids = special_ids(tok)
+    # transformers registers bos/eos/pad as special tokens matched in text; tokenizers matches only the
+    # file's added tokens: with no special one there (e.g. spm_tokenizer_json's), nothing may be matched
+    matches_specials = any(t.special for t in tok._tok.get_added_tokens_decoder().values())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+              "add_bos_token": False, "add_eos_token": False, "split_special_tokens": not matches_specials,
+              "clean_up_tokenization_spaces": False}
     for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("pad", "pad_token")):
         if ids[name] is not None:
             config[key] = tok._tok.id_to_token(ids[name])

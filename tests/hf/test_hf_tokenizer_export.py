@@ -148,6 +148,24 @@ def test_special_strings_are_text_and_unknown_characters_unk(export):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (sp.eos_id(), sp.eos_id(), sp.pad_id())
 
 
+def test_the_export_directory_exports_again_as_the_same_tokenizer(export, strings, tmp_path):
+    """--tokenizer <export dir> (what convert_from_hf's tokenizer/ copy holds): the pipeline reads its
+    tokenizer.json or tokenizer.model, and a second export still encodes as sentencepiece."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_mixln.data.tokenizer import build_tokenizer
+
+    texts = strings[-1500:]
+    want = spm.SentencePieceProcessor(model_file=export["model"]).encode(texts)
+    assert build_tokenizer(str(export["hf"])).encode_batch(texts) == want
+    save_tiny(tmp_path / "plain", vocab_size=1024)
+    code, _, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"),
+                            "--tokenizer", str(export["hf"]))
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(texts)["input_ids"] == want
+
+
 def test_tokenizer_json_input_passes_through(tmp_path, corpus, strings):
     """A byte-level BPE tokenizer.json (tokenizers' own trainer) with added special tokens: the export encodes
     as the pipeline's `tokenizers.Tokenizer.encode(add_special_tokens=False)`; the file is copied bit for
