@@ -59,7 +59,8 @@ def model_card(config, summary: dict, custom: bool, valid_ppl: float | None, sou
         f"| tokens trained | {summary.get('tokens', 'unknown')} |",
         f"| last validation perplexity | {'unknown' if valid_ppl is None else f'{valid_ppl:.4g}'} |",
         "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
+        f"model = {load}",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR" + (", trust_remote_code=True)" if custom else ")"), "```", "",
         "lm-evaluation-harness (its defaults condition every document on `bos_token`, here the document "
         "boundary the model was trained with):", "", "```bash",
         "lm_eval --model hf --model_args pretrained=DIR" + (",trust_remote_code=True" if custom else "")

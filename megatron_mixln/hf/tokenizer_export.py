@@ -99,17 +99,12 @@ def _write_config(out_dir: str, config: dict) -> None:
 
 
 def _load(out_dir: str):
-    """AutoTokenizer on the directory as users load it (its config.json may name a custom model type,
-    which AutoConfig reports before falling back: quiet here)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging
+    """AutoTokenizer on the directory, by its tokenizer_config.json's class. An empty model config is
+    passed: config.json may name this project's custom model type, which AutoConfig would offer to run
+    (an interactive prompt) before falling back to the same class."""
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(out_dir)
-    finally:
-        logging.set_verbosity(level)
+    return AutoTokenizer.from_pretrained(out_dir, config=PretrainedConfig())
 
 
 def _check_loaded(hf_tok, ids: dict, where: str) -> None:
