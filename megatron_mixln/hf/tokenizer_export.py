@@ -82,7 +82,7 @@ def _spm_probe_texts(sp) -> list[str]:
     return PROBE_TEXTS + surfaces + [" " + s for s in surfaces] + [a + b for a, b in zip(surfaces, surfaces[1:])]
 
 
-def first_difference(hf_tok, reference, texts: list[str]):
+def _first_difference(hf_tok, reference, texts: list[str]):
     """(text, reference ids, transformers ids) of the first text `hf_tok` encodes differently, or None.
     `hf_tok` is called as lm-eval and users call it (default add_special_tokens)."""
     want = reference(texts)
@@ -116,7 +116,7 @@ def _check_loaded(hf_tok, ids: dict, where: str) -> None:
 
 def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int) -> str:
     """tokenizer.model (+ tokenizer.json for BPE when exact) + tokenizer_config.json; returns the class."""
-    from megatron_mixln.hf.spm_tokenizer_json import UNIGRAM, spm_tokenizer_json
+    from megatron_mixln.hf.spm_tokenizer_json import spm_tokenizer_json
 
     sp, ids = tok._sp, special_ids(tok)
     with open(tok.model_path, "rb") as f:
@@ -127,29 +127,23 @@ def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int) -> st
     for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("pad", "pad_token"), ("unk", "unk_token")):
         if ids[name] is not None:
             config[key] = sp.IdToPiece(ids[name])
-    texts = _spm_probe_texts(sp)
-    reference = tok.encode_batch
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
-    fast = None
-    if proto.trainer_spec.model_type != UNIGRAM:
-        try:
-            fast = spm_tokenizer_json(model_bytes)
-        except ValueError:
-            fast = None  # a model feature tokenizers cannot reproduce: sentencepiece serves it
+    texts, reference = _spm_probe_texts(sp), tok.encode_batch
+    try:
+        fast = spm_tokenizer_json(model_bytes)
+    except ValueError:
+        fast = None  # unigram, nmt_nfkc, ...: tokenizers cannot reproduce it, sentencepiece serves it
     if fast is not None:
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(fast)
         _write_config(out_dir, {"tokenizer_class": "PreTrainedTokenizerFast", **config})
         hf_tok = _load(out_dir)
-        if first_difference(hf_tok, reference, texts) is None:
+        if _first_difference(hf_tok, reference, texts) is None:
             _check_loaded(hf_tok, ids, tok.model_path)
             return "PreTrainedTokenizerFast"
         os.remove(os.path.join(out_dir, "tokenizer.json"))  # not proven equal: sentencepiece serves it
     _write_config(out_dir, {"tokenizer_class": "SentencePieceBackend", **config})
     hf_tok = _load(out_dir)
-    diff = first_difference(hf_tok, reference, texts)
+    diff = _first_difference(hf_tok, reference, texts)
     if diff is not None:
         raise ValueError(f"{tok.model_path}: transformers' SentencePieceBackend encodes {diff[0]!r} as {diff[2]}, "
                          f"sentencepiece as {diff[1]}")
@@ -185,7 +179,7 @@ def _write_hf_json(tok: HFTokenizer, out_dir: str, max_length: int) -> str:
             config[key] = tok._tok.id_to_token(ids[name])
     _write_config(out_dir, config)
     hf_tok = _load(out_dir)
-    diff = first_difference(hf_tok, tok.encode_batch, PROBE_TEXTS)
+    diff = _first_difference(hf_tok, tok.encode_batch, PROBE_TEXTS)
     if diff is not None:
         raise ValueError(f"{tok.path}: transformers encodes {diff[0]!r} as {diff[2]}, tokenizers as {diff[1]}")
     _check_loaded(hf_tok, ids, tok.path)

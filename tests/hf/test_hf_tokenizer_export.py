@@ -203,3 +203,38 @@ def test_tokenizer_json_input_passes_through(tmp_path, corpus, strings):
         tok = AutoTokenizer.from_pretrained(str(out))
         assert tok(texts)["input_ids"] == pipeline.encode_batch(texts)
         assert tok.bos_token_id == tok.eos_token_id == pipeline.eod == 0
+
+
+def test_a_fast_tokenizer_not_proven_equal_is_not_shipped(tmp_path, corpus, monkeypatch):
+    """The probe at export time: a tokenizer.json that encodes some probe string differently (here: one
+    without the whitespace handling) is dropped, and sentencepiece serves the model."""
+    import json as _json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    import megatron_mixln.hf.spm_tokenizer_json as conv
+
+    code, _, err = run_tool("train_tokenizer", "--input", str(corpus["train"]), "--output-prefix", str(tmp_path / "spm"),
+                            "--vocab-size", "400", "--normalization-rule-name", "identity", "--num-threads", "1")
+    assert code == 0, err
+    real = conv.spm_tokenizer_json
+
+    def without_normalizer(model_bytes):
+        data = _json.loads(real(model_bytes))
+        data["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+        return _json.dumps(data)
+
+    save_tiny(tmp_path / "plain", vocab_size=512)
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(conv, "spm_tokenizer_json", without_normalizer)
+        out = tmp_path / f"hf{patch}"
+        code, summary, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(out),
+                                      "--tokenizer", str(tmp_path / "spm.model"))
+        assert code == 0, err
+        assert (out / "tokenizer.json").exists() is not patch
+        assert _json.loads(summary)["tokenizer_class"] == ("SentencePieceBackend" if patch else "PreTrainedTokenizerFast")
+        text = "  two  spaces "
+        assert AutoTokenizer.from_pretrained(str(out))(text).input_ids == spm.SentencePieceProcessor(
+            model_file=str(tmp_path / "spm.model")).encode(text)
