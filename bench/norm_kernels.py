@@ -32,7 +32,7 @@ import torch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_mixln.kernels.add_norm import add_norm_torch  # noqa: E402
+from megatron_mixln.kernels.reference import add_norm_torch  # noqa: E402
 
 TARGETS = {"fwd": 0.85, "fwd+bwd": 0.60}
 TARGET_MIN_HIDDEN = 2048

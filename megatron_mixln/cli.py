@@ -6,6 +6,8 @@ import dataclasses
 import types
 import typing
 
+from megatron_mixln.errors import UsageError, flag_names
+
 
 def base_type(tp):
     """int | None -> int; bool stays bool."""
@@ -38,3 +40,18 @@ def given_fields(ns: argparse.Namespace, cls) -> dict:
     """The dataclass fields present in a parsed namespace (i.e. given on the command line)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def config_from_flags(cls, given: dict, preset: str | None = None):
+    """cls(**given), or cls.from_preset(preset, **given). The dataclass's ValueError names a field
+    (num_layers: ...); it is raised again as a UsageError naming the flag (--num-layers: ...)."""
+    try:
+        return cls.from_preset(preset, **given) if preset else cls(**given)
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(flag_names(str(exc), field_names(cls))) from None

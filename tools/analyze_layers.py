@@ -23,10 +23,12 @@ import sys
 import numpy as np
 import torch
 
+from megatron_mixln.errors import ArgumentParser, UsageError, run_tool
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training --save dir (DeepSpeed) or plain converted dir")
     p.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
     p.add_argument("--data-path", help="indexed dataset prefix (e.g. C4 validation); optional with --lm-eval-tasks")
@@ -158,6 +160,10 @@ def lm_eval_drop(args) -> dict:
 
 
 def main(argv=None) -> int:
+    return run_tool(_main, "analyze_layers", argv)
+
+
+def _main(argv) -> int:
     from megatron_mixln.fileio import atomic_write_json
     from megatron_mixln.diagnostics import angular_distances, layer_removal_drop, perplexity
 
@@ -166,8 +172,7 @@ def main(argv=None) -> int:
         model = load_model(args.checkpoint, args.tag, args.norm_position, args.post_ln_layers).to(args.device)
         data = [b.to(args.device) for b in batches(args)] if args.data_path else None
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"analyze_layers: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     result = {"checkpoint": args.checkpoint, "positions": [b.position for b in model.layers]}
     if data is not None:
         d = angular_distances(model, data)
@@ -181,8 +186,7 @@ def main(argv=None) -> int:
         try:
             result["lm_eval"] = lm_eval_drop(args)
         except (OSError, ValueError, KeyError) as e:
-            print(f"analyze_layers: --lm-eval-tasks: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--lm-eval-tasks: {e}") from None
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "layer_analysis.json"), result)
     if data is None:

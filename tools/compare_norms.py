@@ -27,10 +27,12 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from megatron_mixln.errors import ArgumentParser, run_tool  # noqa: E402
+
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--positions", required=True, help="comma-separated: pre, post, mix, peri, lns, deepnorm, deeppost")
     p.add_argument("--post-ln-fraction", default=None,
                    help="comma-separated post-layer fractions for the mix variants (the alpha sweep)")
@@ -61,46 +63,46 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    return run_tool(_main, "compare_norms", argv)
+
+
+def _main(argv) -> int:
     from megatron_mixln.research import launch
-    from megatron_mixln.research.sweep import SweepError, build_sweep, check_out_dir, validate, write_sweep_files
+    from megatron_mixln.research.sweep import build_sweep, check_out_dir, validate, write_sweep_files
 
     argv = sys.argv[1:] if argv is None else argv
     args, passthrough = parse_args(argv)
-    try:
-        sweep = build_sweep(args.positions, args.post_ln_fraction, args.seeds, args.post_ln_layers, passthrough,
-                            args.out)
-        common = validate(sweep)
-        check_out_dir(sweep.out, common)
-        if args.dry_run:
-            for v in sweep.variants:
-                if args.launcher == "slurm":
-                    print(f"{v.name}: " + " ".join(f"{k}={shlex.quote(x)}" for k, x in launch.slurm_env(sweep, v).items()))
-                else:
-                    print(f"{v.name}: {shlex.join(launch.local_command(sweep, v, nproc=args.nproc_per_run))}")
-            return 0
-        write_sweep_files(sweep, common, [os.path.abspath(__file__), *argv])
-        train_iters = common["training"]["train_iters"]
-        states = {v.name: launch.run_state(sweep.run_dir(v), train_iters) for v in sweep.variants}
-        todo = [v for v in sweep.variants if states[v.name] in ("new", "partial")]
-        done = len(sweep.variants) - len(todo)
-        resume = sum(states[v.name] == "partial" for v in todo)
-        print(f"[compare_norms] {len(sweep.variants)} runs: {done} finished (skipped), {resume} to resume, "
-              f"{len(todo) - resume} new")
-        if todo and not args.report_only:
+    sweep = build_sweep(args.positions, args.post_ln_fraction, args.seeds, args.post_ln_layers, passthrough,
+                        args.out)
+    common = validate(sweep)
+    check_out_dir(sweep.out, common)
+    if args.dry_run:
+        for v in sweep.variants:
             if args.launcher == "slurm":
-                active = launch.slurm_job_active(sweep.out)
-                if active:
-                    print(f"[compare_norms] job array {active} is still queued or running; rerun this command when "
-                          "it has finished to write the report")
-                    return 0
-                job = launch.submit_slurm(sweep, todo, args.parallel, shlex.split(args.sbatch_args), REPO)
-                print(f"[compare_norms] submitted job array {job} ({len(todo)} tasks); rerun this command when it "
-                      "has finished to write the report")
+                print(f"{v.name}: " + " ".join(f"{k}={shlex.quote(x)}" for k, x in launch.slurm_env(sweep, v).items()))
+            else:
+                print(f"{v.name}: {shlex.join(launch.local_command(sweep, v, nproc=args.nproc_per_run))}")
+        return 0
+    write_sweep_files(sweep, common, [os.path.abspath(__file__), *argv])
+    train_iters = common["training"]["train_iters"]
+    states = {v.name: launch.run_state(sweep.run_dir(v), train_iters) for v in sweep.variants}
+    todo = [v for v in sweep.variants if states[v.name] in ("new", "partial")]
+    done = len(sweep.variants) - len(todo)
+    resume = sum(states[v.name] == "partial" for v in todo)
+    print(f"[compare_norms] {len(sweep.variants)} runs: {done} finished (skipped), {resume} to resume, "
+          f"{len(todo) - resume} new")
+    if todo and not args.report_only:
+        if args.launcher == "slurm":
+            active = launch.slurm_job_active(sweep.out)
+            if active:
+                print(f"[compare_norms] job array {active} is still queued or running; rerun this command when "
+                      "it has finished to write the report")
                 return 0
-            launch.run_local(sweep, todo, args.parallel or 1, args.nproc_per_run, REPO)
-    except SweepError as exc:
-        print(f"compare_norms: error: {exc}", file=sys.stderr)
-        return 2
+            job = launch.submit_slurm(sweep, todo, args.parallel, shlex.split(args.sbatch_args), REPO)
+            print(f"[compare_norms] submitted job array {job} ({len(todo)} tasks); rerun this command when it "
+                  "has finished to write the report")
+            return 0
+        launch.run_local(sweep, todo, args.parallel or 1, args.nproc_per_run, REPO)
     return report(sweep, common, args)
 
 

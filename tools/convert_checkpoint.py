@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from megatron_mixln.errors import ArgumentParser, UsageError, run_tool
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    return run_tool(_main, "convert_checkpoint", argv, bad_input=(ValueError, OSError, RuntimeError))
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--to", choices=("plain", "deepspeed", "universal"), default="plain")
@@ -36,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="ModelConfig JSON, when the input carries none")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size recorded in the output metadata")
     args = p.parse_args(argv)
+    if not os.path.isdir(args.input):
+        p.error(f"--input {args.input}: no such directory (expected a --save directory or a plain checkpoint)")
 
     from megatron_mixln.model import ModelConfig
     from megatron_mixln.checkpoint.convert import convert
@@ -46,20 +55,14 @@ def main(argv=None) -> int:
             with open(args.config) as f:
                 config = ModelConfig(**json.load(f))
     except (OSError, ValueError, TypeError) as exc:
-        print(f"convert_checkpoint: error: --config {args.config}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        if args.to == "universal":
-            from megatron_mixln.checkpoint.universal import convert_to_universal
+        raise UsageError(f"--config {args.config}: {exc}") from None
+    if args.to == "universal":
+        from megatron_mixln.checkpoint.universal import convert_to_universal
 
-            summary = convert_to_universal(args.input, args.output, tag=args.tag, out_tag=args.out_tag)
-            print(json.dumps(summary))
-            return 0
+        summary = convert_to_universal(args.input, args.output, tag=args.tag, out_tag=args.out_tag)
+    else:
         summary = convert(args.input, args.output, to=args.to, tp=args.tp, pp=args.pp, engine=args.engine,
                           tag=args.tag, out_tag=args.out_tag, config=config, dp=args.dp)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"convert_checkpoint: error: {exc}", file=sys.stderr)
-        return 2
     print(json.dumps(summary))
     return 0
 

@@ -14,10 +14,16 @@ import argparse
 import json
 import sys
 
+from megatron_mixln.errors import ArgumentParser, run_tool
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    return run_tool(_main, "convert_from_hf", argv, bad_input=(ValueError, OSError, RuntimeError))
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors or pytorch_model.bin)")
     p.add_argument("--output", required=True, help="checkpoint directory to create (use as --load)")
     p.add_argument("--norm-position", default=None,
@@ -32,12 +38,8 @@ def main(argv=None) -> int:
 
     from megatron_mixln.hf.hf_import import import_from_hf
 
-    try:
-        summary = import_from_hf(args.hf, args.output, args.norm_position, args.post_ln_layers, args.iteration,
-                                 args.tp, args.pp, args.seed, args.overwrite)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 2
+    summary = import_from_hf(args.hf, args.output, args.norm_position, args.post_ln_layers, args.iteration,
+                             args.tp, args.pp, args.seed, args.overwrite)
     print(json.dumps(summary))
     return 0
 

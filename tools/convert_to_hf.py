@@ -15,10 +15,16 @@ import argparse
 import json
 import sys
 
+from megatron_mixln.errors import ArgumentParser, run_tool
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    return run_tool(_main, "convert_to_hf", argv, bad_input=(ValueError, OSError, RuntimeError))
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training --save dir or plain converted dir")
     p.add_argument("--output", required=True, help="HF model directory to create")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
@@ -32,12 +38,8 @@ def main(argv=None) -> int:
 
     from megatron_mixln.hf.export import export_to_hf
 
-    try:
-        summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
-                               args.tokenizer, args.always_custom, args.overwrite, args.config)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 2
+    summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
+                           args.tokenizer, args.always_custom, args.overwrite, args.config)
     print(json.dumps(summary))
     return 0
 

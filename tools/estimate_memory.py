@@ -17,17 +17,19 @@ import sys
 # The planner only calls DeepSpeed's estimator arithmetic: skip its accelerator probe (and its warning).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from megatron_mixln.planning import LayoutError, format_plan, plan_memory  # noqa: E402
-from megatron_mixln.planning.cli import build_parser, parse  # noqa: E402
+from megatron_mixln.errors import run_tool  # noqa: E402
+from megatron_mixln.planning import format_plan, plan_memory  # noqa: E402
+from megatron_mixln.planning.cli import parse  # noqa: E402
 
 
 def main(argv=None) -> int:
+    return run_tool(_main, "estimate_memory", argv)
+
+
+def _main(argv) -> int:
     model, layout, zero, args = parse(argv)
-    try:
-        plan = plan_memory(model, layout, zero, args.gpu_memory_gib, args.cpu_memory_gib, args.reserve_gib,
-                           args.global_batch_size)
-    except LayoutError as exc:
-        build_parser().error(str(exc))
+    plan = plan_memory(model, layout, zero, args.gpu_memory_gib, args.cpu_memory_gib, args.reserve_gib,
+                       args.global_batch_size)  # a LayoutError (an impossible layout) exits 2 with one line
     print(format_plan(plan))
     return 0 if plan.fits else 1
 

@@ -10,13 +10,20 @@ import argparse
 import os
 import sys
 
+from megatron_mixln.errors import EXIT_FAILED, ArgumentParser, print_error, run_tool
+from megatron_mixln.fileio import atomic_write_text
 from megatron_mixln.training.flag_docs import REGENERATE, render
 
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_tool(_main, "gen_flag_docs", argv, bad_input=(OSError,))
+
+
+def _main(argv) -> int:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page is stale")
     parser.add_argument("--output", default=PAGE, help="the page to write or check (default: docs/flags.md)")
     args = parser.parse_args(argv)
@@ -24,14 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = open(args.output, encoding="utf-8").read() if os.path.isfile(args.output) else None
         if current != text:
-            print(f"error: {args.output} is stale (the config dataclasses changed); regenerate it: {REGENERATE}",
-                  file=sys.stderr)
-            return 1
+            print_error("gen_flag_docs", f"{args.output} is stale (the config dataclasses changed); regenerate it: "
+                        f"{REGENERATE}")
+            return EXIT_FAILED
         return 0
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.output)
+    atomic_write_text(args.output, text)
     print(f"wrote {args.output}")
     return 0
 

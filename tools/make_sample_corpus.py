@@ -18,11 +18,16 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_mixln.data.sample_corpus import CorpusOptions, make_sample_corpus  # noqa: E402
+from megatron_mixln.errors import ArgumentParser, run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
-                                allow_abbrev=False)
+    return run_tool(_main, "make_sample_corpus", argv, bad_input=(ValueError, OSError))
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--target-mb", type=float, default=4.0,
                    help="text size to collect, in MB (default 4; up to what is installed)")
@@ -32,13 +37,9 @@ def main(argv=None) -> int:
                    help="share of documents that go to the validation split")
     p.add_argument("--min-chars", type=int, default=200, help="skip shorter docstrings")
     a = p.parse_args(argv)
-    try:
-        result = make_sample_corpus(CorpusOptions(
-            output_dir=a.output_dir, target_mb=a.target_mb, train_shards=a.train_shards,
-            valid_shards=a.valid_shards, valid_percent=a.valid_percent, min_chars=a.min_chars))
-    except (ValueError, OSError) as err:
-        print(f"make_sample_corpus: error: {err}", file=sys.stderr)
-        return 1
+    result = make_sample_corpus(CorpusOptions(
+        output_dir=a.output_dir, target_mb=a.target_mb, train_shards=a.train_shards,
+        valid_shards=a.valid_shards, valid_percent=a.valid_percent, min_chars=a.min_chars))
     print(json.dumps(result, indent=1))
     if result["mb"] < a.target_mb:
         print(f"note: only {result['mb']} MB of docstrings are installed", file=sys.stderr)

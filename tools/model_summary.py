@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from megatron_mixln.cli import add_dataclass_args, given_fields
+from megatron_mixln.cli import add_dataclass_args, config_from_flags, given_fields
+from megatron_mixln.errors import ArgumentParser, run_tool
 from megatron_mixln.model import PRESETS, ModelConfig, build_model, count_parameters
 from megatron_mixln.model.two_stream import stream_count
 from megatron_mixln.planning import activation_bytes
@@ -72,19 +74,19 @@ def activation_lines(cfg: ModelConfig) -> list[str]:
     ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+def main(argv=None) -> int:
+    return run_tool(_main, "model_summary", argv)
+
+
+def _main(argv) -> int:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--preset", choices=list(PRESETS), help="model shape; other flags override it")
     add_dataclass_args(parser, ModelConfig, "model")
     args = parser.parse_args(argv)
-    given = given_fields(args, ModelConfig)
-    try:
-        cfg = ModelConfig.from_preset(args.preset, **given) if args.preset else ModelConfig(**given)
-    except ValueError as e:
-        parser.error(str(e))
-    print(summarize(cfg))
+    print(summarize(config_from_flags(ModelConfig, given_fields(args, ModelConfig), args.preset)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,6 @@ record of a step wins.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_mixln.errors import ArgumentParser, UsageError, run_tool  # noqa: E402
 from megatron_mixln.training.metrics import read_metrics  # noqa: E402
 
 NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
@@ -33,11 +33,11 @@ SUBLAYER_ORDER = ("attn", "mlp", "attn_norm", "mlp_norm", "attn_out_norm", "mlp_
 def load_run(run_dir: str) -> dict:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
-        raise SystemExit(f"error: {run_dir}: no metrics.jsonl (expected a run directory of megatron_mixln.pretrain)")
+        raise UsageError(f"{run_dir}: no metrics.jsonl (expected a run directory of megatron_mixln.pretrain)")
     try:
         by_kind = read_metrics(metrics_path)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     config = {}
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as fh:
@@ -155,7 +155,11 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    return run_tool(_main, "plot_metrics", argv)
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     args = p.parse_args(argv)

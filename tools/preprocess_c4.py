@@ -18,13 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_mixln.data.errors import DataError  # noqa: E402
 from megatron_mixln.data.preprocess import PreprocessOptions, run_preprocess  # noqa: E402
+from megatron_mixln.errors import ArgumentParser, run_tool  # noqa: E402
 
 
 def parse_args(argv=None) -> PreprocessOptions:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                       allow_abbrev=False)
     src = p.add_argument_group("input")
     src.add_argument("--input", action="append", default=[], metavar="PATH",
                      help=".json/.jsonl files (plain, .gz, .zst, .xz or .bz2) or .parquet files, globs "
@@ -63,12 +63,11 @@ def parse_args(argv=None) -> PreprocessOptions:
 
 
 def main(argv=None) -> int:
-    opts = parse_args(argv)
-    try:
-        summaries = run_preprocess(opts)
-    except DataError as err:
-        print(f"preprocess_c4: error: {err}", file=sys.stderr)
-        return 1
+    return run_tool(_main, "preprocess_c4", argv)
+
+
+def _main(argv) -> int:
+    summaries = run_preprocess(parse_args(argv))  # a DataError (bad input) exits 2 with one line
     for key, s in summaries.items():
         skipped = sum(v["count"] for v in s["skipped"].values())
         print(f"{s['output_prefix']}: {s['documents']:,} documents, {s['tokens']:,} tokens "

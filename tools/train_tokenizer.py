@@ -16,14 +16,18 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_mixln.data.errors import DataError  # noqa: E402
+from megatron_mixln.errors import ArgumentParser, run_tool  # noqa: E402
 from megatron_mixln.data.tokenizer_training import (TokenizerTrainOptions,  # noqa: E402
                                                     train_tokenizer)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
-                                allow_abbrev=False)
+    return run_tool(_main, "train_tokenizer", argv)
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--input", action="append", required=True, help="files/globs (repeatable)")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.model and .vocab")
@@ -51,12 +55,7 @@ def main(argv=None) -> int:
         max_sentences=a.max_sentences, byte_fallback=a.byte_fallback,
         split_digits=a.split_digits, normalization_rule_name=a.normalization_rule_name,
         num_threads=a.num_threads, seed=a.seed)
-    try:
-        path = train_tokenizer(opts)
-    except DataError as err:
-        print(f"train_tokenizer: error: {err}", file=sys.stderr)
-        return 1
-    print(path)
+    print(train_tokenizer(opts))  # a DataError (bad input) exits 2 with one line
     return 0
 
 

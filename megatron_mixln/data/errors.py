@@ -4,9 +4,10 @@ Every problem with user data (a corpus line, an index file, a tokenizer, a CLI a
 as a ``DataError`` whose message names the file (and line or field) at fault, so that tools can
 print it as one clean line instead of a traceback.
 """
+from megatron_mixln.errors import UsageError
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A problem with user-supplied data or settings; the message names the file/field."""
 
 

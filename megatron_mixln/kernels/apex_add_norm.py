@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_mixln.kernels.add_norm import out_dtype
+from megatron_mixln.kernels.reference import out_dtype
 
 INSTALL_HINT = (
     "--norm-impl apex needs NVIDIA apex built with its CUDA extensions "

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from megatron_mixln.kernels import add_norm_kernels as kernels
-from megatron_mixln.kernels.add_norm import out_dtype
+from megatron_mixln.kernels.reference import out_dtype
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from megatron_mixln.parallel.state import (
     initialize_model_parallel,
 )
 from megatron_mixln.parallel.state_dicts import (
-    gather_plain_tensors, load_plain_state_dict, local_plain_state_dict, tensor_parallel_grad_getter,
+    gather_plain_tensors, load_plain_state_dict, tensor_parallel_grad_getter,
 )
 from megatron_mixln.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel_config
 
@@ -46,6 +46,6 @@ __all__ = [
     "mark_sequence_parallel_params", "vocab_parallel_cross_entropy", "vocab_parallel_lm_loss",
     "build_pipeline_module", "pipeline_layer_grad_norms", "init_stage_like_full_model", "stage_partition", "EmbeddingPipe", "HeadPipe",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "SEQ_DIM", "gather_from_tp_last_dim",
-    "tp_partition_dim", "split_tp", "merge_tp", "load_plain_state_dict", "local_plain_state_dict",
+    "tp_partition_dim", "split_tp", "merge_tp", "load_plain_state_dict",
     "gather_plain_tensors", "tensor_parallel_grad_getter", "global_num_parameters", "global_grad_norm", "clip_grad_norm_",
 ]

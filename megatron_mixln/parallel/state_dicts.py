@@ -38,11 +38,6 @@ def _plain_named(module, tensors: dict) -> dict:
     return out
 
 
-def local_plain_state_dict(module) -> dict:
-    """This rank's tensors (TP shards where sharded) under plain keys."""
-    return _plain_named(module, module.state_dict())
-
-
 @torch.no_grad()
 def load_plain_state_dict(module, full_state_dict: dict, state=None) -> None:
     """Copy this rank's slice of a full plain state dict into `module` (a TP-applied Transformer or a

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_mixln.cli import add_dataclass_args, given_fields
+from megatron_mixln.cli import add_dataclass_args, config_from_flags, given_fields
+from megatron_mixln.errors import ArgumentParser
 from megatron_mixln.model import PRESETS, ModelConfig
 from megatron_mixln.planning.layout import Layout, LayoutError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python tools/estimate_memory.py",
         description="Per-GPU (and per-node CPU) memory of a training layout; says whether it fits and, if not, "
                     "the smallest change that would.", allow_abbrev=False)
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _zero_section(path: str | None, flag_stage: int | None, hidden_size: int) -> dict:
-    from megatron_mixln.training.config import UsageError
+    from megatron_mixln.errors import UsageError
     from megatron_mixln.training.ds_config import fill_zero_auto, load_ds_json
 
     if path is None:
@@ -101,10 +102,7 @@ def parse(argv=None) -> tuple[ModelConfig, Layout, dict, argparse.Namespace]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(_job_script_argv(argv, parser))
     given = given_fields(args, ModelConfig)
-    try:
-        model = ModelConfig.from_preset(args.preset, **given) if args.preset else ModelConfig(**given)
-    except ValueError as exc:
-        parser.error(str(exc))
+    model = config_from_flags(ModelConfig, given, args.preset)
     try:
         zero = _zero_section(args.deepspeed_config, args.zero_stage, model.hidden_size)
     except LayoutError as exc:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from megatron_mixln.errors import UsageError
 from megatron_mixln.model import ModelConfig
 
 
-class LayoutError(ValueError):
+class LayoutError(UsageError):
     """A layout that cannot run; the message names the flag and what was expected."""
 
 

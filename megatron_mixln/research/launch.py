@@ -23,9 +23,10 @@ import time
 
 from megatron_mixln.checkpoint.layout import read_latest, tag_for
 from megatron_mixln.data import parse_data_path
+from megatron_mixln.errors import EXIT_DIVERGED
 from megatron_mixln.research.sweep import Sweep, SweepError, Variant
 
-DIVERGED_EXIT = 3
+DIVERGED_EXIT = EXIT_DIVERGED  # what pretrain exits with when training diverged
 CONTRACT = ("NORM_POSITION", "TRAIN_ITERS", "TRAIN_DATA", "VALID_DATA", "TOKENIZER", "CKPT", "TRAINER_ARGS_FILE")
 
 

@@ -4,7 +4,6 @@ gradient-norm uniformity (coefficient of variation across layers), the paper-fai
 the figures. Numbers are printed with fixed formats (perplexity %.3f, CV %.3f) from results.json."""
 from __future__ import annotations
 
-import json
 import os
 
 from megatron_mixln.research.collect import aggregate
@@ -128,8 +127,3 @@ def render(res: dict, figures: list[str]) -> str:
         for f in figures:
             out += [f"### {titles.get(f, f)}", "", f"![{titles.get(f, f)}]({f})", ""]
     return "\n".join(out) + "\n"
-
-
-def load_results(out: str) -> dict:
-    with open(os.path.join(out, "results.json")) as fh:
-        return json.load(fh)

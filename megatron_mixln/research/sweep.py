@@ -10,13 +10,15 @@ ones; a directory holding runs of another configuration is refused, naming the d
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 
+from megatron_mixln.errors import UsageError
 from megatron_mixln.model.positions import ALIASES, POSITIONS
 
 SWEPT_FIELDS = ("norm_position", "post_ln_layers", "post_ln_fraction", "seed")
@@ -29,7 +31,7 @@ SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep_config.json"
 
 
-class SweepError(ValueError):
+class SweepError(UsageError):
     """Bad sweep input, found before any training; the message names the flag or file."""
 
 
@@ -155,7 +157,6 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
     values = {}
     if config_path:
         from megatron_mixln.training.arguments import load_config_file
-        from megatron_mixln.training.config import UsageError
 
         try:
             values = load_config_file(config_path)
@@ -179,7 +180,6 @@ def validate(sweep: Sweep) -> dict:
     import tempfile
 
     from megatron_mixln.training.arguments import parse_configs
-    from megatron_mixln.training.config import UsageError
     from megatron_mixln.training.data import check_data_path
 
     common = None
@@ -188,13 +188,17 @@ def validate(sweep: Sweep) -> dict:
         with open(cfg_path, "w") as fh:
             json.dump(sweep.config_values, fh)
         for v in sweep.variants:
+            said = io.StringIO()  # the trainer parser's one-line error, re-said as this tool's
             try:
-                model, train = parse_configs(sweep.pretrain_args(v, cfg_path))
+                with contextlib.redirect_stderr(said):
+                    model, train = parse_configs(sweep.pretrain_args(v, cfg_path))
             except (UsageError, ValueError) as exc:
                 raise SweepError(f"run {v.name}: {exc}") from None
             except SystemExit:
-                raise SweepError(f"run {v.name}: the pretraining flags do not parse: "
-                                 f"{shlex.join(sweep.pretrain_args(v, cfg_path))}") from None
+                what = said.getvalue().strip().split(": error: ", 1)[-1]
+                raise SweepError(f"run {v.name}: the pretraining flags: {what}") from None
+            finally:
+                sys.stderr.write(said.getvalue() if "error: " not in said.getvalue() else "")
             this = {"model": _strip(model.to_dict()), "training": _strip(train.to_dict())}
             if common is None:
                 common = this

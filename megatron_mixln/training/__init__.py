@@ -3,6 +3,6 @@
 Entry point: `python -m megatron_mixln.pretrain` (see main.py). Heavy imports (DeepSpeed) happen
 inside functions, so `--help` and config checks stay fast.
 """
-from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
+from megatron_mixln.training.config import TrainingConfig, gradient_accumulation_steps
 
-__all__ = ["TrainingConfig", "UsageError", "gradient_accumulation_steps"]
+__all__ = ["TrainingConfig", "gradient_accumulation_steps"]

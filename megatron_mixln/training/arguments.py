@@ -11,9 +11,10 @@ import json
 import math
 import os
 
-from megatron_mixln.cli import add_dataclass_args, given_fields
+from megatron_mixln.cli import add_dataclass_args, config_from_flags, given_fields
 from megatron_mixln.model import PRESETS, ModelConfig
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import ArgumentParser, UsageError
+from megatron_mixln.training.config import TrainingConfig
 
 _MODEL_FIELDS = {f for f in ModelConfig.__dataclass_fields__ if ModelConfig.__dataclass_fields__[f].init}
 _TRAIN_FIELDS = {f for f in TrainingConfig.__dataclass_fields__ if TrainingConfig.__dataclass_fields__[f].init}
@@ -21,7 +22,7 @@ _EXTRA_FIELDS = {"preset"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m megatron_mixln.pretrain",
         allow_abbrev=False,  # as Megatron-LM: `--train-iter 5` is an error, not --train-iters
         description="Pretrain a LLaMA-family model with a per-layer norm position (Mix-LN, Pre-LN, ...) on DeepSpeed.",
@@ -100,11 +101,7 @@ def make_configs(values: dict) -> tuple[ModelConfig, TrainingConfig]:
         model_kw["vocab_size"] = padded_vocab_size(
             tokenizer_vocab_size(train.tokenizer), train.make_vocab_size_divisible_by, train.tensor_model_parallel_size
         )
-    preset = values.get("preset")
-    try:
-        model = ModelConfig.from_preset(preset, **model_kw) if preset else ModelConfig(**model_kw)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    model = config_from_flags(ModelConfig, model_kw, values.get("preset"))
     if train.tokenizer:
         check_tokenizer_vocab(train.tokenizer, model.vocab_size)
     return model, train

@@ -21,7 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.loss import IGNORE
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 from megatron_mixln.manifest import ALGORITHM, file_checksum
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig
 
 
 def _stat(path: str, checksum: bool) -> dict:

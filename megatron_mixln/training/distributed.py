@@ -13,7 +13,9 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import RendezvousError, UsageError
+from megatron_mixln.training.config import TrainingConfig
+
 
 
 def _slurm_env_to_torch():
@@ -25,10 +27,6 @@ def _slurm_env_to_torch():
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-
-
-class RendezvousError(RuntimeError):
-    """The process group could not be formed (MASTER_ADDR:MASTER_PORT unreachable, a rank missing)."""
 
 
 _CREATED_GROUP = False  # whether init_distributed made the process group (then shutdown ends it)

@@ -17,7 +17,8 @@ import json
 import math
 import os
 
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig
 
 _UNSET = object()
 

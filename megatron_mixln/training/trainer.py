@@ -22,7 +22,8 @@ from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint,
 from megatron_mixln.checkpoint.meta import TrainState
 from megatron_mixln.checkpoint.rng import seed_everything
 from megatron_mixln.checkpoint.save import save_checkpoint
-from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig, gradient_accumulation_steps
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint

@@ -26,7 +26,9 @@ import sys
 import threading
 import time
 
-HANG_EXIT_CODE = 124  # as timeout(1)
+from megatron_mixln.errors import EXIT_HANG
+
+HANG_EXIT_CODE = EXIT_HANG  # 124, as timeout(1)
 DEFAULT_GPU_TIMEOUT_S = 1800.0
 STARTUP_MIN_S = 600.0  # start-up (build, checkpoint load) and the first step (compilation) get at least this
 

@@ -246,7 +246,7 @@ def _hf_error(tmp_path, spm_model, env, wrap=lambda cmd: cmd):
     start = time.monotonic()
     result = subprocess.run(wrap(cmd), env=env, capture_output=True, text=True, timeout=120)
     seconds = time.monotonic() - start
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # bad input (megatron_mixln.errors)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-such-org/no-such-corpus" in lines[0], result.stderr  # no retry chatter
     assert "--input" in lines[0] and "Traceback" not in result.stderr

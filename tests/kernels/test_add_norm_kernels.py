@@ -9,7 +9,7 @@ from add_norm_cases import CASES, DEVICE, assert_close, run_case  # noqa: E402
 from triton_env import needs_kernels  # noqa: E402
 
 from megatron_mixln.kernels import triton_add_norm  # noqa: E402
-from megatron_mixln.kernels.add_norm import add_norm_torch  # noqa: E402
+from megatron_mixln.kernels.reference import add_norm_torch  # noqa: E402
 from megatron_mixln.kernels.add_norm_kernels import launch_config, num_warps  # noqa: E402
 
 pytestmark = needs_kernels

@@ -163,7 +163,7 @@ def test_trainer_sidecars_and_nested_model_config_are_carried(tmp_path):
 
 def test_trainer_resume_layout_check_points_to_the_converter():
     from megatron_mixln.checkpoint.compat import check_resume_layout
-    from megatron_mixln.training.config import UsageError
+    from megatron_mixln.errors import UsageError
 
     meta = {"tag": "iter_0000003", "data_parallel_size": 1, "zero_stage": 1,
             "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}

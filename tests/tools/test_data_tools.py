@@ -66,9 +66,9 @@ def test_cli_errors_are_one_clean_line(pipeline, tmp_path):
     for args, message in cases:
         result = tool("preprocess_c4.py", *args, "--tokenizer", work / "spm.model",
                       "--output-prefix", tmp_path / "o")
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr  # bad input (megatron_mixln.errors)
         assert message in result.stderr and "Traceback" not in result.stderr
     result = tool("train_tokenizer.py", "--input", bad, "--output-prefix", tmp_path / "t",
                   "--vocab-size", "5000")
-    assert result.returncode == 1 and "try a smaller one" in result.stderr
+    assert result.returncode == 2 and "try a smaller one" in result.stderr
     assert "Traceback" not in result.stderr

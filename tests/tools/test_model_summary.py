@@ -24,7 +24,7 @@ def test_7b_mix_summary_on_meta():
 
 def test_bad_flag_is_a_clear_error():
     r = _run("--preset", "71m", "--norm-position", "mix", "--post-ln-layers", "13")
-    assert r.returncode == 2 and "post_ln_layers" in r.stderr
+    assert r.returncode == 2 and "--post-ln-layers" in r.stderr
 
 
 def test_two_stream_positions_count_both_residual_streams():

@@ -60,5 +60,7 @@ def test_tables_and_labels(tmp_path):
 
 
 def test_missing_metrics_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+    from megatron_mixln.errors import UsageError
+
+    with pytest.raises(UsageError, match="no metrics.jsonl"):
         plot_metrics.load_run(str(tmp_path))

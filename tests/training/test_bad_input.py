@@ -18,7 +18,7 @@ def data(tmp_path_factory):
 def _fails(capsys, argv, *fragments):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith("pretrain: error: ") and err.count("\n") == 1, err
     for fragment in fragments:
         assert fragment in err, err
     return err

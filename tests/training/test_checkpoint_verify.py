@@ -14,7 +14,7 @@ from training_testlib import PYTHON, REPO, entry_env, run_and_destroy, tiny_cli_
 
 from megatron_mixln.manifest import MANIFEST, file_checksum
 from megatron_mixln import checkpoint as ckpt
-from megatron_mixln.training.config import UsageError
+from megatron_mixln.errors import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = dict(train_iters=6, zero_stage=1, eval_iters=0, split="90,10,0")

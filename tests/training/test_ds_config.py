@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.ds_config import build_ds_config, optimizer_offloaded, zero_auto_sizes, zero_stage_of
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

@@ -216,7 +216,7 @@ def test_layout_gives_the_reference_update(runs, references, name):
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_zero_2_3_with_pipeline_refused_naming_the_combination(zero):
-    from megatron_mixln.training.config import UsageError
+    from megatron_mixln.errors import UsageError
 
     with pytest.raises(UsageError, match=f"--pipeline-model-parallel-size 2 with --zero-stage {zero}"):
         _train(zero, 1, False, 2, False, False, False)
@@ -227,7 +227,8 @@ def test_zero_2_3_with_pipeline_refused_from_a_deepspeed_json(tmp_path, zero):
     """The stage may come from --deepspeed-config instead of --zero-stage."""
     import json
 
-    from megatron_mixln.training.config import TrainingConfig, UsageError
+    from megatron_mixln.errors import UsageError
+    from megatron_mixln.training.config import TrainingConfig
     from megatron_mixln.training.ds_config import build_ds_config
 
     path = tmp_path / f"zero{zero}.json"

@@ -12,7 +12,8 @@ from training_testlib import tiny_datasets, tiny_model, tiny_train
 
 from megatron_mixln.data import IndexedDatasetWriter
 from megatron_mixln.training import trainer
-from megatron_mixln.training.config import TrainingConfig, UsageError
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.data import build_datasets
 from megatron_mixln.training.model_setup import build_plain_model
 from megatron_mixln.training.stability import innermost_optimizer

@@ -13,7 +13,7 @@ from training_testlib import run_and_destroy, run_spawned, tiny_datasets, tiny_m
 
 from megatron_mixln.checkpoint.universal import convert_to_universal
 from megatron_mixln import checkpoint as ckpt
-from megatron_mixln.training.config import UsageError
+from megatron_mixln.errors import UsageError
 
 RUN = dict(train_iters=6, eval_iters=0, lr_warmup_iters=1)
 STOP = 3  # the interrupted runs save after this step

@@ -15,7 +15,7 @@ from training_testlib import run_and_destroy, tiny_datasets, tiny_model, tiny_tr
 
 from megatron_mixln import checkpoint as ckpt
 from megatron_mixln.checkpoint import save as ckpt_save
-from megatron_mixln.training.config import UsageError
+from megatron_mixln.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = dict(train_iters=6, zero_stage=1, eval_iters=1, eval_interval=3)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from megatron_mixln.training.arguments import build_parser, padded_vocab_size, parse_configs
-from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
+from megatron_mixln.errors import UsageError
+from megatron_mixln.training.config import TrainingConfig, gradient_accumulation_steps
 
 
 def test_gradient_accumulation_is_derived():
@@ -96,7 +97,7 @@ def test_vocab_from_tokenizer_padded_and_checked():
 
 
 def test_bad_model_flags_are_usage_errors():
-    with pytest.raises(UsageError, match="hidden_size: 30 is not divisible by num_attention_heads"):
+    with pytest.raises(UsageError, match="--hidden-size: 30 is not divisible by --num-attention-heads=4"):
         parse_configs(["--hidden-size", "30", "--num-attention-heads", "4"])
     with pytest.raises(UsageError, match="preset: unknown preset '5m'"):
         parse_configs(["--preset", "5m"])
