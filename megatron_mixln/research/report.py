@@ -8,6 +8,7 @@ import json
 import os
 
 from megatron_mixln.research.collect import aggregate
+from megatron_mixln.research.lr_sweep import lr_sensitivity, render_lr_section
 
 NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
          "deepnorm": "DeepNorm", "deeppost": "DeepPost (reference DeepNorm)"}
@@ -15,7 +16,9 @@ FIGURES = (("curves.png", "Training loss and validation perplexity"),
            ("grad_norm_profiles.png", "Per-layer gradient norms at several points of training"),
            ("angular_distance.png", "Angular distance between layers"),
            ("layer_removal.png", "Perplexity increase when one layer is removed"),
-           ("alpha.png", "Perplexity vs post-layer fraction (α)"))
+           ("alpha.png", "Perplexity vs post-layer fraction (α)"),
+           ("lr_sensitivity.png", "Final loss against the peak learning rate"),
+           ("diagnostics_profiles.png", "Instability diagnostics per layer at each setting's largest stable rate"))
 
 
 def label(row: dict) -> str:
@@ -43,7 +46,7 @@ def diverged_cell(row: dict) -> str:
 
 def results(sweep_record: dict, runs: list[dict]) -> dict:
     rows = aggregate(runs)
-    return {"sweep": sweep_record, "settings": rows, "runs": runs}
+    return {"sweep": sweep_record, "settings": rows, "runs": runs, "lr_sensitivity": lr_sensitivity(runs)}
 
 
 def write_report(out: str, sweep_record: dict, runs: list[dict], figures: list[str]) -> dict:
@@ -88,6 +91,7 @@ def render(res: dict, figures: list[str]) -> str:
         out.append(f"| {label(r)} | {r['positions'] or '—'} | {ppl_cell(r)} | {len(r['ppl'])}/{len(r['seeds'])}"
                    f"{unfinished} | {tokens} | {diverged_cell(r)} |")
     out += ["", "Mean and sample standard deviation over the seeds that finished without diverging.", ""]
+    out += render_lr_section(res.get("lr_sensitivity") or [])
     out += ["## Divergence verdict", ""]
     any_note = False
     for run in runs:
