@@ -91,41 +91,56 @@ def nearest_record(records: list[dict], step: int) -> dict | None:
 
 
 def profile_figure(runs: list[tuple[str, dict[str, list[dict]]]], steps: list[int], metrics: list[str]):
-    """Per-layer profiles overlaying every run: one row per metric, one column per step (each run's
-    record nearest to that step). runs: [(label, {metric: [records by step]})]. Returns the figure,
-    or None when no run has any of the metrics."""
+    """Per-layer profiles overlaying every run: one row per metric and one column per step (each run's
+    record nearest to that step); a single step lays the metrics out in a grid of up to 4 columns.
+    runs: [(label, {metric: [records by step]})]. The legend goes below the panels. Returns the
+    figure, or None when no run has any of the metrics."""
     import matplotlib.pyplot as plt
 
     metrics = [m for m in metrics if any(layer_values(r, m) for _, by in runs for r in by.get(m, []))]
     if not metrics or not steps:
         return None
-    fig, axes = plt.subplots(len(metrics), len(steps), figsize=(3.8 * len(steps) + 1.5, 2.7 * len(metrics)),
-                             squeeze=False, layout="constrained")
+    if len(steps) == 1:
+        ncols = min(4, len(metrics))
+        nrows = -(-len(metrics) // ncols)
+        cells = [(m, steps[0], divmod(i, ncols)) for i, m in enumerate(metrics)]
+    else:
+        nrows, ncols = len(metrics), len(steps)
+        cells = [(m, st, (i, j)) for i, m in enumerate(metrics) for j, st in enumerate(steps)]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 2.8 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
     cmap = plt.get_cmap("tab10")
-    for i, metric in enumerate(metrics):
+    used = set()
+    for metric, step, (i, j) in cells:
+        ax = axes[i][j]
+        used.add((i, j))
         title, log = LAYER_METRICS.get(metric, (metric, False))
-        for j, step in enumerate(steps):
-            ax = axes[i][j]
-            for k, (label, by_metric) in enumerate(runs):
-                rec = nearest_record(by_metric.get(metric, []), step)
-                vals = layer_values(rec, metric) if rec else {}
-                if vals:
-                    ax.plot(list(vals), list(vals.values()), marker="o", ms=3, color=cmap(k % 10),
-                            label=f"{label} (step {rec['step']})" if len(steps) == 1 else label)
-            if log and ax.has_data():
-                ax.set_yscale("log")
-                readable_log_axis(ax, "y")
-            else:
-                ax.ticklabel_format(axis="y", useOffset=False)
-            integer_axis(ax, "x")
-            ax.grid(alpha=0.3)
+        for k, (label, by_metric) in enumerate(runs):
+            rec = nearest_record(by_metric.get(metric, []), step)
+            vals = layer_values(rec, metric) if rec else {}
+            if vals:
+                ax.plot(list(vals), list(vals.values()), marker="o", ms=3, color=cmap(k % 10),
+                        label=f"{label} (step {rec['step']})" if len(steps) == 1 else label)
+        if log and ax.has_data():
+            ax.set_yscale("log")
+            readable_log_axis(ax, "y")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
+        integer_axis(ax, "x")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("layer", fontsize=8)
+        if len(steps) == 1:
+            ax.set_title(title, fontsize=9)
+        else:
             if i == 0:
                 ax.set_title(f"step {step}")
-            if i == len(metrics) - 1:
-                ax.set_xlabel("layer")
             if j == 0:
                 ax.set_ylabel(title, fontsize=8)
+    for i in range(nrows):
+        for j in range(ncols):
+            if (i, j) not in used:
+                axes[i][j].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8)
     return fig
