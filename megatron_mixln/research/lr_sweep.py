@@ -1,5 +1,5 @@
 """Learning-rate sensitivity of each norm setting over an --lr-sweep (Wortsman et al. 2023,
-"Small-scale proxies for large-scale Transformer training instabilities", arXiv 2309.14322, sec. 3.2):
+"Small-scale proxies for large-scale Transformer training instabilities", arXiv 2309.14322):
 
     S = E_η[ min(ℓ(η), ℓ_0) − ℓ* ]
 
