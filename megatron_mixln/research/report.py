@@ -117,6 +117,7 @@ def render(res: dict, figures: list[str]) -> str:
             out.append(f"| {run['name']} | " + " | ".join(cells) + " |")
     else:
         out.append("(no per-layer gradient norms logged: pass --grad-norm-interval N)")
+    out += _diagnostics_lines(runs)
     out += ["", "## Runs", "", "| run | state | final step | validation loss | validation perplexity | "
             "validation tokens | tokens trained |", "|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -131,6 +132,33 @@ def render(res: dict, figures: list[str]) -> str:
         for f in figures:
             out += [f"### {titles.get(f, f)}", "", f"![{titles.get(f, f)}]({f})", ""]
     return "\n".join(out) + "\n"
+
+
+def _diagnostics_lines(runs: list[dict]) -> list[str]:
+    """The --diagnostics-interval summary of each run's last probed step: the extreme layer of each metric."""
+    from megatron_mixln.research.plot_style import layer_values
+
+    rows = [r for r in runs if r.get("diagnostics")]
+    if not rows:
+        return []
+    cols = (("act_rms_out", max, "max residual RMS"), ("act_max_over_median", max, "max act max/median"),
+            ("act_kurtosis", max, "max kurtosis"), ("attn_logit_max", max, "max attention logit"),
+            ("attn_entropy", min, "min attention entropy"), ("update_ratio", max, "max update/weight"))
+    out = ["", "## Instability diagnostics (last probed step)", "",
+           "The extreme layer of each per-layer metric (value @ layer), and the output logits' largest logsumexp z.", "",
+           "| run | step | " + " | ".join(c[2] for c in cols) + " | z max |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        d, cells = r["diagnostics"], []
+        for metric, pick, _ in cols:
+            values = layer_values(d, metric)
+            if values:
+                layer = pick(values, key=values.get)
+                cells.append(f"{values[layer]:.4g} @ {layer}")
+            else:
+                cells.append("—")
+        z = f"{d['z_max']:.4g}" if d.get("z_max") is not None else "—"
+        out.append(f"| {r['name']} | {d.get('step')} | " + " | ".join(cells) + f" | {z} |")
+    return out
 
 
 def load_results(out: str) -> dict:

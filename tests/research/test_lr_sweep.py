@@ -71,6 +71,7 @@ def test_sensitivity_rederived_from_the_runs_metrics(sweep):
     report = open(os.path.join(out, "report.md")).read()
     assert "## Learning-rate sensitivity" in report
     assert f"{rows['pre']['sensitivity']:.4f}" in report
+    assert "## Instability diagnostics (last probed step)" in report  # the diagnostics summarised per run
     for name in ("lr_sensitivity.png", "diagnostics_profiles.png"):
         assert open(os.path.join(out, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # one TensorBoard run directory per variant
