@@ -142,6 +142,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for r in runs:
         row = rows.setdefault(r["setting"], {"setting": r["setting"], "position": r["position"],
                                              "fraction": r["fraction"], "post_ln_layers": r["post_ln_layers"],
+                                             "lr": r.get("lr"),
                                              "positions": r["positions"], "seeds": [], "ppl": [], "diverged": [],
                                              "unfinished": [], "tokens": [], "cv": []})
         row["seeds"].append(r["seed"])

@@ -72,7 +72,9 @@ def write_figures(runs: list[dict], out: str) -> list[str]:
             b.plot(steps, _finite(ppl), color=color[r["setting"]], marker="o", ms=3, alpha=0.85, label=label)
     a.set(xlabel="step", ylabel="training loss", title="Training loss (one line per seed)")
     b.set(xlabel="step", ylabel="validation perplexity", title="Validation perplexity", yscale="log")
+    readable_log_axis(b, "y")
     for ax in (a, b):
+        integer_axis(ax, "x")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, out, "curves.png", written)
@@ -132,11 +134,18 @@ def write_figures(runs: list[dict], out: str) -> list[str]:
             _save(fig, out, "layer_removal.png", written)
 
     alpha_rows = [r for r in rows if r["fraction"] is not None]
-    if len(alpha_rows) > 1:
+    by_lr = {}  # one line per learning rate of an --lr-sweep (a single line otherwise)
+    for r in alpha_rows:
+        by_lr.setdefault(r.get("lr"), []).append(r)
+    if len({r["fraction"] for r in alpha_rows}) > 1:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        ok = [r for r in alpha_rows if r["ppl_mean"] is not None]
-        ax.errorbar([100 * r["fraction"] for r in ok], [r["ppl_mean"] for r in ok],
-                    yerr=[r["ppl_std"] or 0.0 for r in ok], marker="o", capsize=3)
+        for lr, group in by_lr.items():
+            ok = [r for r in group if r["ppl_mean"] is not None]
+            ax.errorbar([100 * r["fraction"] for r in ok], [r["ppl_mean"] for r in ok],
+                        yerr=[r["ppl_std"] or 0.0 for r in ok], marker="o", capsize=3,
+                        label=None if lr is None else f"η = {lr:g}")
+        if len(by_lr) > 1:
+            ax.legend(fontsize=8)
         for r in alpha_rows:
             if r["diverged"]:
                 ax.annotate("diverged", (100 * r["fraction"], ax.get_ylim()[1]), ha="center", va="top", color="red")

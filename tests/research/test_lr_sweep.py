@@ -105,3 +105,27 @@ def test_slurm_tasks_carry_each_runs_learning_rate(sweep, capsys):
         for lr in LRS:
             line = next(l for l in lines if l.startswith(f"{p}-lr{lr:g}-s1:"))
             assert f"--lr {lr!r}" in line and "--tensorboard-dir" in line
+
+
+def test_sensitivity_formula_on_made_up_runs():
+    """Two seeds, three rates, one diverged run: S per seed by hand, a diverged rate counts as ℓ_0,
+    a final loss above ℓ_0 is capped at ℓ_0, the largest stable rate needs every seed stable."""
+    from megatron_mixln.research.lr_sweep import lr_sensitivity
+
+    def run(seed, lr, loss, diverged=False):
+        return {"name": f"pre-lr{lr:g}-s{seed}", "base_setting": "pre", "lr": lr, "seed": seed, "diverged": diverged,
+                "valid_loss": loss, "train_curve": [[1, 6.0], [2, 5.5]], "vocab_size": 256}
+
+    runs = [run(1, 1e-3, 4.0), run(1, 1e-2, 3.0), run(1, 1e-1, float("nan"), diverged=True),
+            run(2, 1e-3, 4.5), run(2, 1e-2, 3.5), run(2, 1e-1, 6.5)]
+    (row,) = lr_sensitivity(runs)
+    s1 = (4.0 + 3.0 + 6.0) / 3 - 3.0
+    s2 = (4.5 + 3.5 + 6.0) / 3 - 3.5
+    assert row["sensitivity"] == pytest.approx((s1 + s2) / 2)
+    assert row["sensitivity_std"] == pytest.approx(abs(s1 - s2) / math.sqrt(2))
+    assert row["largest_stable_lr"] == 1e-2 and row["largest_stable_run"] == "pre-lr0.01-s1"
+    assert row["l0"] == 6.0 and row["lrs"] == [1e-3, 1e-2, 1e-1]
+    # without a step-1 record, ℓ_0 is ln(vocab size)
+    for r in runs:
+        r["train_curve"] = [[10, 5.0]]
+    assert lr_sensitivity(runs)[0]["l0"] == pytest.approx(math.log(256))
