@@ -14,6 +14,8 @@ import sys
 import time
 import warnings
 
+from megatron_mixln.training.tensorboard import scalar_tag, start_tensorboard
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | None, enabled: bool, config: dict, wandb_project: str | None = None,
@@ -33,8 +35,6 @@ class MetricsLogger:
         if wandb_project and wandb_mode != "disabled":
             self._wandb = _start_wandb(wandb_project, wandb_name, wandb_mode, run_dir, config)
         if tensorboard_dir:
-            from megatron_mixln.training.tensorboard import start_tensorboard
-
             self._tensorboard = start_tensorboard(tensorboard_dir)
 
     def log(self, kind: str, step: int, values: dict) -> None:
@@ -44,8 +44,8 @@ class MetricsLogger:
         if self._file:
             self._file.write(json.dumps(record, default=_jsonable) + "\n")
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{k}" if "/" not in k else k: v for k, v in values.items()
-                             if isinstance(v, (int, float))}, step=step)
+            self._wandb.log({scalar_tag(kind, k): v for k, v in values.items() if isinstance(v, (int, float))},
+                            step=step)
         if self._tensorboard is not None:
             self._tensorboard.log(kind, step, values)
 
