@@ -6,12 +6,17 @@ from megatron_mixln.diagnostics.stability import Layout, StabilityProbe, parse_d
 
 def _param_getter(engine):
     """Where the full weights live: p itself (ZeRO-0 fp32 or pure bf16), else DeepSpeed's fp32 master
-    copy (ZeRO-1/2/3 partitions, bf16 mode); collective under ZeRO, every rank asks in the same order."""
+    copy (ZeRO-1/2/3 partitions, bf16 mode), falling back to p where DeepSpeed keeps none for it
+    (bf16 at ZeRO-0 without its bf16 optimizer). Collective under ZeRO-3: every rank asks in the same order."""
     if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
         return lambda p: p.detach()
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return safe_get_full_fp32_param
+    def full(p):
+        master = safe_get_full_fp32_param(p)
+        return p.detach() if master is None else master
+
+    return full
 
 
 def start_probe(engine, cfg, state, seq_length: int, step: int) -> StabilityProbe | None:

@@ -68,3 +68,16 @@ def test_unknown_diagnostic_names_the_flag(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--diagnostics: unknown 'logit'; allowed" in err, err
     assert "activations, attention, logits, updates" in err
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_bf16_reads_the_fp32_masters_or_the_weights(single_rank, tmp_path, zero_stage):
+    """bf16 mode: the update ratio comes from DeepSpeed's fp32 master copy (ZeRO-2) or, where it keeps
+    none (ZeRO-0), from the weights; either way a finite, positive update smaller than the weights."""
+    run_and_destroy(tiny_model(), tiny_train(run_dir=str(tmp_path), train_iters=2, diagnostics_interval=1,
+                                             bf16=True, zero_stage=zero_stage), tiny_datasets())
+    diag = [r for r in _records(tmp_path) if r["kind"] == "diagnostics"]
+    assert [r["step"] for r in diag] == [1, 2]
+    for r in diag:
+        for layer in (1, 2):
+            assert 0 < r[f"update_ratio/layer_{layer:02d}"] < 1 and r[f"weight_norm/layer_{layer:02d}"] > 1
