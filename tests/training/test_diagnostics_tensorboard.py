@@ -81,3 +81,28 @@ def test_bf16_reads_the_fp32_masters_or_the_weights(single_rank, tmp_path, zero_
     for r in diag:
         for layer in (1, 2):
             assert 0 < r[f"update_ratio/layer_{layer:02d}"] < 1 and r[f"weight_norm/layer_{layer:02d}"] > 1
+
+
+def test_a_preempted_run_leaves_its_events_written(single_rank, tmp_path, monkeypatch):
+    """SIGUSR1 during the run: the trainer stops after the step and closes the writer, so every step's
+    scalars are on disk (the writer would otherwise flush only every 30 s)."""
+    import os
+    import signal
+
+    from megatron_mixln.training import trainer
+
+    real_step, calls = trainer.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        result = real_step(*args, **kwargs)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, tensorboard_dir=str(tmp_path / "tb")),
+                               tiny_datasets())
+    summary["engine"].destroy()
+    assert summary["stop_reason"] == "preempted"
+    assert sorted(_event_scalars(str(tmp_path / "tb"))["train/loss"]) == [1, 2, 3]
