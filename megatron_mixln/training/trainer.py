@@ -27,6 +27,7 @@ from megatron_mixln.training.config import TrainingConfig, gradient_accumulation
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
+from megatron_mixln.training.diagnostics import finish_probe, start_probe
 from megatron_mixln.training.distributed import (
     barrier, data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
 )
@@ -266,7 +267,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         "param_groups": groups, "compiled_blocks": compiled_blocks,
     }
     logger = MetricsLogger(cfg.run_directory, is_rank0(), run_config, cfg.wandb_project,
-                           cfg.wandb_name or model_config.norm_position, cfg.wandb_mode)
+                           cfg.wandb_name or model_config.norm_position, cfg.wandb_mode, cfg.tensorboard_dir)
     if meta:
         for tag, problem in meta["skipped"]:
             logger.log("event", ts.iteration, {"event": "checkpoint_skipped", "tag": tag, "problem": problem})
@@ -318,8 +319,10 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             t0 = time.perf_counter()
             if step > ts_start + 1:  # the first step keeps the start-up allowance
                 watchdog.progress(f"step {step}")
+            probe = start_probe(engine, cfg, state, model_config.seq_length, step)  # None unless a diagnostics step
             res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
                              time_up, pad_id)
+            diagnostics = finish_probe(probe) if probe is not None else None
             window_time += time.perf_counter() - t0
             window_steps += 1
             if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
@@ -371,6 +374,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                 window_time, window_steps, window_losses = 0.0, 0, []
             if res.layer_norms is not None:
                 logger.log("grad_norms", step, flatten_grad_norms(res.layer_norms))
+            if diagnostics is not None:
+                logger.log("diagnostics", step, diagnostics)
 
             if cfg.evaluates and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
                 watchdog.progress(f"evaluation at step {step}")

@@ -34,6 +34,7 @@ CASES = {
     "plot_metrics": (["o", "--out", "o"], ["MISSING", "--out", "o"], "MISSING"),
     "preprocess_c4": (["--tokenizer", "null:100", "--output-prefix", "o"],
                       ["--input", "MISSING/a.jsonl", "--tokenizer", "null:100", "--output-prefix", "o"], "--input"),
+    "stability_sweep": (["x.yaml", "--out", "o"], ["MISSING/s.yaml", "--out", "o"], "MISSING/s.yaml"),
     "train_tokenizer": (["--input", "x", "--output-prefix", "o"], ["--input", "MISSING/a.txt", "--output-prefix", "o"],
                         "--input"),
 }
