@@ -1,6 +1,7 @@
 """Checkpoint file I/O that never unpickles arbitrary objects.
 
-DeepSpeed's own checkpoint engine unpickles whatever a file holds. We load with weights_only=True;
+DeepSpeed's own checkpoint engine unpickles whatever a file holds. We load with weights_only=True
+(training.deepspeed_patches makes the engine's loads go through safe_load);
 the few plain data types DeepSpeed writes into its optimizer files (a namedtuple, an enum, the
 loss-scaler record) are registered as safe globals -- nothing else is.
 """
@@ -35,8 +36,3 @@ def load_to_cpu(path: str):
             "tensors, numbers, strings, lists and dicts."
         ) from exc
 
-
-def install_safe_checkpoint_engine(engine) -> None:
-    """Make the engine's checkpoint loads go through safe_load (saving is unchanged)."""
-    ckpt_engine = engine.checkpoint_engine
-    ckpt_engine.load = lambda path, map_location=None: safe_load(path, map_location)

@@ -104,6 +104,7 @@ def make_configs(values: dict) -> tuple[ModelConfig, TrainingConfig]:
     model = config_from_flags(ModelConfig, model_kw, values.get("preset"))
     if train.tokenizer:
         check_tokenizer_vocab(train.tokenizer, model.vocab_size)
+    check_run_options(model, train)
     return model, train
 
 
@@ -125,3 +126,23 @@ def check_tokenizer_vocab(spec: str, model_vocab: int) -> None:
             f"{model_vocab}..{vocab - 1} would index past the embedding table; drop --vocab-size (it then "
             f"defaults to the tokenizer's, padded to a multiple of --make-vocab-size-divisible-by) or raise it"
         )
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Create the directory a flag names (e.g. --save) now, so a bad path fails before anything is built."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot create the directory: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
+def check_run_options(model_config: ModelConfig, cfg: TrainingConfig) -> None:
+    """Model options the parallel layouts do not carry (checked before anything is built)."""
+    if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
+        raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
+                         "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
+    if model_config.gated_layers and cfg.sequence_parallel:
+        raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
+                         "sequence shard; drop one of the two")

@@ -33,7 +33,7 @@ def _pretrain(argv: list[str] | None) -> int:
     finally:
         if not caller_owns_group:
             _shutdown()
-    if summary["stop_reason"] == "diverged":
+    if summary.stop_reason == "diverged":
         print_error(PROG, f"{cfg.max_bad_steps} consecutive steps had non-finite loss or gradients (last good weights "
                           f"{'saved in ' + cfg.save if cfg.save else 'not saved: no --save'}); stopping. Lower --lr, "
                           "lengthen --lr-warmup-iters or check the data")

@@ -97,6 +97,23 @@ def format_train_line(step: int, train_iters: int, v: dict) -> str:
     return " | ".join(parts)
 
 
+def paper_modes(model_config, cfg) -> str:
+    """The paper-faithful choices of this run, in one line (they are also in config.json)."""
+    parts = [f"sample-mode {cfg.sample_mode}", "pure bf16" if cfg.bf16_pure else "bf16 (fp32 masters)" if cfg.bf16
+             else "fp32", f"eval {cfg.eval_tokens} tokens" if cfg.eval_tokens else f"eval {cfg.eval_iters} iters",
+             f"embedding std {'sqrt(2/5)' if model_config.scaled_embedding_init else model_config.init_method_std}"]
+    if model_config.scaled_output_layers:
+        parts.append(f"scaled output init on layers {list(model_config.scaled_output_layers)}")
+    if model_config.gated_layers:
+        parts.append(f"residual gates on layers {list(model_config.gated_layers)} (init {model_config.residual_gate_init})")
+    if model_config.freeze_pad_embedding:
+        parts.append(f"frozen pad embedding row {model_config.pad_id}")
+    if cfg.rollback_on_spike:
+        parts.append(f"rollback on spike x{cfg.rollback_on_spike} for {cfg.rollback_patience} steps "
+                     f"(lr factor {cfg.rollback_lr_factor})")
+    return ", ".join(parts)
+
+
 METRIC_KINDS = ("train", "valid", "grad_norms", "diagnostics")
 
 

@@ -13,11 +13,11 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_mixln.model import ModelConfig, build_model, init_weights
 from megatron_mixln.model.block import Block
-from megatron_mixln.checkpoint.io import install_safe_checkpoint_engine
 from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.distributed import parallel_api
 from megatron_mixln.training.ds_config import zero_stage_of
-from megatron_mixln.training.grad_clip import install_global_grad_clipping
+from megatron_mixln.training.deepspeed_patches import (install_global_grad_clipping, install_safe_checkpoint_engine,
+                                                        reset_process_wide_mpu)
 from megatron_mixln.training.param_groups import param_groups
 
 
@@ -150,11 +150,7 @@ def build_model_and_optimizer(model_config: ModelConfig, cfg: TrainingConfig, ds
         # The reference code's precision: weights (and so Adam's moments, created like them) in bf16 and
         # updated in place; DeepSpeed's bf16 mode stays off, so it adds no fp32 master copy.
         model.to(torch.bfloat16)
-    # DeepSpeed keeps the last engine's mpu process-wide (deepspeed.utils.groups.mpu); an engine built
-    # after another one in the same process (tests, notebooks) must not inherit its groups.
-    from deepspeed.utils import groups as ds_groups
-
-    ds_groups.mpu = mpu
+    reset_process_wide_mpu(mpu)  # an engine built after another in this process must not inherit its groups
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config, mpu=mpu
     )

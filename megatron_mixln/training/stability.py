@@ -1,6 +1,6 @@
 """NaN/Inf steps are skipped, not applied; loss spikes are noted.
 
-StepGuard wraps the innermost torch optimizer's `step` -- below every DeepSpeed wrapper (ZeRO 0-3,
+StepGuard wraps the innermost torch optimizer's `step` (training.deepspeed_patches) -- below every DeepSpeed wrapper (ZeRO 0-3,
 bf16), where the final (averaged, clipped) gradients of this rank's parameters or partitions sit.
 It applies the update only if those gradients are finite on *every* rank (one all_reduce). ZeRO-1/2
 and DeepSpeed's bf16 optimizers already skip a step whose norm is NaN/Inf without calling the inner
@@ -13,39 +13,28 @@ import math
 import torch
 import torch.distributed as dist
 
-
-def innermost_optimizer(optimizer):
-    """The torch optimizer under DeepSpeed's wrappers (which keep it as `.optimizer`)."""
-    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch optimizer under the DeepSpeed wrappers, found {type(optimizer).__name__}")
-    return optimizer
+from megatron_mixln.training.deepspeed_patches import guard_inner_optimizer_step
 
 
 class StepGuard:
     def __init__(self, engine):
-        self.optimizer = innermost_optimizer(engine.optimizer)
         self.device = torch.device(engine.device)
         self._called = False
         self._finite = True
-        inner_step = self.optimizer.step
+        self.optimizer = guard_inner_optimizer_step(engine, self._all_finite)
 
-        def guarded_step(*args, **kwargs):
-            self._called = True
-            bad = torch.zeros((), device=self.device)
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and not torch.isfinite(p.grad).all():
-                        bad.fill_(1.0)
-                        break
-            dist.all_reduce(bad)  # every rank calls the inner step, so every rank joins
-            self._finite = bad.item() == 0
-            if self._finite:
-                return inner_step(*args, **kwargs)
-            return None
-
-        self.optimizer.step = guarded_step
+    def _all_finite(self, optimizer) -> bool:
+        """Whether every rank's gradients are finite (the inner step runs only then)."""
+        self._called = True
+        bad = torch.zeros((), device=self.device)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+                    break
+        dist.all_reduce(bad)  # every rank calls the inner step, so every rank joins
+        self._finite = bad.item() == 0
+        return self._finite
 
     def arm(self) -> None:
         """Call right before the engine's step at the accumulation boundary."""

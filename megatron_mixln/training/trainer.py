@@ -1,15 +1,17 @@
-"""The training loop: one function for a step, one for the run.
+"""The training loop: `setup_run` builds a run once, `train_loop` steps it, `train_step` is one step.
+
+    pretrain(model_config, cfg) -> setup_run(...) -> Run -> train_loop(run) -> RunSummary
+    train_loop: run_step -> record_step -> handle_spike -> maybe_log -> maybe_evaluate -> stop_reason -> maybe_save
 
 A step = `gradient_accumulation_steps` micro-batches per data-parallel rank, then one optimizer
 update at the LR of that step. The reported loss is the mean over the whole global batch.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 
 import torch
@@ -24,6 +26,7 @@ from megatron_mixln.checkpoint.rng import seed_everything
 from megatron_mixln.checkpoint.save import save_checkpoint
 from megatron_mixln.errors import UsageError
 from megatron_mixln.training.config import TrainingConfig, gradient_accumulation_steps
+from megatron_mixln.training.arguments import check_run_options, check_writable
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
@@ -32,10 +35,11 @@ from megatron_mixln.training.distributed import (
     barrier, data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
 )
 from megatron_mixln.training.ds_config import build_ds_config, zero_stage_of
+from megatron_mixln.training.deepspeed_patches import before_model_step
 from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
 from megatron_mixln.training.loss import make_token_loss_fn, masked_sum_and_count, mean_loss, split_batch
-from megatron_mixln.training.metrics import MetricsLogger, format_train_line
+from megatron_mixln.training.metrics import MetricsLogger, format_train_line, paper_modes
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
@@ -55,6 +59,7 @@ class StepResult:
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
     time_up: bool = False  # some rank is past --exit-duration-in-mins
     tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
+    diagnostics: dict | None = None  # --diagnostics-interval's probe of this step (training.diagnostics)
 
 
 def _grad_getter(engine, state=None):
@@ -80,82 +85,85 @@ def _plain_grad_norm(engine, state=None) -> float:
     return global_grad_norm(engine.module, state)
 
 
-@contextlib.contextmanager
-def _before_model_step(engine, fn):
-    """Run fn inside the pipeline engine's train_batch, after its gradient reduction and before the
-    update (`_take_model_step` is looked up on the instance, so shadowing it there hooks it)."""
-    take_model_step = engine._take_model_step
-
-    def hooked(*args, **kwargs):
-        fn()
-        return take_model_step(*args, **kwargs)
-
-    engine._take_model_step = hooked
-    try:
-        yield
-    finally:
-        del engine._take_model_step
-
-
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
                want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0) -> StepResult:
-    """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
-    that arrives during the step stops the run after this step, not after the next one. `time_up()`
-    (past --exit-duration-in-mins on this rank's clock) rides on the same all_reduce, so every rank
-    stops after the same step."""
-    device = torch.device(engine.device)
-    ga = engine.gradient_accumulation_steps()
-    layer_norms, grad_norm = None, None
-    # ZeRO-0 fp32: DeepSpeed keeps no norm. With clipping, grad_clip's global clip measures it (and
-    # get_global_grad_norm returns it); without, it is measured here, between backward and step.
+    """One optimizer step over `gradient_accumulation_steps` micro-batches of `batches` (each [micro_batch,
+    seq_length + 1] token ids), at learning rate `lr`. `stop_requested()` is read after this rank's compute,
+    right before the all_reduce, so a signal that arrives during the step stops the run after this step,
+    not after the next one. `time_up()` (past --exit-duration-in-mins on this rank's clock) rides on the
+    same all_reduce, so every rank stops after the same step."""
+    # ZeRO-0 fp32: DeepSpeed keeps no norm. With clipping, the global clip (deepspeed_patches) measures it
+    # (and get_global_grad_norm returns it); without, it is measured here, between backward and step.
     measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
                     and not engine.gradient_clipping())
-    local_tokens = torch.zeros((), device=device)
-    if is_pipeline_engine(engine):
-        # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
-        # its loss is already averaged over data-parallel ranks.
-        set_lr(engine.optimizer, lr)
-        guard.arm()
-        data = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in islice(batches, ga))
-        collected, norms = [], []
-
-        def before_step():
-            if want_layer_norms:
-                from megatron_mixln.parallel import pipeline_layer_grad_norms
-
-                collected.extend(pipeline_layer_grad_norms(engine.module, state, _grad_getter(engine, state)))
-            if measure_norm:  # as below
-                norms.append(_plain_grad_norm(engine, state))
-
-        with _before_model_step(engine, before_step):
-            local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
-        layer_norms = collected if want_layer_norms else None
-        grad_norm = norms[0] if norms else None
-        local_tokens += ga * engine.train_micro_batch_size_per_gpu() * (engine.module.model_config.seq_length)
-    else:
-        local_loss = torch.zeros((), device=device)
-        for _ in range(ga):
-            inputs, labels, mask = split_batch(next(batches).to(device), pad_id)
-            nll = token_loss_fn(engine(inputs), labels)
-            loss = mean_loss(nll, mask)  # per micro-batch, over its real targets
-            local_tokens += masked_sum_and_count(nll.detach(), mask)[1]
-            engine.backward(loss)  # DeepSpeed scales by 1/ga and all-reduces at the boundary
-            local_loss += loss.detach().float() / ga
-            if engine.is_gradient_accumulation_boundary():
-                if want_layer_norms:
-                    layer_norms = layer_grad_norms(engine.module, _grad_getter(engine, state))
-                if measure_norm:
-                    grad_norm = _plain_grad_norm(engine, state)
-                set_lr(engine.optimizer, lr)
-                guard.arm()
-            engine.step()  # a no-op except at the boundary
+    half = _pipeline_step if is_pipeline_engine(engine) else _plain_step
+    local_loss, local_tokens, layer_norms, grad_norm = half(engine, batches, lr, guard, token_loss_fn,
+                                                            want_layer_norms, measure_norm, state, pad_id)
     if grad_norm is None:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
-    # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
-    # rank's loss, so the world mean is the data-parallel mean.
+    return _reduce_step(engine, local_loss, local_tokens, grad_norm, guard, layer_norms, stop_requested, time_up,
+                        state)
+
+
+def _pipeline_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, measure_norm, state, pad_id):
+    """DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself; its loss is already
+    averaged over data-parallel ranks. -> (loss, target tokens, per-layer norms, grad norm) of this rank."""
+    device = torch.device(engine.device)
+    ga = engine.gradient_accumulation_steps()
+    set_lr(engine.optimizer, lr)
+    guard.arm()
+    data = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in islice(batches, ga))
+    collected, norms = [], []
+
+    def before_step():
+        if want_layer_norms:
+            from megatron_mixln.parallel import pipeline_layer_grad_norms
+
+            collected.extend(pipeline_layer_grad_norms(engine.module, state, _grad_getter(engine, state)))
+        if measure_norm:
+            norms.append(_plain_grad_norm(engine, state))
+
+    with before_model_step(engine, before_step):
+        local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+    local_tokens = torch.tensor(float(ga * engine.train_micro_batch_size_per_gpu()
+                                      * engine.module.model_config.seq_length), device=device)
+    return local_loss, local_tokens, collected if want_layer_norms else None, norms[0] if norms else None
+
+
+def _plain_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, measure_norm, state, pad_id):
+    """Forward/backward per micro-batch (DeepSpeed scales by 1/ga and all-reduces at the boundary), the LR
+    set and the guard armed right before the boundary's step. -> (loss, target tokens, per-layer norms,
+    grad norm) of this rank."""
+    device = torch.device(engine.device)
+    ga = engine.gradient_accumulation_steps()
+    local_loss, local_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    layer_norms, grad_norm = None, None
+    for _ in range(ga):
+        inputs, labels, mask = split_batch(next(batches).to(device), pad_id)
+        nll = token_loss_fn(engine(inputs), labels)
+        loss = mean_loss(nll, mask)  # per micro-batch, over its real targets
+        local_tokens += masked_sum_and_count(nll.detach(), mask)[1]
+        engine.backward(loss)
+        local_loss += loss.detach().float() / ga
+        if engine.is_gradient_accumulation_boundary():
+            if want_layer_norms:
+                layer_norms = layer_grad_norms(engine.module, _grad_getter(engine, state))
+            if measure_norm:
+                grad_norm = _plain_grad_norm(engine, state)
+            set_lr(engine.optimizer, lr)
+            guard.arm()
+        engine.step()  # a no-op except at the boundary
+    return local_loss, local_tokens, layer_norms, grad_norm
+
+
+def _reduce_step(engine, local_loss, local_tokens, grad_norm, guard, layer_norms, stop_requested, time_up,
+                 state) -> StepResult:
+    """One all_reduce for the loss, the two stop flags and the token count. TP ranks hold replicas of their
+    DP rank's loss, so the world mean is the data-parallel mean."""
+    device = torch.device(engine.device)
     stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
-                         torch.tensor(float(time_up()), device=device), local_tokens.float()])
+                         torch.tensor(float(time_up()), device=device), local_tokens.float().reshape(())])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
@@ -196,12 +204,73 @@ def _data_fingerprint(cfg: TrainingConfig) -> dict | None:
     return result[0]
 
 
-def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> dict:
+@dataclass
+class Window:
+    """What the next log line averages over: the steps since the last one."""
+    seconds: float = 0.0
+    steps: int = 0
+    losses: list = field(default_factory=list)  # the finite losses
+
+
+@dataclass
+class Run:
+    """Everything a run builds once (setup_run) and the loop reads and advances (train_loop)."""
+    model_config: ModelConfig
+    cfg: TrainingConfig
+    engine: object  # the DeepSpeed engine (plain or pipeline)
+    state: object  # parallel.ParallelState, or None without model parallelism
+    train_state: TrainState
+    logger: MetricsLogger
+    watchdog: HangWatchdog
+    train_ds: object
+    valid_ds: object
+    dp_rank: int
+    dp_size: int
+    dp_group: object
+    global_batch: int
+    accumulation: int  # gradient accumulation steps
+    eval_budgets: list | None  # per-batch token budgets of --eval-tokens, else None
+    eval_samples: int  # validation samples per evaluation (or len(eval_budgets))
+    fingerprint: dict | None  # of the data, stored in every checkpoint
+    token_loss_fn: object
+    guard: StepGuard
+    spikes: SpikeDetector
+    rollback: RollbackMonitor | None
+    preempt: PreemptionFlag
+    time_up: object  # () -> bool: past --exit-duration-in-mins on this rank's clock
+    start: float  # time.monotonic() at pretrain()
+    flops_per_token: float
+    peak_tflops: float | None
+    graphs_before: int  # compiled graphs before the first step (--compile's proof)
+    batches: object = None  # this rank's micro-batch iterator, from train_state.consumed_samples
+    first_iteration: int = 0
+    window: Window = field(default_factory=Window)
+    history: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """What pretrain() returns."""
+    history: list  # one record per step: step, loss, lr, grad_norm, applied, consumed_samples
+    evals: list  # one record per evaluation: step, valid_loss, valid_ppl, valid_tokens
+    train_state: dict  # asdict(TrainState) at the end
+    stop_reason: str  # "done", "preempted", "exit_interval", "exit_duration" or "diverged"
+    engine: object  # the DeepSpeed engine (the caller destroys it)
+    global_batch_size: int
+    gradient_accumulation_steps: int
+
+    def to_dict(self) -> dict:
+        """Everything but the engine (plain data: it can cross a process boundary)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "engine"}
+
+
+def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> RunSummary:
     """Train (or resume) to --train-iters. `datasets` = (train, valid) skips --data-path (tests).
 
-    Returns a summary: per-step history, evaluations, the final TrainState and why it stopped
-    ("done", "preempted", "exit_interval", "exit_duration", "diverged"). A hang (see
-    megatron_mixln.training.watchdog) ends the process with exit code 124 instead.
+    Returns a RunSummary: per-step history, evaluations, the final TrainState and why it stopped. A hang
+    (see megatron_mixln.training.watchdog) ends the process with exit code 124 instead.
     """
     start = time.monotonic()
     if datasets is None:  # a missing data path fails here, before the rendezvous
@@ -214,35 +283,26 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
                      collective_timeout_s=hang_timeout + grace_seconds(hang_timeout) + 300 if hang_timeout else None)
     watchdog = HangWatchdog(hang_timeout, dist.get_rank()).start()
     try:
-        return _pretrain(model_config, cfg, datasets, watchdog, start)
+        return train_loop(setup_run(model_config, cfg, datasets, watchdog, start))
     finally:
         watchdog.stop()
 
 
-def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog: HangWatchdog, start: float) -> dict:
+def setup_run(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog: HangWatchdog, start: float) -> Run:
+    """Check every input, then build the engine, resume, open the log: the Run the loop needs."""
     state = setup_model_parallel(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size(state)
-    dp_group = data_parallel_group(state)
     global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp_size
-    ga = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
-    ds_config = build_ds_config(cfg, global_batch, ga, model_config.hidden_size)
+    accumulation = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
+    ds_config = build_ds_config(cfg, global_batch, accumulation, model_config.hidden_size)
     # Bad inputs fail here, before the model is built.
-    meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint) if cfg.load else None
-    if meta:
-        _warn(fallback_warning(cfg.load, meta))
-        check_resume_layout(meta, cfg.load, dp_size, zero_stage_of(ds_config),
-                            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)
-        if meta.get("universal"):  # DeepSpeed cuts this run's TP slices and ZeRO partitions out of it
-            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-        if bool(meta.get("bf16_pure", False)) != cfg.bf16_pure:
-            raise UsageError(f"--load {cfg.load} ({meta['tag']}) was written {'with' if meta.get('bf16_pure') else 'without'}"
-                             f" --bf16-pure; resume with the same precision")
-    _check_layer_options(model_config, cfg)
+    resume = _check_resume(model_config, cfg, ds_config, dp_size)
+    check_run_options(model_config, cfg)
     if cfg.save:
-        _check_writable(cfg.save, "--save")
+        check_writable(cfg.save, "--save")
     fingerprint = _data_fingerprint(cfg) if datasets is None else None
-    if meta:
-        _warn(check_data_fingerprint(meta, fingerprint, cfg.load, cfg.override_data_check))
+    if resume:
+        _warn(check_data_fingerprint(resume, fingerprint, cfg.load, cfg.override_data_check))
     if datasets is None:
         datasets = build_datasets(cfg, model_config.seq_length, global_batch, model_config.vocab_size,
                                   model_config.pad_id)
@@ -250,211 +310,250 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     budgets = None
     if cfg.eval_tokens:
         budgets = eval_token_budgets(valid_ds, cfg.eval_tokens, model_config.seq_length, cfg.micro_batch_size * dp_size)
-    n_valid = len(budgets) if budgets is not None else cfg.eval_iters * global_batch
 
     seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
-    ts = load_checkpoint(engine, cfg.load, meta["tag"]) if meta else TrainState()
+    train_state = load_checkpoint(engine, cfg.load, resume["tag"]) if resume else TrainState()
     watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
 
     n_params = _num_params(engine.module, state)
+    logger = _open_log(model_config, cfg, engine, state, n_params, dp_size, global_batch, accumulation,
+                       zero_stage_of(ds_config))
+    if resume:
+        for tag, problem in resume["skipped"]:
+            logger.log("event", train_state.iteration, {"event": "checkpoint_skipped", "tag": tag, "problem": problem})
+        logger.log("event", train_state.iteration, {"event": "resumed", "from": cfg.load, "tag": resume["tag"]})
+        logger.print(f"resumed from {cfg.load} ({resume['tag']}): iteration {train_state.iteration}, "
+                     f"{train_state.consumed_samples} samples consumed")
+    token_loss_fn = make_token_loss_fn(state)
+    if cfg.compile and cfg.pipeline_model_parallel_size == 1 and cfg.tensor_model_parallel_size == 1:
+        token_loss_fn = compile_loss(token_loss_fn, backend=cfg.compile_backend)  # (TP's vocab-parallel loss holds collectives: left eager)
+    limit = cfg.exit_duration_in_mins
+    run = Run(
+        model_config=model_config, cfg=cfg, engine=engine, state=state, train_state=train_state, logger=logger,
+        watchdog=watchdog, train_ds=train_ds, valid_ds=valid_ds, dp_rank=dp_rank, dp_size=dp_size,
+        dp_group=data_parallel_group(state), global_batch=global_batch, accumulation=accumulation,
+        eval_budgets=budgets, eval_samples=len(budgets) if budgets is not None else cfg.eval_iters * global_batch,
+        fingerprint=fingerprint, token_loss_fn=token_loss_fn, guard=StepGuard(engine),
+        spikes=SpikeDetector(cfg.spike_factor),
+        rollback=RollbackMonitor(cfg.rollback_on_spike, cfg.rollback_patience) if cfg.rollback_on_spike else None,
+        preempt=PreemptionFlag(), time_up=(lambda: _minutes_since(start) > limit) if limit else (lambda: False),
+        start=start, first_iteration=train_state.iteration, graphs_before=compiled_graph_count(),
+        flops_per_token=flops_per_token(n_params, model_config.vocab_size * model_config.hidden_size,
+                                        model_config.num_layers, model_config.hidden_size, model_config.seq_length),
+        peak_tflops=cfg.peak_tflops or default_peak_tflops(cfg.bf16),
+    )
+    restart_batches(run)
+    return run
+
+
+def _check_resume(model_config: ModelConfig, cfg: TrainingConfig, ds_config: dict, dp_size: int) -> dict | None:
+    """--load checked before anything is built: the checkpoint's sidecar (load.inspect_checkpoint), or None
+    without --load. Turns on DeepSpeed's universal loading for a universal checkpoint."""
+    if not cfg.load:
+        return None
+    meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint)
+    _warn(fallback_warning(cfg.load, meta))
+    check_resume_layout(meta, cfg.load, dp_size, zero_stage_of(ds_config),
+                        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)
+    if meta.get("universal"):  # DeepSpeed cuts this run's TP slices and ZeRO partitions out of it
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    if bool(meta.get("bf16_pure", False)) != cfg.bf16_pure:
+        raise UsageError(f"--load {cfg.load} ({meta['tag']}) was written {'with' if meta.get('bf16_pure') else 'without'}"
+                         f" --bf16-pure; resume with the same precision")
+    return meta
+
+
+def _open_log(model_config, cfg, engine, state, n_params, dp_size, global_batch, accumulation, zero_stage):
+    """The run's MetricsLogger (config.json, metrics.jsonl, wandb), and the run described on rank 0's console."""
     groups = param_group_counts(engine.module, state)
     compiled_blocks = compiled_block_count(engine.module, state)
     run_config = {
         "model": model_config.to_dict(), "training": cfg.to_dict(), "positions": model_config.positions_str,
         "world_size": dist.get_world_size(), "data_parallel_size": dp_size, "global_batch_size": global_batch,
-        "gradient_accumulation_steps": ga, "zero_stage": zero_stage_of(ds_config), "parameters": n_params,
+        "gradient_accumulation_steps": accumulation, "zero_stage": zero_stage, "parameters": n_params,
         "param_groups": groups, "compiled_blocks": compiled_blocks,
     }
     logger = MetricsLogger(cfg.run_directory, is_rank0(), run_config, cfg.wandb_project,
                            cfg.wandb_name or model_config.norm_position, cfg.wandb_mode, cfg.tensorboard_dir)
-    if meta:
-        for tag, problem in meta["skipped"]:
-            logger.log("event", ts.iteration, {"event": "checkpoint_skipped", "tag": tag, "problem": problem})
-        logger.log("event", ts.iteration, {"event": "resumed", "from": cfg.load, "tag": meta["tag"]})
-        logger.print(f"resumed from {cfg.load} ({meta['tag']}): iteration {ts.iteration}, "
-                     f"{ts.consumed_samples} samples consumed")
-    modes = _paper_modes(model_config, cfg)
-    logger.print(f"modes: {modes}")
+    logger.print(f"modes: {paper_modes(model_config, cfg)}")
     logger.print(f"model: {n_params:,} parameters, positions {model_config.positions_str}; world {dist.get_world_size()}"
                  f" (data-parallel {dp_size}), global batch {global_batch} = micro {cfg.micro_batch_size} x dp "
-                 f"{dp_size} x accumulation {ga}, ZeRO stage {zero_stage_of(ds_config)}, "
+                 f"{dp_size} x accumulation {accumulation}, ZeRO stage {zero_stage}, "
                  f"{'pure bf16' if cfg.bf16_pure else 'bf16' if cfg.bf16 else 'fp32'}")
     logger.print(describe_param_groups(groups, cfg.weight_decay))
     logger.print(f"torch.compile: {'on' if cfg.compile else 'off'}"
                  + (f" (backend {cfg.compile_backend}), {compiled_blocks} of {model_config.num_layers} blocks compiled"
                     if cfg.compile else "")
                  + f"; activation recomputation {'on' if cfg.recompute_activations else 'off'}")
-    if cfg.compile and zero_stage_of(ds_config) == 3:
+    if cfg.compile and zero_stage == 3:
         logger.print("WARNING: --compile with ZeRO-3: DeepSpeed's per-module parameter hooks break each block's graph "
                      "and Dynamo recompiles per module up to its recompile limit; results are unchanged, the "
                      "speed-up is partial")
-    graphs_before = compiled_graph_count()
+    return logger
 
-    tokens_per_step = global_batch * model_config.seq_length
-    embed_params = model_config.vocab_size * model_config.hidden_size  # whatever rank/stage holds it
-    fpt = flops_per_token(n_params, embed_params, model_config.num_layers, model_config.hidden_size,
-                          model_config.seq_length)
-    peak = cfg.peak_tflops or default_peak_tflops(cfg.bf16)
-    token_loss_fn = make_token_loss_fn(state)
-    if cfg.compile and cfg.pipeline_model_parallel_size == 1 and cfg.tensor_model_parallel_size == 1:
-        token_loss_fn = compile_loss(token_loss_fn, backend=cfg.compile_backend)  # (TP's vocab-parallel loss holds collectives: left eager)
-    guard = StepGuard(engine)
-    spikes = SpikeDetector(cfg.spike_factor)
-    rollback = RollbackMonitor(cfg.rollback_on_spike, cfg.rollback_patience) if cfg.rollback_on_spike else None
-    pad_id = model_config.pad_id
-    preempt = PreemptionFlag()
-    ts_start = ts.iteration
-    limit = cfg.exit_duration_in_mins
-    time_up = (lambda: _minutes_since(start) > limit) if limit else (lambda: False)
-    batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
-    history, evals = [], []
-    stop_reason = None
-    window_time, window_steps, window_losses = 0.0, 0, []
+
+def restart_batches(run: Run) -> None:
+    """This rank's micro-batches from the sample the run has reached (at the start, and after a rollback)."""
+    run.batches = micro_batches(run.train_ds, len(run.train_ds), run.train_state.consumed_samples,
+                                run.cfg.micro_batch_size, run.dp_rank, run.dp_size)
+
+
+def train_loop(run: Run) -> RunSummary:
+    """Step until --train-iters or a stop reason; each named step below decides whether this step is its step."""
+    cfg = run.cfg
     try:
-        while ts.iteration < cfg.train_iters:
-            step = ts.iteration + 1
-            lr = lr_at(step, cfg) * ts.lr_scale
-            want_layers = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
-            t0 = time.perf_counter()
-            if step > ts_start + 1:  # the first step keeps the start-up allowance
-                watchdog.progress(f"step {step}")
-            probe = start_probe(engine, cfg, state, model_config.seq_length, step)  # None unless a diagnostics step
-            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
-                             time_up, pad_id)
-            diagnostics = finish_probe(probe) if probe is not None else None
-            window_time += time.perf_counter() - t0
-            window_steps += 1
-            if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
-                graphs = compiled_graph_count() - graphs_before
-                logger.log("event", step, {"event": "compiled", "graphs": graphs})
-                logger.print(f"torch.compile: {graphs} graph{'s' * (graphs != 1)} compiled in the first step"
-                             if graphs else "WARNING: --compile is on but torch.compile produced no graph in the "
-                             "first step: the blocks run eagerly")
-            if math.isfinite(res.loss):
-                window_losses.append(res.loss)
-            ts.iteration, ts.consumed_samples = step, ts.consumed_samples + global_batch
-            ts.consumed_tokens += res.tokens
-
-            bad = not res.applied or not math.isfinite(res.loss)
-            ts.skipped_steps += int(bad)
-            ts.bad_steps_in_a_row = ts.bad_steps_in_a_row + 1 if bad else 0
-            history.append({"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                            "applied": res.applied, "consumed_samples": ts.consumed_samples})
-            if bad:
-                logger.print(f"step {step}: non-finite loss/gradients (loss {res.loss}, grad norm {res.grad_norm}); "
-                             f"update skipped ({ts.bad_steps_in_a_row} in a row, {ts.skipped_steps} in total)")
-                logger.log("event", step, {"event": "skipped_step", "loss": res.loss, "grad_norm": res.grad_norm})
-            spike_mean = spikes.update(res.loss)
-            if spike_mean is not None:
-                logger.print(f"step {step}: loss spike {res.loss:.4f} > {cfg.spike_factor} x running mean {spike_mean:.4f}")
-                logger.log("event", step, {"event": "loss_spike", "loss": res.loss, "running_mean": spike_mean})
-            if rollback is not None and rollback.update(step, res.loss):
-                if ts.rollbacks >= cfg.max_rollbacks:
-                    stop_reason = "diverged"
-                    logger.print(f"step {step}: loss still spiking after {ts.rollbacks} rollbacks (--max-rollbacks)")
-                else:
-                    ts = _roll_back(engine, cfg, ts, rollback, step, logger)
-                    batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size,
-                                            dp_rank, dp_size)
-                    window_time, window_steps, window_losses = 0.0, 0, []
-                    continue
-
-            if step % cfg.log_interval == 0 or step == cfg.train_iters:
-                tps = tokens_per_step * window_steps / max(window_time, 1e-9)
-                # Like Megatron: the loss of a log line is the mean over its window (finite steps only).
-                loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
-                values = {"loss": loss, "lr": lr, "grad_norm": res.grad_norm, "tokens_per_sec": tps,
-                          "consumed_tokens": ts.consumed_tokens,
-                          "mfu": fpt * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
-                          "memory_gib": memory_gib(), "consumed_samples": ts.consumed_samples,
-                          "skipped_steps": ts.skipped_steps}
-                logger.log("train", step, values)
-                logger.print(format_train_line(step, cfg.train_iters, values))
-                window_time, window_steps, window_losses = 0.0, 0, []
-            if res.layer_norms is not None:
-                logger.log("grad_norms", step, flatten_grad_norms(res.layer_norms))
-            if diagnostics is not None:
-                logger.log("diagnostics", step, diagnostics)
-
-            if cfg.evaluates and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
-                watchdog.progress(f"evaluation at step {step}")
-                result = evaluate(engine, validation_batches(valid_ds, n_valid, cfg.micro_batch_size, dp_rank, dp_size,
-                                                             budgets), token_loss_fn, dp_group, pad_id)
-                evals.append({"step": step, **result})
-                logger.log("valid", step, result)
-                logger.print(f"step {step}: validation loss {result['valid_loss']:.4f} | perplexity "
-                             f"{result['valid_ppl']:.3f} ({result['valid_tokens']:,} tokens)")
-
-            if ts.bad_steps_in_a_row >= cfg.max_bad_steps:
-                stop_reason = "diverged"
-            if stop_reason == "diverged":
-                logger.log("event", step, {"event": "diverged", "loss": res.loss})
-            elif res.stop_requested:
-                stop_reason = "preempted"
-            elif cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
-                stop_reason = "exit_interval"
-            elif res.time_up and step < cfg.train_iters:
-                stop_reason = "exit_duration"
-                logger.print(f"step {step}: --exit-duration-in-mins {limit:g} reached "
-                             f"({_minutes_since(start):.2f} min on rank 0's clock); saving and exiting")
-            # While a spike is under way (rollback on), no periodic save: the good checkpoint must survive.
-            periodic = cfg.save_interval and step % cfg.save_interval == 0 and not (rollback and rollback.in_spike)
-            if cfg.save and (stop_reason or periodic or step == cfg.train_iters):
-                watchdog.progress(f"checkpoint save at step {step}")
-                tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, cfg.keep_last, dp_size,
-                                      cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, fingerprint)
-                logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
-            if stop_reason:
+        while run.train_state.iteration < cfg.train_iters:
+            step = run.train_state.iteration + 1
+            lr = lr_at(step, cfg) * run.train_state.lr_scale
+            result = run_step(run, step, lr)
+            record_step(run, step, lr, result)
+            if handle_spike(run, step, result):  # rolled back: the loop goes on from the restored iteration
+                continue
+            maybe_log(run, step, lr, result)
+            maybe_evaluate(run, step)
+            run.stop_reason = stop_reason(run, step, result)
+            maybe_save(run, step)
+            if run.stop_reason:
                 break
     finally:
-        preempt.restore()
-        logger.close()
-    if stop_reason == "preempted":
+        run.preempt.restore()
+        run.logger.close()
+    if run.stop_reason == "preempted" and is_rank0():
         where = f"checkpoint saved in {cfg.save}" if cfg.save else "no --save given, nothing saved"
-        if is_rank0():
-            print(f"preemption signal ({preempt.signal_name or 'on another rank'}) at iteration {ts.iteration}: "
-                  f"{where}; exiting cleanly", flush=True)
-    return {"history": history, "evals": evals, "train_state": asdict(ts), "stop_reason": stop_reason or "done",
-            "engine": engine, "global_batch_size": global_batch, "gradient_accumulation_steps": ga}
+        print(f"preemption signal ({run.preempt.signal_name or 'on another rank'}) at iteration "
+              f"{run.train_state.iteration}: {where}; exiting cleanly", flush=True)
+    return RunSummary(run.history, run.evals, asdict(run.train_state), run.stop_reason or "done", run.engine,
+                      run.global_batch, run.accumulation)
 
 
-def _check_writable(path: str, flag: str) -> None:
-    import os
+def run_step(run: Run, step: int, lr: float) -> StepResult:
+    """train_step, timed for the log line, with the watchdog told (the first step keeps its start-up allowance)."""
+    cfg = run.cfg
+    want_layer_norms = cfg.grad_norm_interval > 0 and step % cfg.grad_norm_interval == 0
+    t0 = time.perf_counter()
+    if step > run.first_iteration + 1:
+        run.watchdog.progress(f"step {step}")
+    probe = start_probe(run.engine, cfg, run.state, run.model_config.seq_length, step)  # None unless a diagnostics step
+    result = train_step(run.engine, run.batches, lr, run.guard, run.token_loss_fn, lambda: run.preempt.requested,
+                        want_layer_norms, run.state, run.time_up, run.model_config.pad_id)
+    result.diagnostics = finish_probe(probe) if probe is not None else None
+    run.window.seconds += time.perf_counter() - t0
+    run.window.steps += 1
+    if cfg.compile and run.window.steps == 1 and not run.history:  # proof that compilation took effect
+        graphs = compiled_graph_count() - run.graphs_before
+        run.logger.log("event", step, {"event": "compiled", "graphs": graphs})
+        run.logger.print(f"torch.compile: {graphs} graph{'s' * (graphs != 1)} compiled in the first step"
+                         if graphs else "WARNING: --compile is on but torch.compile produced no graph in the "
+                         "first step: the blocks run eagerly")
+    return result
 
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot create the directory: {exc.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"{flag} {path}: not writable")
+
+def record_step(run: Run, step: int, lr: float, result: StepResult) -> None:
+    """Advance the counters and the history; a skipped (non-finite) step is said and logged."""
+    ts = run.train_state
+    if math.isfinite(result.loss):
+        run.window.losses.append(result.loss)
+    ts.iteration, ts.consumed_samples = step, ts.consumed_samples + run.global_batch
+    ts.consumed_tokens += result.tokens
+    bad = not result.applied or not math.isfinite(result.loss)
+    ts.skipped_steps += int(bad)
+    ts.bad_steps_in_a_row = ts.bad_steps_in_a_row + 1 if bad else 0
+    run.history.append({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                        "applied": result.applied, "consumed_samples": ts.consumed_samples})
+    if bad:
+        run.logger.print(f"step {step}: non-finite loss/gradients (loss {result.loss}, grad norm {result.grad_norm}); "
+                         f"update skipped ({ts.bad_steps_in_a_row} in a row, {ts.skipped_steps} in total)")
+        run.logger.log("event", step, {"event": "skipped_step", "loss": result.loss, "grad_norm": result.grad_norm})
 
 
-def _check_layer_options(model_config: ModelConfig, cfg: TrainingConfig) -> None:
-    """Model options the parallel layouts do not carry (checked before anything is built)."""
-    if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
-        raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
-                         "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
-    if model_config.gated_layers and cfg.sequence_parallel:
-        raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
-                         "sequence shard; drop one of the two")
+def handle_spike(run: Run, step: int, result: StepResult) -> bool:
+    """Note a loss spike; with --rollback-on-spike, roll back after --rollback-patience spiking steps (True:
+    rolled back) or, past --max-rollbacks, mark the run diverged."""
+    cfg = run.cfg
+    spike_mean = run.spikes.update(result.loss)
+    if spike_mean is not None:
+        run.logger.print(f"step {step}: loss spike {result.loss:.4f} > {cfg.spike_factor} x running mean {spike_mean:.4f}")
+        run.logger.log("event", step, {"event": "loss_spike", "loss": result.loss, "running_mean": spike_mean})
+    if run.rollback is None or not run.rollback.update(step, result.loss):
+        return False
+    if run.train_state.rollbacks >= cfg.max_rollbacks:
+        run.stop_reason = "diverged"
+        run.logger.print(f"step {step}: loss still spiking after {run.train_state.rollbacks} rollbacks (--max-rollbacks)")
+        return False
+    run.train_state = _roll_back(run.engine, cfg, run.train_state, run.rollback, step, run.logger)
+    restart_batches(run)
+    run.window = Window()
+    return True
 
 
-def _paper_modes(model_config: ModelConfig, cfg: TrainingConfig) -> str:
-    """The paper-faithful choices of this run, in one line (they are also in config.json)."""
-    parts = [f"sample-mode {cfg.sample_mode}", "pure bf16" if cfg.bf16_pure else "bf16 (fp32 masters)" if cfg.bf16
-             else "fp32", f"eval {cfg.eval_tokens} tokens" if cfg.eval_tokens else f"eval {cfg.eval_iters} iters",
-             f"embedding std {'sqrt(2/5)' if model_config.scaled_embedding_init else model_config.init_method_std}"]
-    if model_config.scaled_output_layers:
-        parts.append(f"scaled output init on layers {list(model_config.scaled_output_layers)}")
-    if model_config.gated_layers:
-        parts.append(f"residual gates on layers {list(model_config.gated_layers)} (init {model_config.residual_gate_init})")
-    if model_config.freeze_pad_embedding:
-        parts.append(f"frozen pad embedding row {model_config.pad_id}")
-    if cfg.rollback_on_spike:
-        parts.append(f"rollback on spike x{cfg.rollback_on_spike} for {cfg.rollback_patience} steps "
-                     f"(lr factor {cfg.rollback_lr_factor})")
-    return ", ".join(parts)
+def maybe_log(run: Run, step: int, lr: float, result: StepResult) -> None:
+    """Every --log-interval steps (and the last): the window's mean loss, throughput, MFU, memory; and the
+    per-layer gradient norms and instability diagnostics when this step measured them."""
+    cfg, ts = run.cfg, run.train_state
+    if step % cfg.log_interval == 0 or step == cfg.train_iters:
+        window = run.window
+        tps = run.global_batch * run.model_config.seq_length * window.steps / max(window.seconds, 1e-9)
+        # Like Megatron: the loss of a log line is the mean over its window (finite steps only).
+        loss = sum(window.losses) / len(window.losses) if window.losses else float("nan")
+        peak = run.peak_tflops
+        values = {"loss": loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_sec": tps,
+                  "consumed_tokens": ts.consumed_tokens,
+                  "mfu": run.flops_per_token * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
+                  "memory_gib": memory_gib(), "consumed_samples": ts.consumed_samples,
+                  "skipped_steps": ts.skipped_steps}
+        run.logger.log("train", step, values)
+        run.logger.print(format_train_line(step, cfg.train_iters, values))
+        run.window = Window()
+    if result.layer_norms is not None:
+        run.logger.log("grad_norms", step, flatten_grad_norms(result.layer_norms))
+    if result.diagnostics is not None:
+        run.logger.log("diagnostics", step, result.diagnostics)
+
+
+def maybe_evaluate(run: Run, step: int) -> None:
+    """Every --eval-interval steps (and the last): the validation loss and perplexity."""
+    cfg = run.cfg
+    if not cfg.evaluates or not (step % cfg.eval_interval == 0 or step == cfg.train_iters):
+        return
+    run.watchdog.progress(f"evaluation at step {step}")
+    batches = validation_batches(run.valid_ds, run.eval_samples, cfg.micro_batch_size, run.dp_rank, run.dp_size,
+                                 run.eval_budgets)
+    result = evaluate(run.engine, batches, run.token_loss_fn, run.dp_group, run.model_config.pad_id)
+    run.evals.append({"step": step, **result})
+    run.logger.log("valid", step, result)
+    run.logger.print(f"step {step}: validation loss {result['valid_loss']:.4f} | perplexity "
+                     f"{result['valid_ppl']:.3f} ({result['valid_tokens']:,} tokens)")
+
+
+def stop_reason(run: Run, step: int, result: StepResult) -> str | None:
+    """Why the run stops after this step: diverged, preempted, exit_interval, exit_duration (None: it goes on)."""
+    cfg = run.cfg
+    if run.stop_reason == "diverged" or run.train_state.bad_steps_in_a_row >= cfg.max_bad_steps:
+        run.logger.log("event", step, {"event": "diverged", "loss": result.loss})
+        return "diverged"
+    if result.stop_requested:
+        return "preempted"
+    if cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
+        return "exit_interval"
+    if result.time_up and step < cfg.train_iters:
+        run.logger.print(f"step {step}: --exit-duration-in-mins {cfg.exit_duration_in_mins:g} reached "
+                         f"({_minutes_since(run.start):.2f} min on rank 0's clock); saving and exiting")
+        return "exit_duration"
+    return None
+
+
+def maybe_save(run: Run, step: int) -> None:
+    """Every --save-interval steps, at the last step and before stopping. While a spike is under way (rollback
+    on) no periodic save: the good checkpoint must survive."""
+    cfg = run.cfg
+    periodic = cfg.save_interval and step % cfg.save_interval == 0 and not (run.rollback and run.rollback.in_spike)
+    if not cfg.save or not (run.stop_reason or periodic or step == cfg.train_iters):
+        return
+    run.watchdog.progress(f"checkpoint save at step {step}")
+    tag = save_checkpoint(run.engine, cfg.save, run.train_state, run.model_config, cfg, cfg.keep_last, run.dp_size,
+                          cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, run.fingerprint)
+    run.logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
 
 
 def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMonitor, step: int, logger) -> TrainState:

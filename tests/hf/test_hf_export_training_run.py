@@ -38,7 +38,7 @@ def test_export_of_a_zero3_run(tmp_path, spm_model, single_rank):
                          eval_interval=3, log_interval=1, grad_norm_interval=0, seed=5, zero_stage=3,
                          save=str(tmp_path / "run"), tokenizer=spm_model)
     summary = pretrain(config, cfg, (Tokens(16, 384, 0), Tokens(4, 384, 1)))
-    engine = summary["engine"]
+    engine = summary.engine
     try:
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params):

@@ -129,9 +129,9 @@ def test_imported_checkpoint_continues_pretraining(tmp_path, single_rank):
     cfg = TrainingConfig(micro_batch_size=2, global_batch_size=2, train_iters=1, lr=1e-7, eval_iters=0,
                          log_interval=1, grad_norm_interval=0, seed=3, load=str(tmp_path / "ckpt"), zero_stage=1)
     summary = pretrain(config, cfg, (Tokens(16, 0), Tokens(4, 1)))
-    engine = summary["engine"]
+    engine = summary.engine
     try:
-        assert summary["train_state"]["iteration"] == 1 and [h["step"] for h in summary["history"]] == [1]
+        assert summary.train_state["iteration"] == 1 and [h["step"] for h in summary.history] == [1]
         trained = engine.module.state_dict()
         for k, v in model.state_dict().items():
             assert (trained[k].float() - v).abs().max() < 1e-5, k  # one tiny step away from the imported weights

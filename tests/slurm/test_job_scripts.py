@@ -90,6 +90,6 @@ def test_unreachable_rendezvous_fails_every_rank_with_one_line(slurm_cluster, ti
     assert info["JobState"] == "FAILED", out
     lines = [ln for ln in out.splitlines() if "rendezvous with MASTER_ADDR=n1 MASTER_PORT=29555 failed within 0.1 min" in ln]
     assert len(lines) == 2, out  # one per rank
-    assert {ln.split("error:")[0].strip() for ln in lines} == {"", "[rank 1]"}, lines
+    assert {ln.split("error:")[0].strip() for ln in lines} == {"pretrain:", "[rank 1] pretrain:"}, lines
     assert time.time() - start < 100
     assert "error: the trainers failed (status " in out

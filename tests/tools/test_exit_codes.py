@@ -34,7 +34,8 @@ CASES = {
     "plot_metrics": (["o", "--out", "o"], ["MISSING", "--out", "o"], "MISSING"),
     "preprocess_c4": (["--tokenizer", "null:100", "--output-prefix", "o"],
                       ["--input", "MISSING/a.jsonl", "--tokenizer", "null:100", "--output-prefix", "o"], "--input"),
-    "stability_sweep": (["x.yaml", "--out", "o"], ["MISSING/s.yaml", "--out", "o"], "MISSING/s.yaml"),
+    "stability_sweep": ([str(ROOT / "configs/paper/mixln_stability_cpu.yaml"), "--out", "o"],
+                        ["MISSING/s.yaml", "--out", "o"], "MISSING/s.yaml"),
     "train_tokenizer": (["--input", "x", "--output-prefix", "o"], ["--input", "MISSING/a.txt", "--output-prefix", "o"],
                         "--input"),
 }

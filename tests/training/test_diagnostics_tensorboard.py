@@ -103,6 +103,6 @@ def test_a_preempted_run_leaves_its_events_written(single_rank, tmp_path, monkey
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
     summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, tensorboard_dir=str(tmp_path / "tb")),
                                tiny_datasets())
-    summary["engine"].destroy()
-    assert summary["stop_reason"] == "preempted"
+    summary.engine.destroy()
+    assert summary.stop_reason == "preempted"
     assert sorted(_event_scalars(str(tmp_path / "tb"))["train/loss"]) == [1, 2, 3]

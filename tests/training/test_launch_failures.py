@@ -46,7 +46,7 @@ def test_missing_data_fails_before_the_rendezvous(tmp_path):
     proc, _ = _as_rank1(tiny_cli_args(str(tmp_path / "nothing"), distributed_timeout_minutes=5), port)
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-    assert errors == [f"[rank 1] error: --data-path: {tmp_path}/nothing.bin does not exist "
+    assert errors == [f"[rank 1] pretrain: error: --data-path: {tmp_path}/nothing.bin does not exist "
                       f"(expected the pair {tmp_path}/nothing.bin/.idx)"], proc.stderr
 
 
@@ -57,6 +57,6 @@ def test_unanswered_rendezvous_ends_with_one_line(tmp_path):
     assert proc.returncode == 4, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1, proc.stderr
-    assert errors[0].startswith(f"[rank 1] error: rendezvous with MASTER_ADDR=127.0.0.1 MASTER_PORT={port} failed "
+    assert errors[0].startswith(f"[rank 1] pretrain: error: rendezvous with MASTER_ADDR=127.0.0.1 MASTER_PORT={port} failed "
                                 "within 0.05 min (rank 1 of 2): "), errors
     assert seconds < 120

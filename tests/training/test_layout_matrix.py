@@ -98,12 +98,12 @@ def _layouts_job(rank, world_size, tmpdir):
         graphs_before = compiled_graph_count()
         run_dir = os.path.join(tmpdir, name)
         summary = pretrain(_model(), _train(*layout, run_dir=run_dir), tiny_datasets())
-        engine = summary["engine"]
+        engine = summary.engine
         state = get_parallel_state() if layout[1] * layout[3] > 1 else None
         out[name] = {
             "params": _full_params(engine, state),
-            "grad_norm": [h["grad_norm"] for h in summary["history"]],
-            "applied": [h["applied"] for h in summary["history"]],
+            "grad_norm": [h["grad_norm"] for h in summary.history],
+            "applied": [h["applied"] for h in summary.history],
             "groups": _optimizer_groups(engine),
             "compiled_blocks": compiled_block_count(engine.module, state),
             "graphs": compiled_graph_count() - graphs_before,

@@ -16,7 +16,7 @@ from megatron_mixln.errors import UsageError
 from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.data import build_datasets
 from megatron_mixln.training.model_setup import build_plain_model
-from megatron_mixln.training.stability import innermost_optimizer
+from megatron_mixln.training.deepspeed_patches import innermost_optimizer
 
 
 def _nll_sum(model, tokens: np.ndarray, n_targets: int) -> float:
@@ -44,20 +44,20 @@ def test_truncate_pad_masks_padding_in_loss_tokens_and_eval(single_rank, doc_pre
     train_ds, valid_ds = build_datasets(cfg, mc.seq_length, 4, mc.vocab_size, pad_id=0)
     reference = build_plain_model(mc, cfg.seed, {})  # the weights step 1 starts from
     run = trainer.pretrain(mc, cfg)
-    engine = run["engine"]
+    engine = run.engine
     # Step 1: ga = 2 micro-batches of 2 documents; each micro-batch's loss is the mean over its real targets.
     counts = [train_ds.num_tokens(i) - 1 for i in range(4)]
     sums = [_nll_sum(reference, train_ds[i]["tokens"], counts[i]) for i in range(4)]
     want = ((sums[0] + sums[1]) / (counts[0] + counts[1]) + (sums[2] + sums[3]) / (counts[2] + counts[3])) / 2
     assert any(c < mc.seq_length for c in counts)  # some samples really are padded
-    assert run["history"][0]["loss"] == pytest.approx(want, rel=1e-5)
-    assert run["train_state"]["consumed_tokens"] == sum(counts)
+    assert run.history[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert run.train_state["consumed_tokens"] == sum(counts)
     # Evaluation: token-weighted over the real targets of the first eval_iters x global batch documents.
     n_valid = 2 * 4
     v_counts = [valid_ds.num_tokens(i) - 1 for i in range(n_valid)]
     v_sum = sum(_nll_sum(engine.module, valid_ds[i]["tokens"], v_counts[i]) for i in range(n_valid))
-    assert run["evals"][-1]["valid_tokens"] == sum(v_counts)
-    assert run["evals"][-1]["valid_loss"] == pytest.approx(v_sum / sum(v_counts), rel=1e-5)
+    assert run.evals[-1]["valid_tokens"] == sum(v_counts)
+    assert run.evals[-1]["valid_loss"] == pytest.approx(v_sum / sum(v_counts), rel=1e-5)
     engine.destroy()
     with open(tmp_path / "run" / "config.json") as fh:
         recorded = json.load(fh)["training"]
@@ -67,12 +67,12 @@ def test_truncate_pad_masks_padding_in_loss_tokens_and_eval(single_rank, doc_pre
 def test_eval_tokens_scores_exactly_n_targets(single_rank):
     train, valid = tiny_datasets(n_valid=8)
     run = trainer.pretrain(tiny_model(), tiny_train(train_iters=1, eval_tokens=37), (train, valid))
-    model = run["engine"].module
+    model = run.engine.module
     # 16 targets per sample: samples 0 and 1 whole, 5 targets of sample 2.
     total = sum(_nll_sum(model, valid[i]["tokens"], n) for i, n in enumerate([16, 16, 5]))
-    assert run["evals"][-1]["valid_tokens"] == 37
-    assert run["evals"][-1]["valid_loss"] == pytest.approx(total / 37, rel=1e-5)
-    run["engine"].destroy()
+    assert run.evals[-1]["valid_tokens"] == 37
+    assert run.evals[-1]["valid_loss"] == pytest.approx(total / 37, rel=1e-5)
+    run.engine.destroy()
 
 
 def test_bf16_pure_trains_bf16_weights_and_adam_states_like_a_torch_loop(single_rank):
@@ -81,7 +81,7 @@ def test_bf16_pure_trains_bf16_weights_and_adam_states_like_a_torch_loop(single_
     cfg = tiny_train(bf16_pure=True, optimizer="adam", train_iters=2, global_batch_size=2, eval_iters=0,
                      clip_grad=0.0, lr_warmup_iters=0, lr_decay_style="constant")
     run = trainer.pretrain(mc, cfg, (train, valid))
-    engine = run["engine"]
+    engine = run.engine
     assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
     states = [s for s in innermost_optimizer(engine.optimizer).state.values()]
     assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
@@ -93,7 +93,7 @@ def test_bf16_pure_trains_bf16_weights_and_adam_states_like_a_torch_loop(single_
     for step in range(2):
         batch = torch.as_tensor(np.stack([train[i]["tokens"] for i in (2 * step, 2 * step + 1)]))
         loss = F.cross_entropy(model(batch[:, :-1]).float().flatten(0, 1), batch[:, 1:].flatten())
-        assert run["history"][step]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        assert run.history[step]["loss"] == pytest.approx(loss.item(), rel=1e-6)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -49,9 +49,9 @@ def test_sigterm_saves_and_exits_cleanly(single_rank, tmp_path):
 
     summary = pretrain(tiny_model(), tiny_train(load=save, data_path=[prefix], split="90,10,0", train_iters=100000,
                                                 exit_interval=stopped_at + 1), None)
-    summary["engine"].destroy()
-    assert [h["step"] for h in summary["history"]] == [stopped_at + 1]
-    assert summary["history"][0]["consumed_samples"] == (stopped_at + 1) * 4
+    summary.engine.destroy()
+    assert [h["step"] for h in summary.history] == [stopped_at + 1]
+    assert summary.history[0]["consumed_samples"] == (stopped_at + 1) * 4
 
 
 def test_sigusr1_mid_run_stops_after_the_step(single_rank, tmp_path, monkeypatch):
@@ -70,10 +70,10 @@ def test_sigusr1_mid_run_stops_after_the_step(single_rank, tmp_path, monkeypatch
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
     save = str(tmp_path / "ckpt")
     summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, save=save), tiny_datasets())
-    summary["engine"].destroy()
+    summary.engine.destroy()
     # The flag is read after step 3's compute and all-reduced with its loss: step 3 finishes, then save.
-    assert summary["stop_reason"] == "preempted"
-    assert [h["step"] for h in summary["history"]] == [1, 2, 3]
+    assert summary.stop_reason == "preempted"
+    assert [h["step"] for h in summary.history] == [1, 2, 3]
     assert ckpt.read_latest(save) == "iter_0000003"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler restored
 
@@ -96,8 +96,8 @@ def test_signal_during_a_step_stops_after_that_step(single_rank, tmp_path, monke
     before = signal.getsignal(signal.SIGTERM)
     save = str(tmp_path / "ckpt")
     summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, save=save, eval_iters=0), tiny_datasets())
-    summary["engine"].destroy()
-    assert summary["stop_reason"] == "preempted"
-    assert [h["step"] for h in summary["history"]] == [1, 2]
+    summary.engine.destroy()
+    assert summary.stop_reason == "preempted"
+    assert [h["step"] for h in summary.history] == [1, 2]
     assert ckpt.read_latest(save) == "iter_0000002"
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored

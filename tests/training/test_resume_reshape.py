@@ -71,11 +71,11 @@ def runs(single_rank, tmp_path_factory):
     from megatron_mixln.training.trainer import pretrain
 
     zero3 = pretrain(tiny_model(), tiny_train(zero_stage=3, load=ref_ckpt + "_from_zero3", **RUN), tiny_datasets())
-    resumed["zero3"] = zero3["history"]
-    optimizer = zero3["engine"].optimizer  # ZeRO-3: one Adam state per flat sub-group (one per param group here)
+    resumed["zero3"] = zero3.history
+    optimizer = zero3.engine.optimizer  # ZeRO-3: one Adam state per flat sub-group (one per param group here)
     zero3_groups = {"weight_decay": [g["weight_decay"] for g in optimizer.param_groups],
                     "step": [float(s["step"]) for s in optimizer.state.values()]}
-    zero3["engine"].destroy()
+    zero3.engine.destroy()
     return {"ref": ref["history"], "two": two, "resumed": resumed, "ref_ckpt": ref_ckpt, "zero3_groups": zero3_groups}
 
 

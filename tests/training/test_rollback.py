@@ -30,8 +30,8 @@ def _lr_jump(monkeypatch, at_step: int, factor: float, once: bool = True):
 
 def _run(cfg):
     run = trainer.pretrain(tiny_model(), cfg, tiny_datasets(n_train=160))
-    run["engine"].destroy()
-    return run
+    run.engine.destroy()
+    return run.to_dict()
 
 
 def test_rollback_recovers_onto_the_expected_curve(single_rank, monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """Non-finite steps are skipped (weights and Adam state untouched) and counted; too many in a row
 save and stop; loss spikes are detected."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from training_testlib import run_spawned, tiny_datasets, tiny_model, tiny_train
 from megatron_mixln import checkpoint as ckpt
 from megatron_mixln.training import trainer
 from megatron_mixln.training.loss import token_losses
-from megatron_mixln.training.stability import SpikeDetector, innermost_optimizer
+from megatron_mixln.training.deepspeed_patches import innermost_optimizer
+from megatron_mixln.training.stability import SpikeDetector
 
 
 def _poison(monkeypatch, bad_calls):
@@ -33,15 +35,15 @@ def _weights(engine):
 def test_nan_step_is_skipped(single_rank, monkeypatch, stage):
     base = dict(train_iters=4, eval_iters=0, zero_stage=stage)
     clean = trainer.pretrain(tiny_model(), tiny_train(exit_interval=1, **base), tiny_datasets())
-    after_step1 = _weights(clean["engine"])
-    clean["engine"].destroy()
+    after_step1 = _weights(clean.engine)
+    clean.engine.destroy()
 
     _poison(monkeypatch, bad_calls={3})  # step 2's first micro-batch (2 per step)
     run = trainer.pretrain(tiny_model(), tiny_train(exit_interval=2, **base), tiny_datasets())
-    engine = run["engine"]
-    assert [h["applied"] for h in run["history"]] == [True, False]
-    assert math.isnan(run["history"][1]["loss"])
-    assert run["train_state"]["skipped_steps"] == 1 and run["train_state"]["consumed_samples"] == 8
+    engine = run.engine
+    assert [h["applied"] for h in run.history] == [True, False]
+    assert math.isnan(run.history[1]["loss"])
+    assert run.train_state["skipped_steps"] == 1 and run.train_state["consumed_samples"] == 8
     for name, value in _weights(engine).items():
         assert torch.equal(value, after_step1[name]), name
     if stage == 0:
@@ -53,10 +55,10 @@ def test_nan_step_is_skipped(single_rank, monkeypatch, stage):
 def test_training_continues_after_a_bad_step(single_rank, monkeypatch):
     _poison(monkeypatch, bad_calls={3})
     run = trainer.pretrain(tiny_model(), tiny_train(train_iters=4, eval_iters=0), tiny_datasets())
-    run["engine"].destroy()
-    assert [h["applied"] for h in run["history"]] == [True, False, True, True]
-    assert all(math.isfinite(h["loss"]) for i, h in enumerate(run["history"]) if i != 1)
-    assert run["stop_reason"] == "done" and run["train_state"]["bad_steps_in_a_row"] == 0
+    run.engine.destroy()
+    assert [h["applied"] for h in run.history] == [True, False, True, True]
+    assert all(math.isfinite(h["loss"]) for i, h in enumerate(run.history) if i != 1)
+    assert run.stop_reason == "done" and run.train_state["bad_steps_in_a_row"] == 0
 
 
 def test_too_many_bad_steps_save_and_stop(single_rank, monkeypatch, tmp_path):
@@ -64,8 +66,8 @@ def test_too_many_bad_steps_save_and_stop(single_rank, monkeypatch, tmp_path):
     save = str(tmp_path / "ckpt")
     run = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, eval_iters=0, max_bad_steps=2, save=save),
                            tiny_datasets())
-    run["engine"].destroy()
-    assert run["stop_reason"] == "diverged" and len(run["history"]) == 3
+    run.engine.destroy()
+    assert run.stop_reason == "diverged" and len(run.history) == 3
     assert ckpt.read_latest(save) == "iter_0000003"
     assert ckpt.inspect_checkpoint(save, tiny_model())["train_state"]["skipped_steps"] == 2
 
@@ -73,7 +75,7 @@ def test_too_many_bad_steps_save_and_stop(single_rank, monkeypatch, tmp_path):
 def test_diverged_run_exits_with_a_message(monkeypatch, capsys):
     from megatron_mixln.training import main as main_mod
 
-    monkeypatch.setattr(trainer, "pretrain", lambda m, c: {"stop_reason": "diverged"})
+    monkeypatch.setattr(trainer, "pretrain", lambda m, c: SimpleNamespace(stop_reason="diverged"))
     assert main_mod.main(["--max-bad-steps", "4", "--hidden-size", "32", "--num-attention-heads", "2"]) == 3
     assert "4 consecutive steps had non-finite loss or gradients" in capsys.readouterr().err
 
@@ -99,8 +101,8 @@ def _poisoned_forward_run(**train):
                                tiny_datasets())
     finally:
         trainer.train_step = real_step
-    run["engine"].destroy()
-    return [{k: h[k] for k in ("loss", "grad_norm", "applied")} for h in run["history"]]
+    run.engine.destroy()
+    return [{k: h[k] for k in ("loss", "grad_norm", "applied")} for h in run.history]
 
 
 def _pipeline_job(rank, world_size, tmpdir):

@@ -40,7 +40,7 @@ def test_rng_states_round_trip(single_rank, tmp_path):
     from megatron_mixln.training.trainer import pretrain
 
     summary = pretrain(tiny_model(), tiny_train(train_iters=1, eval_iters=0), tiny_datasets())
-    engine = summary["engine"]
+    engine = summary.engine
     state = ckpt.TrainState(iteration=1, consumed_samples=4)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     ckpt.save_checkpoint(engine, str(tmp_path), state, tiny_model(), tiny_train(), keep_last=0)

@@ -44,7 +44,7 @@ def reference(single_rank, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ref"))
     summary = pretrain(tiny_model(), tiny_train(zero_stage=0, run_dir=run_dir, **CONFIG), tiny_datasets())
     yield summary, _layer_records(run_dir)
-    summary["engine"].destroy()
+    summary.engine.destroy()
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +60,16 @@ def _close(a, b, rel):
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_match_one(reference, two_ranks, stage):
     ref, ref_layers = reference
-    assert ref["gradient_accumulation_steps"] == 2
+    assert ref.gradient_accumulation_steps == 2
     for rank_result in two_ranks:
         got = rank_result[stage]
         assert got["gradient_accumulation_steps"] == 1  # same global batch, split over 2 ranks
-        assert len(got["history"]) == len(ref["history"]) == 4
-        for a, b in zip(got["history"], ref["history"]):
+        assert len(got["history"]) == len(ref.history) == 4
+        for a, b in zip(got["history"], ref.history):
             assert _close(a["loss"], b["loss"], 1e-5), (stage, a, b)
             assert _close(a["grad_norm"], b["grad_norm"], 1e-4), (stage, a, b)
             assert a["lr"] == b["lr"] and a["consumed_samples"] == b["consumed_samples"]
-        for a, b in zip(got["evals"], ref["evals"]):
+        for a, b in zip(got["evals"], ref.evals):
             assert a["valid_tokens"] == b["valid_tokens"] == 2 * 4 * 16
             assert _close(a["valid_ppl"], b["valid_ppl"], 1e-5), (stage, a, b)
     layers = two_ranks[0][stage]["layers"]
@@ -98,7 +98,7 @@ def test_per_layer_norms_sum_to_global_norm(reference):
     """The per-layer norms cover every layer parameter: with the embedding/head/final-norm part they
     make up the global norm (checked loosely: layers alone must not exceed it)."""
     ref, layers = reference
-    by_step = {h["step"]: h["grad_norm"] for h in ref["history"]}
+    by_step = {h["step"]: h["grad_norm"] for h in ref.history}
     for rec in layers:
         layer_sq = sum(v**2 for k, v in rec.items() if k.startswith("grad_norm/"))
         assert 0 < math.sqrt(layer_sq) <= by_step[rec["step"]] * (1 + 1e-6)
@@ -106,11 +106,11 @@ def test_per_layer_norms_sum_to_global_norm(reference):
 
 def test_eval_equals_direct_nll(reference):
     ref, _ = reference
-    model = ref["engine"].module
+    model = ref.engine.module
     _, valid = tiny_datasets()
     tokens = torch.from_numpy(valid.tokens[: 2 * 4])  # eval_iters x global batch, the first samples
     with torch.no_grad():
         logits = model(tokens[:, :-1])
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), tokens[:, 1:].reshape(-1), reduction="sum")
     expected = math.exp(nll.item() / tokens[:, 1:].numel())
-    assert _close(ref["evals"][-1]["valid_ppl"], expected, 1e-6)
+    assert _close(ref.evals[-1]["valid_ppl"], expected, 1e-6)

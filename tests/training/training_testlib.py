@@ -52,17 +52,12 @@ def tiny_datasets(n_train=64, n_valid=16, seq_length=16, vocab=256):
     return SyntheticTokens(n_train, seq_length, vocab, 0), SyntheticTokens(n_valid, seq_length, vocab, 1)
 
 
-def strip(summary: dict) -> dict:
-    """A pretrain() summary without the engine (so it can cross process boundaries)."""
-    return {k: v for k, v in summary.items() if k != "engine"}
-
-
 def run_and_destroy(model_config, train_config, datasets):
     from megatron_mixln.training.trainer import pretrain
 
     summary = pretrain(model_config, train_config, datasets)
-    summary["engine"].destroy()
-    return strip(summary)
+    summary.engine.destroy()
+    return summary.to_dict()  # without the engine: plain data that crosses process boundaries
 
 
 # --- multi-process jobs: spawn_testlib.run_spawned (shared with the other test directories) ---
