@@ -25,7 +25,8 @@ NORM_NAMES = {
     "peri": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
              "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
     "siamese": {"attn_x_norm": "attn_x_layernorm", "attn_y_norm": "attn_y_layernorm", "attn_norm": "input_layernorm",
-                "mlp_x_norm": "mlp_x_layernorm", "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm"},
+                "mlp_x_norm": "mlp_x_layernorm", "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm",
+                "attn_x_scale": "attn_x_scale"},  # --siamese-variant hybrid_pre: its c1 (and no attn_x/input norm)
 }
 ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
                 "attn_x_layernorm", "attn_y_layernorm", "mlp_x_layernorm", "mlp_y_layernorm")
