@@ -41,6 +41,15 @@ def parse_args(argv=None) -> PreprocessOptions:
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
                      help="sentencepiece .model, tokenizer.json (or its directory), or null:N")
+    tok.add_argument("--tokenizer-backend", choices=["auto", "sentencepiece", "hf", "gigatoken"],
+                     default="auto",
+                     help="library that encodes (ids never change): sentencepiece for a .model, hf "
+                     "(tokenizers) for a tokenizer.json, gigatoken where it is shown exact for the "
+                     "tokenizer's kind; auto: gigatoken where exact and installed, else the "
+                     "tokenizer's own library (default)")
+    tok.add_argument("--verify-fraction", type=float, default=0.005,
+                     help="fraction of documents a fast backend encodes that are re-encoded by the "
+                     "tokenizer's own library; a difference stops the run (default 0.005)")
     tok.add_argument("--append-eod", action="store_true",
                      help="append the end-of-document token to every document")
     out = p.add_argument_group("output")
@@ -59,7 +68,8 @@ def parse_args(argv=None) -> PreprocessOptions:
         json_keys=a.json_keys, append_eod=a.append_eod, workers=a.workers, strict=a.strict,
         max_docs=a.max_docs, chunk_mb=a.chunk_mb, hf_dataset=a.hf_dataset,
         hf_config=a.hf_config, hf_split=a.hf_split, keep_shards=a.keep_shards,
-        progress=not a.no_progress)
+        progress=not a.no_progress, tokenizer_backend=a.tokenizer_backend,
+        verify_fraction=a.verify_fraction)
 
 
 def main(argv=None) -> int:
