@@ -54,6 +54,7 @@ def manifest_path(shard_dir: str, task_id: str) -> str:
 
 
 _STATE: dict[str, Any] = {}
+_DECODER = json.JSONDecoder(strict=False)  # one decoder: json.loads(..., strict=False) builds one per call
 
 
 def init_worker(settings: ShardSettings, progress: Callable[[tuple], None] | None) -> None:
@@ -108,7 +109,7 @@ def _parse(record, offset: int = 0) -> tuple[dict | None, str, str]:
     if not text.strip():
         return None, "blank_line", ""
     try:
-        obj = json.loads(text, strict=False)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as err:
         return None, "malformed_json", (err.msg + f" (column {err.colno})"
                                         + _control_characters(record, offset))
