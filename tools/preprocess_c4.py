@@ -55,6 +55,11 @@ def parse_args(argv=None) -> PreprocessOptions:
     out = p.add_argument_group("output")
     out.add_argument("--output-prefix", required=True,
                      help="writes <prefix>_<key>_document.bin/.idx/.summary.json")
+    out.add_argument("--shard-index", type=int, default=0,
+                     help="this job's part (0-based) of the sorted input files; see --num-shards")
+    out.add_argument("--num-shards", type=int, default=1,
+                     help="split the input files into this many contiguous parts, one per job; "
+                     "tools/merge_datasets.py joins the outputs in index order into what one job writes")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     out.add_argument("--chunk-mb", type=float, default=256.0,
                      help="split plain (uncompressed UTF-8) files larger than this into parallel "
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> PreprocessOptions:
         max_docs=a.max_docs, chunk_mb=a.chunk_mb, hf_dataset=a.hf_dataset,
         hf_config=a.hf_config, hf_split=a.hf_split, keep_shards=a.keep_shards,
         progress=not a.no_progress, tokenizer_backend=a.tokenizer_backend,
-        verify_fraction=a.verify_fraction)
+        verify_fraction=a.verify_fraction, shard_index=a.shard_index, num_shards=a.num_shards)
 
 
 def main(argv=None) -> int:

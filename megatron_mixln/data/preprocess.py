@@ -34,6 +34,7 @@ from .hf_input import plan_hf_tasks
 from .indexed_dataset import IndexedDataset, bin_path, idx_path, optimal_dtype
 from .indexed_writer import merge_indexed_datasets
 from .inputs import Task, check_input, compression_of, expand_inputs, plan_file_tasks
+from .multinode import check_partition, partition_files
 from .shard_worker import (ShardSettings, init_worker, manifest_path, process_task, shard_prefix,
                            task_texts)
 from .tokenizer import build_tokenizer
@@ -63,6 +64,8 @@ class PreprocessOptions:
     tokenizer_backend: str = "auto"
     verify_fraction: float = 0.005  # of the fast backend's documents, re-encoded by the reference
     cross_check_docs: int = 256  # first N and random N documents cross-checked at start
+    shard_index: int = 0  # this job's part of the input files (multinode.partition_files)
+    num_shards: int = 1
 
 
 def output_prefix_for(prefix: str, key: str) -> str:
@@ -101,6 +104,12 @@ def _validate(opts: PreprocessOptions):
                         f"(they become part of the output file names)")
     if bool(opts.inputs) == bool(opts.hf_dataset):
         raise DataError("give either --input (files/globs) or --hf-dataset, exactly one of them")
+    check_partition(opts.shard_index, opts.num_shards)
+    if opts.num_shards > 1 and opts.hf_dataset:
+        raise DataError("--num-shards: partitions --input files; not available with --hf-dataset")
+    if opts.num_shards > 1 and opts.max_docs is not None:
+        raise DataError("--max-docs: cannot be combined with --num-shards > 1 (each part would keep "
+                        "its own first documents); cut the merged dataset instead")
     _check_output_dir(opts.output_prefix)
     tokenizer = build_tokenizer(opts.tokenizer)
     if opts.append_eod and tokenizer.eod is None:
@@ -113,6 +122,8 @@ def _validate(opts: PreprocessOptions):
     if opts.hf_dataset:
         return tokenizer, plan_hf_tasks(opts.hf_dataset, opts.hf_config, opts.hf_split), []
     files = expand_inputs(opts.inputs)
+    if opts.num_shards != 1 or opts.shard_index != 0:
+        files = partition_files(files, opts.shard_index, opts.num_shards)
     encodings = {path: check_input(path, opts.json_keys) for path in files}
     return tokenizer, plan_file_tasks(files, max(int(opts.chunk_mb * 2**20), 1), encodings), files
 
@@ -337,6 +348,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
                                            for t in tasks[:used]),
                 routed_to_reference=sum(manifests[t.ordinal].get("routed_documents", 0)
                                         for t in tasks[:used])),
+            "partition": ({"shard_index": opts.shard_index, "num_shards": opts.num_shards}
+                          if opts.num_shards > 1 else None),
             "workers": opts.workers,
             "max_docs": opts.max_docs,
             "settings_hash": settings_hash,
