@@ -218,8 +218,9 @@ def select_backend(tokenizer: Tokenizer, requested: str, sample: Callable[[], li
         raise TokenizerError(f"--tokenizer-backend {requested!r}: choose one of {', '.join(BACKENDS)}")
     if requested in ("sentencepiece", "hf") and requested != reference:
         reads = "sentencepiece .model files" if requested == "sentencepiece" else "tokenizer.json files"
+        instead = "auto" if reference == "null" else f"auto or {reference}"
         raise TokenizerError(f"--tokenizer-backend {requested}: reads {reads} only, but --tokenizer is "
-                             f"{tokenizer.name}; use --tokenizer-backend auto or {reference}")
+                             f"{tokenizer.name}; use --tokenizer-backend {instead}")
     if requested == reference:
         info["reason"] = "asked for"
         return tokenizer, info
