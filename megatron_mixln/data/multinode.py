@@ -10,7 +10,7 @@ import time
 from typing import Sequence
 
 from .errors import DataError
-from .fileio import atomic_write_json
+from megatron_mixln.fileio import atomic_write_json
 from .indexed_dataset import IndexedDataset, bin_path, idx_path
 from .indexed_writer import merge_indexed_datasets
 
