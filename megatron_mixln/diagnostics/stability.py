@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 DIAGNOSTICS = ("activations", "attention", "logits", "updates")
-# Query rows per chunk of the explicit attention logits: at most this many elements per chunk.
+# The explicit attention logits are computed a chunk of query rows at a time, at most this many logits per chunk.
 _CHUNK_ELEMENTS = 1 << 24
 
 
