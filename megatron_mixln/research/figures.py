@@ -33,7 +33,7 @@ def _plt():
 
 
 def _save(fig, out: str, name: str, written: list) -> None:
-    from megatron_mixln.data.fileio import atomic_open
+    from megatron_mixln.fileio import atomic_open
 
     plt = _plt()
     path = os.path.join(out, name)

@@ -11,7 +11,8 @@ from megatron_mixln.research.collect import aggregate
 from megatron_mixln.research.lr_sweep import lr_sensitivity, render_lr_section
 
 NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
-         "deepnorm": "DeepNorm", "deeppost": "DeepPost (reference DeepNorm)"}
+         "deepnorm": "DeepNorm", "deeppost": "DeepPost (reference DeepNorm)",
+         "siamese": "SiameseNorm", "residual-dual": "ResiDual"}
 FIGURES = (("curves.png", "Training loss and validation perplexity"),
            ("grad_norm_profiles.png", "Per-layer gradient norms at several points of training"),
            ("angular_distance.png", "Angular distance between layers"),
@@ -50,7 +51,7 @@ def results(sweep_record: dict, runs: list[dict]) -> dict:
 
 
 def write_report(out: str, sweep_record: dict, runs: list[dict], figures: list[str]) -> dict:
-    from megatron_mixln.data.fileio import atomic_write_json, atomic_write_text
+    from megatron_mixln.fileio import atomic_write_json, atomic_write_text
 
     res = results(sweep_record, runs)
     atomic_write_json(os.path.join(out, "results.json"), res)

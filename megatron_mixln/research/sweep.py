@@ -270,7 +270,7 @@ def check_out_dir(out: str, common: dict) -> None:
 
 
 def write_sweep_files(sweep: Sweep, common: dict, argv: list[str]) -> None:
-    from megatron_mixln.data.fileio import atomic_write_json
+    from megatron_mixln.fileio import atomic_write_json
 
     os.makedirs(os.path.join(sweep.out, "runs"), exist_ok=True)
     if sweep.config_values:

@@ -8,15 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from megatron_mixln.diagnostics.stability import parse_diagnostics
+from megatron_mixln.errors import UsageError
 
 OPTIMIZERS = ("adam", "adamw")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 SAMPLE_MODES = ("pack", "truncate-pad")
-
-
-class UsageError(ValueError):
-    """A bad flag, config file or input, detected before training starts. The message names it."""
 
 
 def _help(text: str, **kw):

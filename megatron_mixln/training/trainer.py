@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_mixln.diagnostics import flatten_grad_norms, layer_grad_norms
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.training.checkpoint import (
-    TrainState, check_resume_layout, fallback_warning, inspect_checkpoint, load_checkpoint, save_checkpoint,
-)
+from megatron_mixln.checkpoint.compat import check_resume_layout
+from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint, load_checkpoint
+from megatron_mixln.checkpoint.meta import TrainState
+from megatron_mixln.checkpoint.rng import seed_everything
+from megatron_mixln.checkpoint.save import save_checkpoint
 from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
@@ -173,12 +173,6 @@ def _num_params(model, state=None) -> int:
     return global_num_parameters(model, state)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _minutes_since(start: float) -> float:
     """Wall-clock minutes since `start` (time.monotonic()); --exit-duration-in-mins compares it."""
     return (time.monotonic() - start) / 60.0
@@ -257,7 +251,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         budgets = eval_token_budgets(valid_ds, cfg.eval_tokens, model_config.seq_length, cfg.micro_batch_size * dp_size)
     n_valid = len(budgets) if budgets is not None else cfg.eval_iters * global_batch
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
     ts = load_checkpoint(engine, cfg.load, meta["tag"]) if meta else TrainState()
     watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
