@@ -1,10 +1,11 @@
 """`python -m megatron_mixln.pretrain`: parse, train, exit with a status a scheduler understands.
 
-Exit codes: 0 finished, preempted (checkpoint saved) or stopped at --exit-interval or
---exit-duration-in-mins;
+Exit codes: 0 finished, stopped by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C; checkpoint saved) or at
+--exit-interval or --exit-duration-in-mins;
 2 bad input (a one-line message naming the flag or file); 3 diverged (too many non-finite steps);
 4 the rendezvous failed (a one-line message naming MASTER_ADDR and MASTER_PORT);
-124 hung (no progress for --hang-timeout seconds: stacks dumped by megatron_mixln.training.watchdog).
+124 hung (no progress for --hang-timeout seconds: stacks dumped by megatron_mixln.training.watchdog);
+130 a second Ctrl-C (aborted at once, nothing saved: megatron_mixln.training.signals).
 """
 from __future__ import annotations
 
