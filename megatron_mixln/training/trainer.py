@@ -22,7 +22,7 @@ from megatron_mixln.model import ModelConfig
 from megatron_mixln.training.checkpoint import (
     TrainState, check_resume_layout, fallback_warning, inspect_checkpoint, load_checkpoint, save_checkpoint,
 )
-from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
+from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
@@ -41,6 +41,7 @@ from megatron_mixln.training.rollback import RollbackMonitor, good_checkpoint_be
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
+from megatron_mixln.training.startup_checks import check_startup_layout
 from megatron_mixln.training.watchdog import STARTUP_MIN_S, HangWatchdog, grace_seconds, resolve_hang_timeout
 
 
@@ -224,11 +225,15 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
 
 
 def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog: HangWatchdog, start: float) -> dict:
+    # Bad layouts fail here, before any group or model is built (the memory planner runs the same checks).
+    batch = check_startup_layout(
+        model_config, dist.get_world_size(), tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size, sequence_parallel=cfg.sequence_parallel,
+        zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size)
     state = setup_model_parallel(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size(state)
     dp_group = data_parallel_group(state)
-    global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp_size
-    ga = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
+    global_batch, ga = batch.global_batch_size, batch.gradient_accumulation_steps
     ds_config = build_ds_config(cfg, global_batch, ga, model_config.hidden_size)
     # Bad inputs fail here, before the model is built.
     meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint) if cfg.load else None
@@ -241,7 +246,6 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         if bool(meta.get("bf16_pure", False)) != cfg.bf16_pure:
             raise UsageError(f"--load {cfg.load} ({meta['tag']}) was written {'with' if meta.get('bf16_pure') else 'without'}"
                              f" --bf16-pure; resume with the same precision")
-    _check_layer_options(model_config, cfg)
     if cfg.save:
         _check_writable(cfg.save, "--save")
     fingerprint = _data_fingerprint(cfg) if datasets is None else None
@@ -428,16 +432,6 @@ def _check_writable(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot create the directory: {exc.strerror}") from None
     if not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: not writable")
-
-
-def _check_layer_options(model_config: ModelConfig, cfg: TrainingConfig) -> None:
-    """Model options the parallel layouts do not carry (checked before anything is built)."""
-    if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
-        raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
-                         "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
-    if model_config.gated_layers and cfg.sequence_parallel:
-        raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
-                         "sequence shard; drop one of the two")
 
 
 def _paper_modes(model_config: ModelConfig, cfg: TrainingConfig) -> str:
