@@ -39,10 +39,13 @@ from megatron_mixln.training.model_setup import (build_model_and_optimizer, comp
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
 from megatron_mixln.training.rollback import RollbackMonitor, good_checkpoint_before
 from megatron_mixln.training.schedule import lr_at, set_lr
-from megatron_mixln.training.signals import PreemptionFlag
+from megatron_mixln.training.signals import PREEMPTION_SIGNALS, PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
 from megatron_mixln.training.startup_checks import check_startup_layout
 from megatron_mixln.training.watchdog import STARTUP_MIN_S, HangWatchdog, grace_seconds, resolve_hang_timeout
+
+
+STOP_SIGNAL_NAMES = tuple(sig.name for sig in PREEMPTION_SIGNALS)
 
 
 @dataclass
@@ -50,10 +53,11 @@ class StepResult:
     loss: float  # mean NLL over the global batch
     grad_norm: float | None  # global gradient norm before clipping
     applied: bool  # False: non-finite gradients, update skipped
-    stop_requested: bool  # some rank got a preemption signal
+    stop_requested: bool  # some rank got a stop signal (SIGTERM, SIGUSR1, SIGINT)
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
     time_up: bool = False  # some rank is past --exit-duration-in-mins
     tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
+    stop_signal: str | None = None  # which one (any rank's: every rank names the same one)
 
 
 def _grad_getter(engine, state=None):
@@ -98,8 +102,10 @@ def _before_model_step(engine, fn):
 
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
                want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0) -> StepResult:
-    """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
-    that arrives during the step stops the run after this step, not after the next one. `time_up()`
+    """`stop_requested()` (the name of a stop signal this rank received, or None) is read after this rank's
+    compute, right before the all_reduce, so a signal that arrives during the step stops the run after this
+    step, not after the next one; the all_reduce carries one count per signal, so every rank (rank 0's log
+    line included) names the signal whichever rank received it. `time_up()`
     (past --exit-duration-in-mins on this rank's clock) rides on the same all_reduce, so every rank
     stops after the same step."""
     device = torch.device(engine.device)
@@ -153,13 +159,16 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
         grad_norm = None if norm is None else float(norm)
     # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
-    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
-                         torch.tensor(float(time_up()), device=device), local_tokens.float()])
+    got = stop_requested()
+    signals = [float(got == name) for name in STOP_SIGNAL_NAMES]
+    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(time_up()), device=device), local_tokens.float(),
+                         *(torch.tensor(flag, device=device) for flag in signals)])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
-    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
-                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas))
+    stop_signal = next((name for name, n in zip(STOP_SIGNAL_NAMES, stats[3:].tolist()) if n > 0), None)
+    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stop_signal is not None, layer_norms,
+                      time_up=stats[1].item() > 0, tokens=round(stats[2].item() / replicas), stop_signal=stop_signal)
 
 
 def _data_parallel_size(state, world: int) -> int:
@@ -317,7 +326,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     time_up = (lambda: _minutes_since(start) > limit) if limit else (lambda: False)
     batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
     history, evals = [], []
-    stop_reason = None
+    stop_reason, stop_signal = None, None
     window_time, window_steps, window_losses = 0.0, 0, []
     try:
         while ts.iteration < cfg.train_iters:
@@ -327,7 +336,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             t0 = time.perf_counter()
             if step > ts_start + 1:  # the first step keeps the start-up allowance
                 watchdog.progress(f"step {step}")
-            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
+            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.signal_name, want_layers, state,
                              time_up, pad_id)
             window_time += time.perf_counter() - t0
             window_steps += 1
@@ -396,6 +405,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                 logger.log("event", step, {"event": "diverged", "loss": res.loss})
             elif res.stop_requested:
                 stop_reason = "preempted"
+                stop_signal = res.stop_signal
             elif cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
                 stop_reason = "exit_interval"
             elif res.time_up and step < cfg.train_iters:
@@ -417,7 +427,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     if stop_reason == "preempted":
         where = f"checkpoint saved in {cfg.save}" if cfg.save else "no --save given, nothing saved"
         if is_rank0():
-            print(f"preemption signal ({preempt.signal_name or 'on another rank'}) at iteration {ts.iteration}: "
+            print(f"preemption signal ({stop_signal}) at iteration {ts.iteration}: "
                   f"{where}; exiting cleanly", flush=True)
     return {"history": history, "evals": evals, "train_state": asdict(ts), "stop_reason": stop_reason or "done",
             "engine": engine, "global_batch_size": global_batch, "gradient_accumulation_steps": ga}

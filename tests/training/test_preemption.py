@@ -131,3 +131,40 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert proc.returncode == 130, err
     assert err.splitlines() == ["second SIGINT: aborting without saving (exit 130); the newest complete checkpoint "
                                 "is the resume point"], err
+
+
+def _signal_on_rank1_only(rank, world_size, tmpdir):
+    import contextlib
+    import io
+
+    from megatron_mixln.training import trainer
+
+    real_step, calls = trainer.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # during step 2, on rank 1 only
+        return real_step(*args, **kwargs)
+
+    trainer.train_step = step_then_signal
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = trainer.pretrain(tiny_model(), tiny_train(train_iters=10, save=os.path.join(tmpdir, "ckpt"),
+                                                            eval_iters=0), tiny_datasets())
+    summary["engine"].destroy()
+    return {"stop": summary["stop_reason"], "steps": [h["step"] for h in summary["history"]],
+            "lines": [ln for ln in out.getvalue().splitlines() if ln.startswith("preemption signal")]}
+
+
+def test_a_signal_on_any_rank_is_named_by_rank_0():
+    """Which rank a launcher's signal reaches first is timing; the outcome is not: every rank stops after
+    the same step and rank 0's line names the signal."""
+    from training_testlib import run_spawned
+
+    results = run_spawned(_signal_on_rank1_only, 2)
+    assert [r["stop"] for r in results] == ["preempted", "preempted"]
+    assert results[0]["steps"] == results[1]["steps"] == [1, 2]
+    assert len(results[0]["lines"]) == 1 and results[0]["lines"][0].startswith("preemption signal (SIGUSR1) at "
+                                                                               "iteration 2:"), results
+    assert results[1]["lines"] == []
