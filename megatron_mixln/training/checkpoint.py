@@ -26,7 +26,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ class TrainState:
     consumed_tokens: int = 0  # target tokens trained on (padding excluded), over all data-parallel ranks
     rollbacks: int = 0  # --rollback-on-spike reloads so far
     lr_scale: float = 1.0  # product of --rollback-lr-factor over the rollbacks
+    monitors: dict = field(default_factory=dict)  # the loss monitors' state (spike detector, rollback streak)
 
 
 def tag_for(iteration: int) -> str:

@@ -37,7 +37,7 @@ from megatron_mixln.training.metrics import MetricsLogger, format_train_line
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
-from megatron_mixln.training.rollback import RollbackMonitor, good_checkpoint_before
+from megatron_mixln.training.rollback import RollbackMonitor, mark_latest, verified_rollback_target
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PREEMPTION_SIGNALS, PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
@@ -319,6 +319,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
     rollback = RollbackMonitor(cfg.rollback_on_spike, cfg.rollback_patience) if cfg.rollback_on_spike else None
+    _restore_monitors(ts.monitors, spikes, rollback)  # a resumed run continues their running means and streak
     pad_id = model_config.pad_id
     preempt = PreemptionFlag()
     ts_start = ts.iteration
@@ -412,11 +413,14 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                 stop_reason = "exit_duration"
                 logger.print(f"step {step}: --exit-duration-in-mins {limit:g} reached "
                              f"({_minutes_since(start):.2f} min on rank 0's clock); saving and exiting")
-            # While a spike is under way (rollback on), no periodic save: the good checkpoint must survive.
-            periodic = cfg.save_interval and step % cfg.save_interval == 0 and not (rollback and rollback.in_spike)
+            # While a spike is under way (rollback on), no periodic save, and a stop save prunes nothing:
+            # the good checkpoint must survive (the stop save carries the open streak in ts.monitors).
+            in_spike = rollback is not None and rollback.in_spike
+            periodic = cfg.save_interval and step % cfg.save_interval == 0 and not in_spike
             if cfg.save and (stop_reason or periodic or step == cfg.train_iters):
                 watchdog.progress(f"checkpoint save at step {step}")
-                tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, cfg.keep_last, dp_size,
+                ts.monitors = _monitor_states(spikes, rollback)
+                tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, 0 if in_spike else cfg.keep_last, dp_size,
                                       cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, fingerprint)
                 logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
             if stop_reason:
@@ -461,14 +465,32 @@ def _paper_modes(model_config: ModelConfig, cfg: TrainingConfig) -> str:
     return ", ".join(parts)
 
 
+def _monitor_states(spikes: SpikeDetector, rollback: RollbackMonitor | None) -> dict:
+    """The loss monitors' state, saved with every checkpoint (TrainState.monitors)."""
+    return {"spikes": spikes.state_dict(), **({"rollback": rollback.state_dict()} if rollback is not None else {})}
+
+
+def _restore_monitors(states: dict, spikes: SpikeDetector, rollback: RollbackMonitor | None) -> None:
+    if "spikes" in states:
+        spikes.load_state_dict(states["spikes"])
+    if rollback is not None and "rollback" in states:
+        rollback.load_state_dict(states["rollback"])
+
+
 def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMonitor, step: int, logger) -> TrainState:
-    """Reload the newest checkpoint from before the spike; keep the data position (the window since that
-    checkpoint is skipped); scale the LR. Raises UsageError when no such checkpoint exists."""
-    first = monitor.first_spike_step
-    tag = good_checkpoint_before(cfg.save, first)
+    """Reload the newest verified checkpoint older than the first bad update (the one before the first
+    spiking step); keep the data position (the window since that checkpoint is skipped); scale the LR;
+    make that checkpoint `latest` (the resume point until the next save). Raises UsageError when no such
+    checkpoint exists or none passes verification."""
+    first, bad_update = monitor.first_spike_step, monitor.first_bad_update
+    tag, skipped = verified_rollback_target(cfg.save, bad_update, cfg.verify_checkpoint)
+    for bad_tag, problem in skipped:
+        logger.print(f"warning: --rollback-on-spike: {bad_tag} is unusable ({problem}); trying an older checkpoint")
+        logger.log("event", step, {"event": "checkpoint_skipped", "tag": bad_tag, "problem": problem})
     if tag is None:
-        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first} but {cfg.save} holds "
-                         "no checkpoint from before it; lower --save-interval")
+        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first}, so the update of step {bad_update} "
+                         f"may be the bad one, but {cfg.save} holds no verified checkpoint from before it"
+                         + (f" ({len(skipped)} failed verification)" if skipped else "") + "; lower --save-interval")
     barrier()
     consumed_samples, consumed_tokens = ts.consumed_samples, ts.consumed_tokens
     restored = load_checkpoint(engine, cfg.save, tag)
@@ -477,11 +499,14 @@ def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMon
     restored.lr_scale = ts.lr_scale * cfg.rollback_lr_factor
     restored.bad_steps_in_a_row = 0
     monitor.reset()
+    if is_rank0():  # the resume point is the good checkpoint, not a newer one holding the spike
+        mark_latest(cfg.save, tag)
+    barrier()
     logger.print(f"step {step}: loss above {cfg.rollback_on_spike} x its running mean since step "
-                 f"{first}; rolled back to {tag} (iteration {restored.iteration}), skipping the data "
-                 f"up to sample {consumed_samples}, lr scale {restored.lr_scale:g} (rollback {restored.rollbacks})")
+                 f"{first}; rolled back to {tag} (iteration {restored.iteration}, before the update of step "
+                 f"{bad_update}), skipping the data up to sample {consumed_samples}, lr scale {restored.lr_scale:g} "
+                 f"(rollback {restored.rollbacks})")
     logger.log("event", step, {"event": "rollback", "first_spike_step": first, "to_iteration": restored.iteration, "tag": tag,
                                "resume_sample": consumed_samples, "lr_scale": restored.lr_scale,
                                "rollbacks": restored.rollbacks})
     return restored
-
