@@ -149,3 +149,35 @@ def test_universal_needs_zero_and_no_pipeline(runs):
     with pytest.raises(UsageError, match=r"ZeRO stage 1 on 1 data-parallel ranks; this run has ZeRO stage 2 on 2\. .*"
                                          r"convert_checkpoint\.py --input .* --tag iter_0000006 --output NEW_DIR --to universal"):
         ckpt.check_resume_layout(plain_meta, runs["ref_ckpt"], data_parallel_size=2, zero_stage=2)
+
+
+def _checkpoint_with_vocab(root, vocab: int) -> str:
+    import json
+
+    tag_dir = root / "iter_0000003"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mixln_meta.json").write_text(json.dumps({"model_config": tiny_model(vocab_size=vocab).to_dict()}))
+    (root / "latest").write_text("iter_0000003")
+    return str(root)
+
+
+def test_the_padded_vocabulary_travels_with_the_checkpoint(tmp_path):
+    """T5's 32,100 ids padded for TP=1 (multiple of 128: 32,128) stay 32,128 at TP=2, 4 and 8 (each divides it)
+    instead of becoming 32,256 / 32,512 / 33,792; a TP that cannot split the rows is refused naming the ones that can."""
+    from megatron_mixln.training.arguments import make_configs
+
+    load = _checkpoint_with_vocab(tmp_path / "ckpt", 32128)
+    from training_testlib import TINY_MODEL, TINY_TRAIN
+
+    flags = {k: v for k, v in {**TINY_MODEL, **TINY_TRAIN}.items() if k != "vocab_size"}
+    base = dict(flags, tokenizer="null:32099", load=load)
+    for tp in (1, 2, 4, 8):
+        model, _ = make_configs(dict(base, tensor_model_parallel_size=tp))
+        assert model.vocab_size == 32128, tp
+    with pytest.raises(UsageError, match=r"holds a vocabulary padded to 32128 rows, which "
+                                         r"--tensor-model-parallel-size 3 cannot split evenly: resume with "
+                                         r"--tensor-model-parallel-size 1 or 2 or 4 or 8 or 16"):
+        make_configs(dict(base, tensor_model_parallel_size=3))
+    # Without --load: the usual padding for this TP
+    model, _ = make_configs(dict(base, load=None, tensor_model_parallel_size=2))
+    assert model.vocab_size == 32256
