@@ -10,7 +10,8 @@ Which update is bad: step s's loss is measured on the weights that step s-1's up
 step s is the first to spike, the update of step s-1 may be the destructive one, and a checkpoint saved
 at iteration s-1 (a save step) already holds it. The target is therefore the newest checkpoint with
 iteration < s-1 that passes the same manifest verification as --load (a damaged one is passed over,
-with a warning). Periodic saves are held back while a spike is under way, a stop save in a streak
+with a warning); it becomes `latest`, and the checkpoints newer than it (they hold the spike) are
+deleted, so neither a restart nor --load's fallback can land on them. Periodic saves are held back while a spike is under way, a stop save in a streak
 prunes nothing, and the monitor's state travels with the checkpoint (TrainState.monitors), so a run
 preempted mid-streak resumes the streak and still rolls back past it.
 """
@@ -100,6 +101,20 @@ def mark_latest(save_dir: str, tag: str) -> None:
     from megatron_mixln.training.checkpoint import LATEST
 
     atomic_write_text(os.path.join(save_dir, LATEST), tag)
+
+
+def drop_abandoned(save_dir: str, target: str) -> list[str]:
+    """Delete the checkpoints newer than the rollback target (they hold the spike, or came after it): left
+    in place they would be --load's fallback or outlive the good ones under --keep-last. Returns their tags."""
+    import shutil
+
+    from megatron_mixln.training.checkpoint import TAG_RE
+
+    limit = int(TAG_RE.match(target)[1])
+    dropped = sorted(t for t in os.listdir(save_dir) if TAG_RE.match(t) and int(TAG_RE.match(t)[1]) > limit)
+    for tag in dropped:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+    return dropped
 
 
 def rollback_data_slack(cfg, global_batch_size: int) -> int:

@@ -37,7 +37,8 @@ from megatron_mixln.training.metrics import MetricsLogger, format_train_line
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
-from megatron_mixln.training.rollback import RollbackMonitor, mark_latest, verified_rollback_target
+from megatron_mixln.training.rollback import (RollbackMonitor, drop_abandoned, mark_latest,
+                                              verified_rollback_target)
 from megatron_mixln.training.schedule import lr_at, set_lr
 from megatron_mixln.training.signals import PREEMPTION_SIGNALS, PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
@@ -499,9 +500,13 @@ def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMon
     restored.lr_scale = ts.lr_scale * cfg.rollback_lr_factor
     restored.bad_steps_in_a_row = 0
     monitor.reset()
+    dropped = []
     if is_rank0():  # the resume point is the good checkpoint, not a newer one holding the spike
         mark_latest(cfg.save, tag)
+        dropped = drop_abandoned(cfg.save, tag)
     barrier()
+    if dropped:
+        logger.print(f"step {step}: deleted {', '.join(dropped)} (saved after the rollback target: they hold the spike)")
     logger.print(f"step {step}: loss above {cfg.rollback_on_spike} x its running mean since step "
                  f"{first}; rolled back to {tag} (iteration {restored.iteration}, before the update of step "
                  f"{bad_update}), skipping the data up to sample {consumed_samples}, lr scale {restored.lr_scale:g} "

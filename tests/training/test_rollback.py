@@ -148,6 +148,8 @@ def test_preemption_mid_streak_resumes_the_streak_and_rolls_back_the_same(single
     resumed = _run(tiny_train(**BASE, save=save, load=save, **ROLL))
     assert [e["tag"] for e in _events(save, "rollback")] == ["iter_0000008"]
     assert [h["step"] for h in resumed["history"]] == [12] + list(range(9, 17))
+    # iter_11 (the stop save holding the spike) was deleted at the rollback; the run's own saves follow
+    assert sorted(t for t in os.listdir(save) if t.startswith("iter_")) == ["iter_0000012", "iter_0000016"]
     assert resumed["train_state"] == whole["train_state"]
     for got, want in zip(resumed["history"], whole["history"][11:]):
         assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
