@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from megatron_mixln.model.positions import POSITIONS, format_positions, resolve_positions, select_layers
+from megatron_mixln.model.positions import POSITIONS, TWO_STREAM, format_positions, resolve_positions, select_layers
 from megatron_mixln.model.presets import preset
 
 NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
@@ -15,6 +15,7 @@ def _help(text: str, **kw):
 
 @dataclass
 class ModelConfig:
+    # --- shape ---
     vocab_size: int = _help("vocabulary size (rows of the embedding and LM head)", default=32000)
     hidden_size: int = _help("model width", default=512)
     ffn_hidden_size: int = _help("SwiGLU inner width", default=1368)
@@ -23,6 +24,7 @@ class ModelConfig:
     num_query_groups: int | None = _help("key/value heads for grouped-query attention (default: = heads)", default=None)
     seq_length: int = _help("maximum sequence length", default=256)
     rotary_base: float = _help("RoPE base", default=10000.0)
+    # --- norms and their positions ---
     normalization: str = _help("RMSNorm or LayerNorm", default="RMSNorm")
     norm_epsilon: float = _help("epsilon of every norm", default=1e-6)
     norm_position: str = _help(
@@ -31,6 +33,7 @@ class ModelConfig:
     post_ln_layers: int | None = _help("mix: number of leading Post-LN layers k (overrides the fraction)", default=None)
     post_ln_fraction: float = _help("mix: k = floor(fraction * num_layers)", default=0.25)
     final_norm: bool = _help("norm before the LM head", default=True)
+    # --- embedding, initialisation and per-layer options ---
     tie_embeddings: bool = _help("share the embedding and LM-head weights", default=False)
     init_method_std: float = _help("std of the normal init of linear and embedding weights", default=0.02)
     scaled_embedding_init: bool = _help("embedding std sqrt(2/5)=0.632, as the Mix-LN reference code", default=False)
@@ -45,6 +48,7 @@ class ModelConfig:
     residual_gate_init: float = _help("initial value of every residual gate (the reference's 0.001)", default=0.001)
     freeze_pad_embedding: bool = _help("zeroed, never-trained embedding row for --pad-token-id", default=False)
     pad_token_id: int | None = _help("padding token id (default 0: the pad id of T5's and this project's sentencepiece models)", default=None)
+    # --- implementation ---
     norm_impl: str = _help("add+norm implementation: auto, torch, triton or apex", default="auto")
     cross_block_fusion: bool = _help(
         "fuse a pre/lns/peri layer's last residual add into the next layer's first norm (or the final norm)",
@@ -86,6 +90,9 @@ class ModelConfig:
         self.positions = resolve_positions(
             self.norm_position, self.num_layers, self.post_ln_layers, self.post_ln_fraction
         )
+        if not self.final_norm and self.positions[0] in TWO_STREAM:
+            raise ValueError(f"--no-final-norm: norm position {self.positions[0]} needs its final norms (they "
+                             "combine its two residual streams into the LM head's input); drop --no-final-norm")
         self._resolve_layer_options()
 
     def _resolve_layer_options(self) -> None:

@@ -86,7 +86,7 @@ def checkpoint_vocab_size(train: TrainingConfig, tokenizer_vocab: int) -> int | 
     it: a run at another --tensor-model-parallel-size keeps it when the new TP divides it (the padding
     rows were trained as they are). None without --load or a readable mixln_meta.json (--load's own
     checks then speak). Raises UsageError when the new TP cannot split those rows evenly."""
-    from megatron_mixln.training.checkpoint import META, read_latest
+    from megatron_mixln.checkpoint.layout import META, read_latest
 
     if not train.load or not os.path.isdir(train.load):
         return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 
+from megatron_mixln.checkpoint.layout import list_tags, parse_tag, read_latest
 from megatron_mixln.training.stability import SpikeDetector
 
 
@@ -64,14 +65,10 @@ class RollbackMonitor:
 
 def checkpoints_before(save_dir: str, step: int) -> list[str]:
     """Tags (at or before `latest`) whose iteration is < step, newest first."""
-    from megatron_mixln.training.checkpoint import TAG_RE, read_latest
-
-    latest = read_latest(save_dir)
-    if latest is None or not TAG_RE.match(latest):
+    newest = parse_tag(read_latest(save_dir))
+    if newest is None:
         return []
-    newest = int(TAG_RE.match(latest)[1])
-    iters = sorted((int(TAG_RE.match(t)[1]) for t in os.listdir(save_dir) if TAG_RE.match(t)), reverse=True)
-    return [f"iter_{it:07d}" for it in iters if it < step and it <= newest]
+    return [tag for tag in reversed(list_tags(save_dir)) if parse_tag(tag) < step and parse_tag(tag) <= newest]
 
 
 def good_checkpoint_before(save_dir: str, step: int) -> str | None:
@@ -83,7 +80,7 @@ def good_checkpoint_before(save_dir: str, step: int) -> str | None:
 def verified_rollback_target(save_dir: str, first_bad_update: int, checksums: bool = True) -> tuple[str | None, list]:
     """The newest checkpoint older than `first_bad_update` that passes --load's manifest verification
     (collective: every rank checks a share), and [tag, problem] for each newer one passed over."""
-    from megatron_mixln.training.checkpoint import verify_checkpoint
+    from megatron_mixln.checkpoint.load import verify_checkpoint
 
     skipped = []
     for tag in checkpoints_before(save_dir, first_bad_update):
@@ -94,24 +91,13 @@ def verified_rollback_target(save_dir: str, first_bad_update: int, checksums: bo
     return None, skipped
 
 
-def mark_latest(save_dir: str, tag: str) -> None:
-    """Point `latest` at `tag` (temp file + rename): after a rollback, a run that stops before its next save
-    resumes from the good checkpoint, not from a newer one that holds the spike."""
-    from megatron_mixln.data.fileio import atomic_write_text
-    from megatron_mixln.training.checkpoint import LATEST
-
-    atomic_write_text(os.path.join(save_dir, LATEST), tag)
-
-
 def drop_abandoned(save_dir: str, target: str) -> list[str]:
     """Delete the checkpoints newer than the rollback target (they hold the spike, or came after it): left
     in place they would be --load's fallback or outlive the good ones under --keep-last. Returns their tags."""
     import shutil
 
-    from megatron_mixln.training.checkpoint import TAG_RE
-
-    limit = int(TAG_RE.match(target)[1])
-    dropped = sorted(t for t in os.listdir(save_dir) if TAG_RE.match(t) and int(TAG_RE.match(t)[1]) > limit)
+    limit = parse_tag(target)
+    dropped = [tag for tag in list_tags(save_dir) if parse_tag(tag) > limit]
     for tag in dropped:
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
     return dropped

@@ -67,14 +67,15 @@ def trained(single_rank, tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(trained, tmp_path_factory):
     """`convert_checkpoint.py --to deepspeed --tp 1` of each trained run, and the weights it holds."""
-    from megatron_mixln.parallel.checkpoint_convert import convert, read_checkpoint
+    from megatron_mixln.checkpoint.convert import convert
+    from megatron_mixln.checkpoint.reader import read_full_state_dict
 
     root = tmp_path_factory.mktemp("converted")
     out = {}
     for precision, src in trained.items():
         dst = str(root / precision)
         convert(src, dst, to="deepspeed", tp=1, pp=1)
-        out[precision] = (dst, read_checkpoint(dst)[0])
+        out[precision] = (dst, read_full_state_dict(dst).state_dict)
     return out
 
 
@@ -115,7 +116,7 @@ def test_hf_import_weights_survive_the_first_step(single_rank, hf_import, precis
 
 def test_bf16_universal_reshape_continues_the_uninterrupted_curve(single_rank, tmp_path):
     """bf16 ZeRO-1, saved at step 3, made universal, resumed at ZeRO-2: the same losses as without the stop."""
-    from megatron_mixln.parallel.universal import convert_to_universal
+    from megatron_mixln.checkpoint.universal import convert_to_universal
 
     run = dict(train_iters=6, eval_iters=0, lr_warmup_iters=1, bf16=True)
     whole = trainer.pretrain(tiny_model(), tiny_train(zero_stage=1, **run), tiny_datasets())
