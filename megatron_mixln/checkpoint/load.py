@@ -97,6 +97,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")
+    if saved.get("vocab_size") != current["vocab_size"] and len(diffs) == 1:  # only the padding differs?
+        diffs.append(f"the checkpoint's padded vocabulary travels with it: give --vocab-size {saved['vocab_size']} "
+                     "(or drop --vocab-size when --tokenizer is given)")
     if diffs:
         raise UsageError(f"--load {load_dir} ({candidate}) holds a different model: " + "; ".join(diffs))
     for marker, key in ((CONVERTED, "converted"), (UNIVERSAL, "universal")):

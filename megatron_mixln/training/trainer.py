@@ -159,7 +159,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     if grad_norm is None:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
-    # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
+    # One all_reduce for the loss, the time limit and one count per stop signal. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
     got = stop_requested()
     signals = [float(got == name) for name in STOP_SIGNAL_NAMES]
