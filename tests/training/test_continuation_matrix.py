@@ -4,8 +4,8 @@ precision and ZeRO stage: {HF import, `convert_checkpoint.py --to deepspeed`, un
 paths). After resuming, one step at lr 1e-30 -- far below bf16's resolution, and weight decay 0 --
 must leave the weights equal to the loaded ones (rounded to bf16 in a bf16 run): DeepSpeed's fp32
 master weights were refreshed from what was loaded, not left at the random initialisation. A universal
-reshape keeps the optimizer states, so there a normal continuation equals the uninterrupted run.
-(Rollback and preemption saves: tests/training/test_rollback.py and test_preemption.py.)"""
+reshape and a stop save keep the optimizer states, so there a normal continuation equals the
+uninterrupted run. (Rollback: tests/training/test_rollback.py; signals: test_preemption.py.)"""
 import os
 
 import pytest
@@ -131,3 +131,18 @@ def test_bf16_universal_reshape_continues_the_uninterrupted_curve(single_rank, t
     assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
     for got, want in zip(resumed["history"], whole["history"][3:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), got["step"]
+
+
+@pytest.mark.parametrize("precision, zero", [("bf16", 0), ("bf16", 3), ("fp32", 3)])
+def test_a_stop_save_continues_the_uninterrupted_curve(single_rank, tmp_path, precision, zero):
+    """A save at a stop (here --exit-interval; a signal takes the same path) resumed with --load: the same
+    losses as the run that never stopped, masters and moments included."""
+    run = dict(train_iters=5, eval_iters=0, lr_warmup_iters=1, zero_stage=zero, **PRECISIONS[precision])
+    whole = trainer.pretrain(tiny_model(), tiny_train(**run), tiny_datasets())
+    whole["engine"].destroy()
+    save = str(tmp_path / "cut")
+    trainer.pretrain(tiny_model(), tiny_train(save=save, exit_interval=2, **run), tiny_datasets())["engine"].destroy()
+    resumed = trainer.pretrain(tiny_model(), tiny_train(load=save, **run), tiny_datasets())
+    resumed["engine"].destroy()
+    assert [h["step"] for h in resumed["history"]] == [3, 4, 5]
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"][2:]], rel=1e-6)
