@@ -24,10 +24,10 @@ ABORT_EXIT_CODE = 128 + signal.SIGINT  # a second Ctrl-C
 _EARLY: list[str] = []  # names of stop signals received before a PreemptionFlag took over
 
 
-def _abort_on_second_sigint(signum: int, seen: list[str] | str | None) -> None:
-    """Ctrl-C after an earlier Ctrl-C: leave now, without cleanup that could block (a collective)."""
-    already = seen if isinstance(seen, list) else [seen] if seen else []
-    if signum == signal.SIGINT and "SIGINT" in already:
+def _abort_on_second_sigint(signum: int, seen: list[str]) -> None:
+    """Ctrl-C after an earlier Ctrl-C (`seen`: the signals so far): leave now, without cleanup that could
+    block (a collective)."""
+    if signum == signal.SIGINT and "SIGINT" in seen:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         sys.stderr.write(f"{prefix}second SIGINT: aborting without saving (exit {ABORT_EXIT_CODE}); the newest "
