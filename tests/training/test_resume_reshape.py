@@ -181,3 +181,33 @@ def test_the_padded_vocabulary_travels_with_the_checkpoint(tmp_path):
     # Without --load: the usual padding for this TP
     model, _ = make_configs(dict(base, load=None, tensor_model_parallel_size=2))
     assert model.vocab_size == 32256
+
+
+def _tokenizer_configs(**values):
+    """make_configs as the command line calls it: --tokenizer null:2100 (2,101 ids) and no --vocab-size."""
+    from training_testlib import TINY_MODEL, TINY_TRAIN
+
+    from megatron_mixln.training.arguments import make_configs
+
+    flags = {k: v for k, v in {**TINY_MODEL, **TINY_TRAIN}.items() if k != "vocab_size"}
+    return make_configs({**flags, **RUN, "tokenizer": "null:2100", "zero_stage": 1, **values})
+
+
+def _tp2_from_universal(rank, world_size, tmpdir, universal):
+    model, train = _tokenizer_configs(load=universal, tensor_model_parallel_size=2)
+    return {"vocab": model.vocab_size, "history": run_and_destroy(model, train, tiny_datasets())["history"]}
+
+
+@pytest.mark.slow
+def test_tp1_universal_resumes_at_tp2_with_the_checkpoints_vocabulary(single_rank, tmp_path):
+    """2,101 ids pad to 2,176 at TP 1 and to 2,304 at TP 2: the TP=2 resume keeps 2,176 (no --vocab-size by
+    hand) and continues the TP=1 curve."""
+    save = str(tmp_path / "tp1")
+    model, train = _tokenizer_configs(save=save, save_interval=STOP, keep_last=0)
+    assert model.vocab_size == 2176
+    ref = run_and_destroy(model, train, tiny_datasets())
+    universal = str(tmp_path / "universal")
+    convert_to_universal(save, universal, tag=ckpt.tag_for(STOP))
+    for result in run_spawned(_tp2_from_universal, 2, universal):
+        assert result["vocab"] == 2176
+        _same_curve(result["history"], ref["history"], range(STOP + 1, 7))
