@@ -118,7 +118,7 @@ def plan_memory(model: ModelConfig, layout: Layout, zero: dict | None = None, gp
                 suggest: bool = True) -> MemoryPlan:
     """Plan one layout. `zero` is a filled zero_optimization section (None: DeepSpeed's defaults for the
     layout's stage). Raises LayoutError for an impossible layout."""
-    check_layout(layout, model)
+    check_layout(layout, model, global_batch_size)
     zero = dict(zero or {})
     states = model_states(model, layout)
     acts, flight = _activations(model, layout, global_batch_size)
