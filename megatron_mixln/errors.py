@@ -8,6 +8,7 @@
 | 3    | training diverged (--max-bad-steps non-finite steps in a row)                             |
 | 4    | the rendezvous failed (MASTER_ADDR / MASTER_PORT)                                         |
 | 124  | hung: no progress for --hang-timeout seconds (stacks dumped), as coreutils' timeout       |
+| 130  | aborted by a second Ctrl-C (128 + SIGINT, as a shell reports it); nothing saved           |
 
 docs/errors.md has the same table with the entry points that use each code.
 """
@@ -18,7 +19,7 @@ import os
 import re
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_RENDEZVOUS, EXIT_HANG = 0, 1, 2, 3, 4, 124
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_RENDEZVOUS, EXIT_HANG, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 124, 130
 
 
 class MixlnError(Exception):

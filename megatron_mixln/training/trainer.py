@@ -20,13 +20,14 @@ import torch.distributed as dist
 from megatron_mixln.diagnostics import flatten_grad_norms, layer_grad_norms
 from megatron_mixln.model import ModelConfig
 from megatron_mixln.checkpoint.compat import check_resume_layout
+from megatron_mixln.checkpoint.layout import write_latest
 from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint, load_checkpoint
 from megatron_mixln.checkpoint.meta import TrainState
 from megatron_mixln.checkpoint.rng import seed_everything
 from megatron_mixln.checkpoint.save import save_checkpoint
 from megatron_mixln.errors import UsageError
-from megatron_mixln.training.config import TrainingConfig, gradient_accumulation_steps
-from megatron_mixln.training.arguments import check_run_options, check_writable
+from megatron_mixln.training.config import TrainingConfig
+from megatron_mixln.training.arguments import check_writable
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
@@ -43,11 +44,15 @@ from megatron_mixln.training.metrics import MetricsLogger, format_train_line, pa
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
-from megatron_mixln.training.rollback import RollbackMonitor, good_checkpoint_before
+from megatron_mixln.training.rollback import RollbackMonitor, drop_abandoned, verified_rollback_target
 from megatron_mixln.training.schedule import lr_at, set_lr
-from megatron_mixln.training.signals import PreemptionFlag
+from megatron_mixln.training.signals import PREEMPTION_SIGNALS, PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
+from megatron_mixln.training.startup_checks import check_startup_layout
 from megatron_mixln.training.watchdog import STARTUP_MIN_S, HangWatchdog, grace_seconds, resolve_hang_timeout
+
+
+STOP_SIGNAL_NAMES = tuple(sig.name for sig in PREEMPTION_SIGNALS)
 
 
 @dataclass
@@ -55,11 +60,12 @@ class StepResult:
     loss: float  # mean NLL over the global batch
     grad_norm: float | None  # global gradient norm before clipping
     applied: bool  # False: non-finite gradients, update skipped
-    stop_requested: bool  # some rank got a preemption signal
+    stop_requested: bool  # some rank got a stop signal (SIGTERM, SIGUSR1, SIGINT)
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
     time_up: bool = False  # some rank is past --exit-duration-in-mins
     tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
     diagnostics: dict | None = None  # --diagnostics-interval's probe of this step (training.diagnostics)
+    stop_signal: str | None = None  # which one (any rank's: every rank names the same one)
 
 
 def _grad_getter(engine, state=None):
@@ -88,10 +94,12 @@ def _plain_grad_norm(engine, state=None) -> float:
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
                want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0) -> StepResult:
     """One optimizer step over `gradient_accumulation_steps` micro-batches of `batches` (each [micro_batch,
-    seq_length + 1] token ids), at learning rate `lr`. `stop_requested()` is read after this rank's compute,
-    right before the all_reduce, so a signal that arrives during the step stops the run after this step,
-    not after the next one. `time_up()` (past --exit-duration-in-mins on this rank's clock) rides on the
-    same all_reduce, so every rank stops after the same step."""
+    seq_length + 1] token ids), at learning rate `lr`. `stop_requested()` (the name of a stop signal this
+    rank received, or None) is read after this rank's compute, right before the all_reduce, so a signal that
+    arrives during the step stops the run after this step, not after the next one; the all_reduce carries
+    one count per signal, so every rank (rank 0's log line included) names the signal whichever rank
+    received it. `time_up()` (past --exit-duration-in-mins on this rank's clock) rides on the same
+    all_reduce, so every rank stops after the same step."""
     # ZeRO-0 fp32: DeepSpeed keeps no norm. With clipping, the global clip (deepspeed_patches) measures it
     # (and get_global_grad_norm returns it); without, it is measured here, between backward and step.
     measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -159,16 +167,19 @@ def _plain_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, mea
 
 def _reduce_step(engine, local_loss, local_tokens, grad_norm, guard, layer_norms, stop_requested, time_up,
                  state) -> StepResult:
-    """One all_reduce for the loss, the two stop flags and the token count. TP ranks hold replicas of their
-    DP rank's loss, so the world mean is the data-parallel mean."""
+    """One all_reduce for the loss, the time limit, the token count and one count per stop signal. TP ranks
+    hold replicas of their DP rank's loss, so the world mean is the data-parallel mean."""
     device = torch.device(engine.device)
-    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
-                         torch.tensor(float(time_up()), device=device), local_tokens.float().reshape(())])
+    got = stop_requested()
+    signals = [float(got == name) for name in STOP_SIGNAL_NAMES]
+    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(time_up()), device=device),
+                         local_tokens.float().reshape(()), *(torch.tensor(flag, device=device) for flag in signals)])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
-    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
-                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas))
+    stop_signal = next((name for name, n in zip(STOP_SIGNAL_NAMES, stats[3:].tolist()) if n > 0), None)
+    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stop_signal is not None, layer_norms,
+                      time_up=stats[1].item() > 0, tokens=round(stats[2].item() / replicas), stop_signal=stop_signal)
 
 
 def _data_parallel_size(state, world: int) -> int:
@@ -248,6 +259,7 @@ class Run:
     history: list = field(default_factory=list)
     evals: list = field(default_factory=list)
     stop_reason: str | None = None
+    stop_signal: str | None = None  # the signal that stopped a "preempted" run
 
 
 @dataclass
@@ -290,14 +302,17 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> R
 
 def setup_run(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog: HangWatchdog, start: float) -> Run:
     """Check every input, then build the engine, resume, open the log: the Run the loop needs."""
+    # Bad layouts fail here, before any group or model is built (the memory planner runs the same checks).
+    batch = check_startup_layout(
+        model_config, dist.get_world_size(), tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size, sequence_parallel=cfg.sequence_parallel,
+        zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size)
     state = setup_model_parallel(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size(state)
-    global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp_size
-    accumulation = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
+    global_batch, accumulation = batch.global_batch_size, batch.gradient_accumulation_steps
     ds_config = build_ds_config(cfg, global_batch, accumulation, model_config.hidden_size)
     # Bad inputs fail here, before the model is built.
     resume = _check_resume(model_config, cfg, ds_config, dp_size)
-    check_run_options(model_config, cfg)
     if cfg.save:
         check_writable(cfg.save, "--save")
     fingerprint = _data_fingerprint(cfg) if datasets is None else None
@@ -343,6 +358,7 @@ def setup_run(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                                         model_config.num_layers, model_config.hidden_size, model_config.seq_length),
         peak_tflops=cfg.peak_tflops or default_peak_tflops(cfg.bf16),
     )
+    _restore_monitors(train_state.monitors, run.spikes, run.rollback)  # a resumed run continues their means and streak
     restart_batches(run)
     return run
 
@@ -421,8 +437,8 @@ def train_loop(run: Run) -> RunSummary:
         run.logger.close()
     if run.stop_reason == "preempted" and is_rank0():
         where = f"checkpoint saved in {cfg.save}" if cfg.save else "no --save given, nothing saved"
-        print(f"preemption signal ({run.preempt.signal_name or 'on another rank'}) at iteration "
-              f"{run.train_state.iteration}: {where}; exiting cleanly", flush=True)
+        print(f"preemption signal ({run.stop_signal}) at iteration {run.train_state.iteration}: {where}; "
+              "exiting cleanly", flush=True)
     return RunSummary(run.history, run.evals, asdict(run.train_state), run.stop_reason or "done", run.engine,
                       run.global_batch, run.accumulation)
 
@@ -435,7 +451,7 @@ def run_step(run: Run, step: int, lr: float) -> StepResult:
     if step > run.first_iteration + 1:
         run.watchdog.progress(f"step {step}")
     probe = start_probe(run.engine, cfg, run.state, run.model_config.seq_length, step)  # None unless a diagnostics step
-    result = train_step(run.engine, run.batches, lr, run.guard, run.token_loss_fn, lambda: run.preempt.requested,
+    result = train_step(run.engine, run.batches, lr, run.guard, run.token_loss_fn, lambda: run.preempt.signal_name,
                         want_layer_norms, run.state, run.time_up, run.model_config.pad_id)
     result.diagnostics = finish_probe(probe) if probe is not None else None
     run.window.seconds += time.perf_counter() - t0
@@ -533,6 +549,7 @@ def stop_reason(run: Run, step: int, result: StepResult) -> str | None:
         run.logger.log("event", step, {"event": "diverged", "loss": result.loss})
         return "diverged"
     if result.stop_requested:
+        run.stop_signal = result.stop_signal
         return "preempted"
     if cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
         return "exit_interval"
@@ -545,25 +562,46 @@ def stop_reason(run: Run, step: int, result: StepResult) -> str | None:
 
 def maybe_save(run: Run, step: int) -> None:
     """Every --save-interval steps, at the last step and before stopping. While a spike is under way (rollback
-    on) no periodic save: the good checkpoint must survive."""
+    on) no periodic save, and a stop save prunes nothing: the good checkpoint must survive (the stop save
+    carries the open streak in TrainState.monitors)."""
     cfg = run.cfg
-    periodic = cfg.save_interval and step % cfg.save_interval == 0 and not (run.rollback and run.rollback.in_spike)
+    in_spike = run.rollback is not None and run.rollback.in_spike
+    periodic = cfg.save_interval and step % cfg.save_interval == 0 and not in_spike
     if not cfg.save or not (run.stop_reason or periodic or step == cfg.train_iters):
         return
     run.watchdog.progress(f"checkpoint save at step {step}")
-    tag = save_checkpoint(run.engine, cfg.save, run.train_state, run.model_config, cfg, cfg.keep_last, run.dp_size,
-                          cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, run.fingerprint)
+    run.train_state.monitors = _monitor_states(run.spikes, run.rollback)
+    tag = save_checkpoint(run.engine, cfg.save, run.train_state, run.model_config, cfg, 0 if in_spike else cfg.keep_last,
+                          run.dp_size, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, run.fingerprint)
     run.logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
 
 
+def _monitor_states(spikes: SpikeDetector, rollback: RollbackMonitor | None) -> dict:
+    """The loss monitors' state, saved with every checkpoint (TrainState.monitors)."""
+    return {"spikes": spikes.state_dict(), **({"rollback": rollback.state_dict()} if rollback is not None else {})}
+
+
+def _restore_monitors(states: dict, spikes: SpikeDetector, rollback: RollbackMonitor | None) -> None:
+    if "spikes" in states:
+        spikes.load_state_dict(states["spikes"])
+    if rollback is not None and "rollback" in states:
+        rollback.load_state_dict(states["rollback"])
+
+
 def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMonitor, step: int, logger) -> TrainState:
-    """Reload the newest checkpoint from before the spike; keep the data position (the window since that
-    checkpoint is skipped); scale the LR. Raises UsageError when no such checkpoint exists."""
-    first = monitor.first_spike_step
-    tag = good_checkpoint_before(cfg.save, first)
+    """Reload the newest verified checkpoint older than the first bad update (the one before the first
+    spiking step); keep the data position (the window since that checkpoint is skipped); scale the LR;
+    make that checkpoint `latest` (the resume point until the next save). Raises UsageError when no such
+    checkpoint exists or none passes verification."""
+    first, bad_update = monitor.first_spike_step, monitor.first_bad_update
+    tag, skipped = verified_rollback_target(cfg.save, bad_update, cfg.verify_checkpoint)
+    for bad_tag, problem in skipped:
+        logger.print(f"warning: --rollback-on-spike: {bad_tag} is unusable ({problem}); trying an older checkpoint")
+        logger.log("event", step, {"event": "checkpoint_skipped", "tag": bad_tag, "problem": problem})
     if tag is None:
-        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first} but {cfg.save} holds "
-                         "no checkpoint from before it; lower --save-interval")
+        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first}, so the update of step {bad_update} "
+                         f"may be the bad one, but {cfg.save} holds no verified checkpoint from before it"
+                         + (f" ({len(skipped)} failed verification)" if skipped else "") + "; lower --save-interval")
     barrier()
     consumed_samples, consumed_tokens = ts.consumed_samples, ts.consumed_tokens
     restored = load_checkpoint(engine, cfg.save, tag)
@@ -572,11 +610,18 @@ def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMon
     restored.lr_scale = ts.lr_scale * cfg.rollback_lr_factor
     restored.bad_steps_in_a_row = 0
     monitor.reset()
+    dropped = []
+    if is_rank0():  # the resume point is the good checkpoint, not a newer one holding the spike
+        write_latest(cfg.save, tag)
+        dropped = drop_abandoned(cfg.save, tag)
+    barrier()
+    if dropped:
+        logger.print(f"step {step}: deleted {', '.join(dropped)} (saved after the rollback target: they hold the spike)")
     logger.print(f"step {step}: loss above {cfg.rollback_on_spike} x its running mean since step "
-                 f"{first}; rolled back to {tag} (iteration {restored.iteration}), skipping the data "
-                 f"up to sample {consumed_samples}, lr scale {restored.lr_scale:g} (rollback {restored.rollbacks})")
+                 f"{first}; rolled back to {tag} (iteration {restored.iteration}, before the update of step "
+                 f"{bad_update}), skipping the data up to sample {consumed_samples}, lr scale {restored.lr_scale:g} "
+                 f"(rollback {restored.rollbacks})")
     logger.log("event", step, {"event": "rollback", "first_spike_step": first, "to_iteration": restored.iteration, "tag": tag,
                                "resume_sample": consumed_samples, "lr_scale": restored.lr_scale,
                                "rollbacks": restored.rollbacks})
     return restored
-
