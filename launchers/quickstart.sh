@@ -5,7 +5,7 @@
 #   OUT=/tmp/qs TRAIN_ITERS=600 bash launchers/quickstart.sh
 #
 #  1. environment (launchers/setup_env.sh: creates/reuses .venv)
-#  2. a C4-format sample corpus from the installed Python's docstrings (no network)
+#  2. a C4-format sample corpus: 4 MB of the one shipped with the project (no network)
 #  3. a sentencepiece BPE tokenizer trained on it
 #  4. Megatron indexed binaries of its train and validation splits
 #  5. pretraining of the same small model twice -- Mix-LN (first layer Post-LN, the rest Pre-LN)

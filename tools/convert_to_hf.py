@@ -31,7 +31,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_mixln.hf.export import export_to_hf
+    from megatron_mixln.hf.source_hint import checkpoint_directory_hint
 
+    hint = checkpoint_directory_hint(args.checkpoint)
+    if hint:
+        print(f"convert_to_hf: error: {hint}", file=sys.stderr)
+        return 2
     try:
         summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
                                args.tokenizer, args.always_custom, args.overwrite, args.config)

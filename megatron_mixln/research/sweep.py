@@ -10,6 +10,8 @@ ones; a directory holding runs of another configuration is refused, naming the d
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -188,13 +190,19 @@ def validate(sweep: Sweep) -> dict:
         with open(cfg_path, "w") as fh:
             json.dump(sweep.config_values, fh)
         for v in sweep.variants:
+            parser_output = io.StringIO()  # argparse prints the trainer's whole usage before its error line
             try:
-                model, train = parse_configs(sweep.pretrain_args(v, cfg_path))
-            except (UsageError, ValueError) as exc:
-                raise SweepError(f"run {v.name}: {exc}") from None
+                with contextlib.redirect_stderr(parser_output):
+                    model, train = parse_configs(sweep.pretrain_args(v, cfg_path))
             except SystemExit:
-                raise SweepError(f"run {v.name}: the pretraining flags do not parse: "
-                                 f"{shlex.join(sweep.pretrain_args(v, cfg_path))}") from None
+                lines = [ln for ln in parser_output.getvalue().splitlines() if ": error: " in ln]
+                reason = lines[-1].split(": error: ", 1)[1] if lines else "the flags do not parse"
+                raise SweepError(f"run {v.name}: a pretraining flag: {reason} (flags passed to the trainer: "
+                                 f"{shlex.join(sweep.pretrain_args(v, cfg_path))})") from None
+            except (UsageError, ValueError) as exc:
+                sys.stderr.write(parser_output.getvalue())
+                raise SweepError(f"run {v.name}: {exc}") from None
+            sys.stderr.write(parser_output.getvalue())  # warnings of a parse that succeeded
             this = {"model": _strip(model.to_dict()), "training": _strip(train.to_dict())}
             if common is None:
                 common = this
