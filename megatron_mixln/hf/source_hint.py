@@ -35,6 +35,14 @@ def checkpoint_directory_hint(path: str) -> str | None:
     runs = os.path.join(path, "runs")
     if os.path.isfile(os.path.join(path, "sweep.json")) and os.path.isdir(runs):
         names = sorted(n for n in os.listdir(runs) if os.path.isdir(os.path.join(runs, n)))
-        listed = ", ".join(os.path.join(runs, n) for n in names) or f"{runs}/<variant>"
-        return f"--checkpoint {path} is a compare_norms output: pass one of its runs: {listed}"
+        listed = ", ".join(_save_dir(os.path.join(runs, n)) for n in names) or f"{runs}/<variant>/ckpt"
+        return f"--checkpoint {path} is a compare_norms output: pass one of its runs' checkpoints: {listed}"
+    if not os.path.isfile(os.path.join(path, "latest")) and _save_dir(path) != path:
+        return f"--checkpoint {path} holds no checkpoint itself: pass its --save directory {_save_dir(path)}"
     return None
+
+
+def _save_dir(run_dir: str) -> str:
+    """The subdirectory of a run directory that holds `latest` (compare_norms: <run>/ckpt), else run_dir."""
+    subdirs = sorted(n for n in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, n, "latest")))
+    return os.path.join(run_dir, subdirs[0]) if len(subdirs) == 1 else run_dir

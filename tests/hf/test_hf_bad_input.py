@@ -146,9 +146,12 @@ def test_export_says_which_directory_to_pass(tmp_path, plain, spm_model):
     assert line.endswith(f"--checkpoint {tmp_path / 'ds'} --tag {tag}"), line
     assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "ds"), "--tag", tag, "--output",  # as the hint says
                     str(tmp_path / "hf2"), "--tokenizer", spm_model, "--config", str(plain / "config.json"))[0] == 0
-    sweep = tmp_path / "sweep"
+    sweep = tmp_path / "sweep"  # compare_norms' layout: OUT/sweep.json, OUT/runs/<run>/ckpt/latest
     for name in ("mix-k1-s1", "pre-s1"):
-        (sweep / "runs" / name).mkdir(parents=True)
+        (sweep / "runs" / name / "ckpt").mkdir(parents=True)
+        (sweep / "runs" / name / "ckpt" / "latest").write_text(tag)
     (sweep / "sweep.json").write_text("{}")
     _fails("convert_to_hf", tmp_path, "--checkpoint", str(sweep), "--output", out,
-           expect=("compare_norms output", f"{sweep}/runs/mix-k1-s1, {sweep}/runs/pre-s1"))
+           expect=("compare_norms output", f"{sweep}/runs/mix-k1-s1/ckpt, {sweep}/runs/pre-s1/ckpt"))
+    _fails("convert_to_hf", tmp_path, "--checkpoint", str(sweep / "runs" / "pre-s1"), "--output", out,
+           expect=("holds no checkpoint itself", f"--save directory {sweep}/runs/pre-s1/ckpt"))
