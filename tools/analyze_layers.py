@@ -72,14 +72,14 @@ def is_hf_dir(path: str) -> bool:
 
 def load_model(path: str, tag: str | None, norm_position: str | None = None, post_ln_layers: int | None = None):
     from megatron_mixln.model import build_model
-    from megatron_mixln.parallel.checkpoint_convert import read_checkpoint
+    from megatron_mixln.checkpoint.reader import read_full_state_dict
 
     if is_hf_dir(path):
         from megatron_mixln.hf.hf_import import read_hf_model
 
         state_dict, config = read_hf_model(path, norm_position, post_ln_layers)
     else:
-        state_dict, config = read_checkpoint(path, tag)
+        state_dict, config, _, _ = read_full_state_dict(path, tag)
     if config is None:
         raise ValueError(f"{path}: the checkpoint records no model config")
     model = build_model(config, device="meta")
@@ -133,6 +133,7 @@ def lm_eval_drop(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_mixln.hf.lm_eval_drop import lm_eval_layer_drop
+    from megatron_mixln.hf.remote_code import remote_code_verdict
 
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     limit = args.lm_eval_limit
@@ -147,14 +148,17 @@ def lm_eval_drop(args) -> dict:
             if not os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")):
                 raise ValueError(f"{args.checkpoint}: --lm-eval-tasks needs a tokenizer (the run recorded none); "
                                  "pass --tokenizer")
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+        trust, why = remote_code_verdict(hf_dir)  # only this project's own exported modeling code runs
+        if why:
+            print(f"analyze_layers: {why}; loading stock transformers classes only", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=trust, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust)
         model = model.to(args.device).eval()
         return lm_eval_layer_drop(model, tokenizer, tasks, args.lm_eval_include, limit, args.lm_eval_batch_size)
 
 
 def main(argv=None) -> int:
-    from megatron_mixln.data.fileio import atomic_write_json
+    from megatron_mixln.fileio import atomic_write_json
     from megatron_mixln.diagnostics import angular_distances, layer_removal_drop, perplexity
 
     args = parse_args(argv)

@@ -9,6 +9,7 @@ from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.mlp import SwiGLU
 from megatron_mixln.model.norms import Norm
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
+from megatron_mixln.model.two_stream import EXTRA_NORMS, FORWARDS, TwoStreamFinalNorm
 
 PRE_LIKE = ("pre", "lns")  # norm before each sublayer, residual stream un-normalised
 POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
@@ -16,6 +17,13 @@ POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
 # one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
 ENDS_WITH_ADD = ("pre", "lns", "peri")
 STARTS_WITH_NORM = ("pre", "lns", "peri")
+# norms a layer has besides attn_norm and mlp_norm (those two make the sublayers' inputs or follow their adds)
+EXTRA_NORMS_OF = {"peri": ("attn_out_norm", "mlp_out_norm"), **EXTRA_NORMS}
+
+
+def norms_per_layer(position: str) -> int:
+    """Norm modules of one layer at `position` (2, 4 for peri, 6 for siamese)."""
+    return 2 + len(EXTRA_NORMS_OF.get(position, ()))
 
 
 class Block(nn.Module):
@@ -46,6 +54,9 @@ class Block(nn.Module):
     and never hands off (its output is already normalised), so every boundary -- pre->pre, pre->post,
     post->pre, peri, lns, a pipeline stage's edge -- computes exactly the unfused sums.
 
+    Two-stream positions (siamese, residual-dual) take and return a pair of residual streams; their
+    forwards, with diagrams, are in `two_stream.py` (FORWARDS). They never hand off an add.
+
     Gated pre/lns layers (`config.gated_layers`, the reference code's scale_res_pre_norm) multiply each
     sublayer output by a learnable scalar before the add: h = x + g_a·Attn(N(x)); y = h + g_m·MLP(N(h)).
     """
@@ -64,8 +75,8 @@ class Block(nn.Module):
         self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups, config.rotary_base)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
         self.attn_norm, self.mlp_norm = norm(), norm()
-        if self.position == "peri":
-            self.attn_out_norm, self.mlp_out_norm = norm(), norm()
+        for name in EXTRA_NORMS_OF.get(self.position, ()):
+            setattr(self, name, norm())
         self.gated = layer_number in config.gated_layers
         if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init
             self.attn_gate = nn.Parameter(torch.full((), config.residual_gate_init))
@@ -73,7 +84,10 @@ class Block(nn.Module):
 
     def forward(self, x):
         """x: (batch, seq, hidden), or a pair (h, d) meaning h + d (the previous layer's handed-off add).
-        Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`."""
+        Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`.
+        Two-stream positions: x is the embedding or the pair of streams; returns the pair."""
+        if self.position in FORWARDS:
+            return FORWARDS[self.position](self, x)
         x, pending = x if isinstance(x, tuple) else (x, None)
         if self.position in PRE_LIKE:
             attn_in, x = first_norm(self.attn_norm, x, pending, self.out_scale)
@@ -112,7 +126,9 @@ def first_norm(norm: Norm, x, pending, out_scale: float = 1.0):
 
 def resolve_stream(x, norm: nn.Module | None = None):
     """A layer's output as one tensor: h + d for a handed-off pair, through `norm` if given (the
-    final norm: then the add is fused into it too)."""
+    final norm: then the add is fused into it too); a two-stream pair through its final norms."""
+    if isinstance(norm, TwoStreamFinalNorm):
+        return norm(x)
     if isinstance(norm, Norm):
         return norm(x[1], residual=x[0])[0] if isinstance(x, tuple) else norm(x)
     if isinstance(x, tuple):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from megatron_mixln.model.positions import POSITIONS, format_positions, resolve_positions, select_layers
+from megatron_mixln.model.positions import POSITIONS, TWO_STREAM, format_positions, resolve_positions, select_layers
 from megatron_mixln.model.presets import preset
 
 NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
@@ -90,6 +90,9 @@ class ModelConfig:
         self.positions = resolve_positions(
             self.norm_position, self.num_layers, self.post_ln_layers, self.post_ln_fraction
         )
+        if not self.final_norm and self.positions[0] in TWO_STREAM:
+            raise ValueError(f"--no-final-norm: norm position {self.positions[0]} needs its final norms (they "
+                             "combine its two residual streams into the LM head's input); drop --no-final-norm")
         self._resolve_layer_options()
 
     def _resolve_layer_options(self) -> None:

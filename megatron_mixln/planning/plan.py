@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_mixln.model import ModelConfig
+from megatron_mixln.model.block import norms_per_layer
+from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.activations import activation_bytes
 from megatron_mixln.planning.layout import Layout, check_layout
 from megatron_mixln.planning.model_states import ModelStates, model_states, param_counts
@@ -37,7 +39,7 @@ def zero_buffers(zero: dict, layout: Layout, model: ModelConfig) -> dict[str, in
     small = 0
     if h <= threshold:  # norm gains (and LayerNorm biases) are the only tensors this small in practice
         per_norm = 2 if model.norm_kind == "layernorm" else 1
-        norms = sum(4 if p == "peri" else 2 for p in model.positions) + (1 if model.final_norm else 0)
+        norms = sum(norms_per_layer(p) for p in model.positions) + final_norm_count(model)
         small = norms * per_norm * h // layout.pipeline_model_parallel_size
     return {"reduce bucket": e * reduce, "prefetch bucket": e * prefetch, "persistent small params": e * small}
 

@@ -12,12 +12,21 @@ does not fix a role; the position does (the reference code's "post_attention_lay
     pre, lns             before attention  before the MLP             -                          -
     post, deep*          -                 after the attention add    -                          after the MLP add
     peri                 before attention  on the attention output    before the MLP             on the MLP output
+    residual-dual        -                 after the attention add    -                          after the MLP add
+
+siamese layers name their six norms attn_x_layernorm, attn_y_layernorm, input_layernorm (attention input),
+mlp_x_layernorm, mlp_y_layernorm, post_attention_layernorm (MLP input). Two-stream layers (siamese,
+residual-dual) take and return the pair of residual streams (x, y) as `hidden_states` (the first layer
+gets the embedding and starts both from it); the final norm module (`model.norm`) combines the pair, and
+`output_hidden_states` reports the x stream.
 
 Norm arithmetic matches the training stack: the residual add a*r + x and the normalisation are computed in
 fp32 and rounded once to the activation dtype; weight (and bias) multiply in fp32; the LNS scale s
 multiplies the norm output.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -34,7 +43,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .configuration_mixln_llama import MixLNLlamaConfig
 
 PRE_LIKE = ("pre", "lns")
-POST_LIKE = ("post", "deepnorm", "deeppost")
+POST_LIKE = ("post", "deepnorm", "deeppost", "residual-dual")
+SIAMESE_NORMS = ("attn_x_layernorm", "attn_y_layernorm", "input_layernorm",
+                 "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm")
+FINAL_NORMS = {"siamese": ("x_norm", "y_norm", "out_norm"), "residual-dual": ("d_norm",)}
 
 
 class MixLNRMSOrLayerNorm(nn.Module):
@@ -90,8 +102,12 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         def norm():
             return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
 
+        self.stream_scale = 1.0 / math.sqrt(2 * config.layer_numbers[layer_idx])  # siamese: 1/sqrt(2l)
         if self.position in PRE_LIKE:
             self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        elif self.position == "siamese":
+            for name in SIAMESE_NORMS:
+                setattr(self, name, norm())
         elif self.position in POST_LIKE:
             self.post_attention_layernorm, self.post_feedforward_layernorm = norm(), norm()
         else:  # peri
@@ -100,13 +116,29 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden)."""
+        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden); two-stream layers: the embedding or
+        the pair (x, y) -> the pair."""
         def attn(h):
             return self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)[0]
 
         x, a, s = hidden_states, self.residual_scale, self.output_scale
+        if self.position == "siamese":
+            x, y = x if isinstance(x, tuple) else (x, x)
+            x = self.attn_x_layernorm(x)
+            o = attn(add_norm(self.attn_y_layernorm(y), x, self.input_layernorm)[0])  # Nin(x + Ny(y))
+            x = add_norm(o * self.stream_scale, x, self.mlp_x_layernorm)[0]  # Nx'(x + o/c)
+            y_normed, y = add_norm(o, y, self.mlp_y_layernorm)  # (Ny'(y + o), y + o)
+            o = self.mlp(add_norm(y_normed, x, self.post_attention_layernorm)[0])
+            return x + o * self.stream_scale, y + o
+        if self.position == "residual-dual":
+            x, d = x if isinstance(x, tuple) else (x, x)
+            o = attn(x)
+            d = d + o
+            x = add_norm(o, x, self.post_attention_layernorm)[0]
+            o = self.mlp(x)
+            return add_norm(o, x, self.post_feedforward_layernorm)[0], d + o
         if self.position in PRE_LIKE:
             attn_out = attn(add_norm(x, None, self.input_layernorm, out_scale=s)[0])
             mlp_in, h = add_norm(attn_out, x, self.post_attention_layernorm, out_scale=s)  # h = x + attn_out
@@ -118,6 +150,30 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         attn_out = self.post_attention_layernorm(attn(self.input_layernorm(x)))
         mlp_in, h = add_norm(attn_out, x, self.pre_feedforward_layernorm)  # h = x + N(attn_out)
         return h + self.post_feedforward_layernorm(self.mlp(mlp_in))
+
+
+class MixLNTwoStreamFinalNorm(nn.Module):
+    """The last pair of streams -> the LM head's input: siamese Nf(Nfx(x) + Nfy(y)); residual-dual x + Nd(d)."""
+
+    def __init__(self, config: MixLNLlamaConfig):
+        super().__init__()
+        self.position = config.norm_positions[0]
+        for name in FINAL_NORMS[self.position]:
+            setattr(self, name, MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization))
+
+    def forward(self, hidden_states):
+        x, y = hidden_states if isinstance(hidden_states, tuple) else (hidden_states, hidden_states)
+        if self.position == "siamese":
+            return add_norm(self.y_norm(y), self.x_norm(x), self.out_norm)[0]
+        return x + self.d_norm(y)
+
+
+def final_norm(config: MixLNLlamaConfig) -> nn.Module:
+    if not config.final_norm:
+        return nn.Identity()
+    if config.norm_positions and config.norm_positions[0] in FINAL_NORMS:
+        return MixLNTwoStreamFinalNorm(config)
+    return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
 
 
 class MixLNLlamaPreTrainedModel(LlamaPreTrainedModel):
@@ -136,8 +192,7 @@ class MixLNLlamaModel(MixLNLlamaPreTrainedModel, LlamaModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(MixLNLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = (MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
-                     if config.final_norm else nn.Identity())
+        self.norm = final_norm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
