@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quickstart: the whole pipeline on a laptop-sized CPU job (about 5 minutes on 2 cores).
+# Quickstart: the whole pipeline on a laptop-sized CPU job (docs/training.md#quickstart has the time and
+# perplexities it gave on a 2-core machine).
 #
 #   bash launchers/quickstart.sh            # outputs under outputs/quickstart/
 #   OUT=/tmp/qs TRAIN_ITERS=600 bash launchers/quickstart.sh
