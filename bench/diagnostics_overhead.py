@@ -31,7 +31,8 @@ from megatron_mixln.model.presets import PRESETS  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--ffn-hidden-size", type=int, default=688)

@@ -39,7 +39,8 @@ TARGET_MIN_HIDDEN = 2048
 
 
 def parse_args():
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sweep: hidden 1024, 4096 x 8k tokens")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     p.add_argument("--hidden", type=int, nargs="+", help="override the hidden sizes")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -122,19 +123,26 @@ def json_bytes(paths: list[str]) -> int:
     return total
 
 
-def make_inputs(work: str, base_mb: float, scale: int) -> tuple[list[str], list[str]]:
-    from megatron_mixln.data.sample_corpus import CorpusOptions, make_sample_corpus
+def _repeat(paths: list[str], times: int, directory: str) -> list[str]:
+    """`times` copies of the shards under C4 names in `directory` (the input as a bigger corpus would ship)."""
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for i in range(times * len(paths)):
+        path = os.path.join(directory, f"c4-train.{i:05d}-of-{times * len(paths):05d}.json.gz")
+        shutil.copy(paths[i % len(paths)], path)
+        out.append(path)
+    return out
 
-    small = make_sample_corpus(CorpusOptions(os.path.join(work, "small"), target_mb=base_mb,
-                                             train_shards=4, valid_shards=0))["train"]
-    large_dir = os.path.join(work, "large")
-    os.makedirs(large_dir, exist_ok=True)
-    large = []
-    for i in range(scale * len(small)):
-        path = os.path.join(large_dir, f"c4-train.{i:05d}-of-{scale * len(small):05d}.json.gz")
-        shutil.copy(small[i % len(small)], path)
-        large.append(path)
-    return small, large
+
+def make_inputs(work: str, base_mb: float, scale: int) -> tuple[list[str], list[str]]:
+    """The small input (`base_mb` of the shipped sample corpus, repeated when more is asked than it holds)
+    and the large one (`scale` copies of the small)."""
+    from megatron_mixln.data.sample_corpus import SHIPPED_MB, CorpusOptions, make_sample_corpus
+
+    shipped = make_sample_corpus(CorpusOptions(os.path.join(work, "corpus"), target_mb=min(base_mb, SHIPPED_MB),
+                                               train_shards=4, valid_shards=0))["train"]
+    small = _repeat(shipped, math.ceil(base_mb / SHIPPED_MB), os.path.join(work, "small"))
+    return small, _repeat(small, scale, os.path.join(work, "large"))
 
 
 def backend_tokenizers(work: str, inputs: list[str]) -> dict[str, str]:

@@ -55,7 +55,8 @@ SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     shape = p.add_argument_group("shape (a preset, or the fields; a field given overrides the preset)")
     shape.add_argument("--preset", choices=sorted(PRESETS), help="model shape from megatron_mixln.model.presets")
     for name in ("hidden-size", "ffn-hidden-size", "num-layers", "num-attention-heads", "num-query-groups"):

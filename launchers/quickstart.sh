@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Quickstart: the whole pipeline on a laptop-sized CPU job (about 5 minutes on 2 cores).
+# Quickstart: the whole pipeline on a laptop-sized CPU job (docs/training.md#quickstart has the time and
+# perplexities it gave on a 2-core machine).
 #
 #   bash launchers/quickstart.sh            # outputs under outputs/quickstart/
 #   OUT=/tmp/qs TRAIN_ITERS=600 bash launchers/quickstart.sh
 #
 #  1. environment (launchers/setup_env.sh: creates/reuses .venv)
-#  2. a C4-format sample corpus from the installed Python's docstrings (no network)
+#  2. a C4-format sample corpus: 4 MB of the one shipped with the project (no network)
 #  3. a sentencepiece BPE tokenizer trained on it
 #  4. Megatron indexed binaries of its train and validation splits
 #  5. pretraining of the same small model twice -- Mix-LN (first layer Post-LN, the rest Pre-LN)

@@ -28,7 +28,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
         flag = "--" + f.name.replace("_", "-")
         tp = base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text:  # a help text that explains its default says it once
+            help_text += f" (default: {default})"
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

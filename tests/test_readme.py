@@ -25,7 +25,7 @@ still match something, so the table cannot silently go stale):
 | document text                | run as                    | why                                                     |
 |------------------------------|---------------------------|---------------------------------------------------------|
 | `bash launchers/setup_env.sh`| `# setup_env.sh ...`      | the test already runs inside the suite's environment (tests/run.sh / CI ran setup_env.sh); it must not reinstall it |
-| `--target-mb 20`             | `--target-mb 2`           | a 2 MB sample corpus: every later step runs on it unchanged, 10x faster |
+| `--target-mb 8`              | `--target-mb 2`           | a 2 MB sample corpus: every later step runs on it unchanged, 4x faster |
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ SUBSTITUTIONS = [  # (pattern, replacement, why)
     (r"^bash launchers/setup_env\.sh\b.*$",
      "# setup_env.sh not run: the test runs inside the environment of the suite, which it must not reinstall",
      "environment"),
-    (r"--target-mb 20\b", "--target-mb 2", "a 2 MB sample corpus"),
+    (r"--target-mb 8\b", "--target-mb 2", "a 2 MB sample corpus"),
 ]
 TIMEOUT_S = 900
 MARK = "@@README-BLOCK"
@@ -276,7 +276,7 @@ def _env(work: Path) -> dict:
 
 def test_parser_markers_and_substitutions():
     text = "\n".join([
-        "# t", "```bash", "echo one --target-mb 20", "```",
+        "# t", "```bash", "echo one --target-mb 8", "```",
         "<!-- readme-test: skip: needs a GPU -->", "", "```python", "import nothing_here", "```",
         "```text", "output", "```", "  ```python", "  print(1)", "  ```",
     ])

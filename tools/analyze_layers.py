@@ -200,7 +200,7 @@ def _main(argv) -> int:
         print(f"  h_{l} -> h_{l + 1} ({position:<8}) {d[l, 1].item():.4f}")
     for row in result["layer_removal"] or []:
         print(f"  without layer {row['layer']:>2} ({row['position']:<8}) perplexity {row['perplexity']:.3f} "
-              f"(+{row['drop']:.3f})")
+              f"({row['drop']:+.3f})")  # signed: a removal can also lower the perplexity
     if result.get("lm_eval"):
         print_lm_eval(result["lm_eval"])
     print(f"wrote {args.out}/layer_analysis.json and plots")

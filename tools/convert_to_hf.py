@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from megatron_mixln.errors import ArgumentParser, run_tool
+from megatron_mixln.errors import ArgumentParser, UsageError, run_tool
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,11 @@ def _main(argv) -> int:
     args = p.parse_args(argv)
 
     from megatron_mixln.hf.export import export_to_hf
+    from megatron_mixln.hf.source_hint import checkpoint_directory_hint
 
+    hint = checkpoint_directory_hint(args.checkpoint)
+    if hint:
+        raise UsageError(hint)
     summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
                            args.tokenizer, args.always_custom, args.overwrite, args.config)
     print(json.dumps(summary))

@@ -20,13 +20,17 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_mixln.data.errors import DataError  # noqa: E402
 from megatron_mixln.data.multinode import merge_preprocessed  # noqa: E402
+from megatron_mixln.errors import ArgumentParser, run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
-                                allow_abbrev=False)
+    return run_tool(_main, "merge_datasets", argv)
+
+
+def _main(argv) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, metavar="PREFIX",
                    help="dataset prefixes (without .bin/.idx), merged in this order; a glob expands sorted")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx/.summary.json")
@@ -34,11 +38,7 @@ def main(argv=None) -> int:
     prefixes = []
     for item in a.input:
         prefixes += sorted(m[:-4] for m in glob.glob(item + ".idx")) if glob.has_magic(item) else [item]
-    try:
-        summary = merge_preprocessed(prefixes, a.output_prefix)
-    except DataError as err:
-        print(f"merge_datasets: error: {err}", file=sys.stderr)
-        return 1
+    summary = merge_preprocessed(prefixes, a.output_prefix)  # a DataError (bad input) exits 2 with one line
     print(f"{summary['output_prefix']}: {summary['documents']:,} documents, {summary['tokens']:,} tokens "
           f"({summary['dtype']}) from {len(prefixes)} parts, {summary['elapsed_s']:.1f} s")
     return 0

@@ -16,6 +16,7 @@ of a step wins.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    p = ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(allow_abbrev=False, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--profile-steps", default=None,

@@ -306,6 +306,8 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
         if not sum(manifests[t.ordinal]["keys"][key]["documents"] for t in tasks[:used]):
             skipped = {r: v["count"] for r, v in _absolute_examples(tasks, manifests, key,
                                                                      used).items()}
+            if not opts.keep_shards:  # nothing worth resuming: an empty input leaves nothing behind
+                shutil.rmtree(shard_dir, ignore_errors=True)
             raise DataError(f"no documents for JSON key {key!r} in the input (skipped lines: "
                             f"{skipped or 'none'}); check --json-keys and the input files")
     summaries = {}

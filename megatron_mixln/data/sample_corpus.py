@@ -1,12 +1,15 @@
-"""A C4-format sample corpus made from text every installation has: Python docstrings.
+"""The sample corpus: a fixed, C4-format set of English documents shipped with the project.
 
-No network is needed: the module, class and function docstrings of the standard library and the
-installed site-packages are real English prose (plus some code and reST markup), a few to tens of
-MB of it. Files are walked in sorted order, duplicates and tiny docstrings are dropped, and gzip is
-written with a zero timestamp, so the corpus is byte-identical for a given environment.
+`sample_corpus.jsonl.gz` (next to this module) holds about 8 MB of text: docstrings of CPython's
+standard library and of a few of the project's pinned, permissively licensed dependencies
+(`SHIPPED_PACKAGES`), deduplicated, in a fixed order, each record naming its source in `url`. It was
+built once by `write_shipped_corpus` (`python -m megatron_mixln.data.sample_corpus --rebuild`) and is
+tracked in git, so `make_sample_corpus` writes the same bytes on every machine, whatever Python and
+packages are installed (needs no network either).
 
 Output mirrors C4's layout: ``c4-train.00000-of-0000N.json.gz`` and
-``c4-validation.00000-of-0000M.json.gz``, one ``{"text", "timestamp", "url"}`` object per line.
+``c4-validation.00000-of-0000M.json.gz``, one ``{"text", "timestamp", "url"}`` object per line;
+gzip is written with a zero timestamp.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ _SKIP_DIRS = {"__pycache__", "test", "tests", "testing", "idle_test", "site-pack
               "dist-packages", ".git"}
 _MAX_SOURCE_BYTES = 2 << 20  # generated tables, not prose
 _EPOCH = datetime.datetime(2019, 4, 18, tzinfo=datetime.timezone.utc)  # C4's crawl month
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_corpus.jsonl.gz")
+SHIPPED_MB = 8.0
+# Top-level site-packages directories whose docstrings the shipped corpus may hold (licenses: BSD-3,
+# Apache-2.0, the matplotlib license), after the standard library (PSF).
+SHIPPED_PACKAGES = ("accelerate", "datasets", "deepspeed", "huggingface_hub", "matplotlib", "numpy",
+                    "torch", "transformers")
 
 
 @dataclass
@@ -54,11 +63,15 @@ def source_roots() -> list[tuple[str, str]]:
     return roots
 
 
-def iter_source_files() -> Iterator[tuple[str, str, str]]:
-    """(label, root, relative path) of every .py file, in a stable sorted order."""
+def iter_source_files(packages: tuple[str, ...] = SHIPPED_PACKAGES) -> Iterator[tuple[str, str, str]]:
+    """(label, root, relative path) of every .py file of the standard library and of the given
+    site-packages top-level directories, in a stable sorted order."""
     for label, root in source_roots():
         for directory, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")
+                             and (label == "stdlib" or directory != root or d in packages))
+            if label != "stdlib" and directory == root:
+                continue  # single-module packages at the top of site-packages are not in the list
             for name in sorted(files):
                 if name.endswith(".py"):
                     path = os.path.join(directory, name)
@@ -86,8 +99,9 @@ def extract_docstrings(source: str) -> Iterator[tuple[str, str]]:
     yield from walk(tree, "")
 
 
-def iter_documents(min_chars: int) -> Iterator[dict]:
-    """C4-style records, deduplicated, in a deterministic order."""
+def iter_docstring_documents(min_chars: int) -> Iterator[dict]:
+    """C4-style records from the installed docstrings, deduplicated, in a deterministic order (what
+    the shipped corpus was built from; its bytes depend on the installed Python and packages)."""
     seen: set[bytes] = set()
     for label, root, rel in iter_source_files():
         path = os.path.join(root, rel)
@@ -111,10 +125,44 @@ def iter_documents(min_chars: int) -> Iterator[dict]:
             if digest in seen:
                 continue
             seen.add(digest)
-            seconds = int.from_bytes(digest[:4], "little") % (14 * 86400)
-            stamp = (_EPOCH + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
             url = f"pydoc://{label}/{rel.replace(os.sep, '/')}" + (f"#{qualname}" if qualname else "")
-            yield {"text": text, "timestamp": stamp, "url": url, "_digest": digest}
+            yield _record(text, url)
+
+
+def _record(text: str, url: str) -> dict:
+    """A C4 record with a timestamp and split key derived from the text's digest (stable anywhere)."""
+    digest = hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest()
+    seconds = int.from_bytes(digest[:4], "little") % (14 * 86400)
+    stamp = (_EPOCH + datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"text": text, "timestamp": stamp, "url": url, "_digest": digest}
+
+
+def write_shipped_corpus(path: str = SHIPPED, target_mb: float = SHIPPED_MB, min_chars: int = 200) -> int:
+    """Build the shipped corpus file from the installed docstrings (once, by a maintainer); returns
+    the number of documents. The bytes depend on the installed versions; the file in git is the
+    reference every machine uses."""
+    target, size, n = int(target_mb * 2**20), 0, 0
+    with atomic_open(path, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+            for doc in iter_docstring_documents(min_chars):
+                gz.write(json.dumps({"text": doc["text"], "url": doc["url"]}, ensure_ascii=False).encode("utf-8") + b"\n")
+                size += len(doc["text"].encode("utf-8"))
+                n += 1
+                if size >= target:
+                    break
+    return n
+
+
+def iter_documents(min_chars: int, path: str = SHIPPED) -> Iterator[dict]:
+    """C4-style records of the shipped corpus, in its order; texts shorter than min_chars skipped.
+    Raises FileNotFoundError naming the file when it is missing (a broken checkout or install)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the shipped sample corpus {path} is missing: reinstall or check out the project again")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            doc = json.loads(line)
+            if len(doc["text"]) >= min_chars:
+                yield _record(doc["text"], doc["url"])
 
 
 def _shard_names(split: str, count: int) -> list[str]:
@@ -144,7 +192,9 @@ def _write_shards(docs: list[dict], directory: str, split: str, count: int) -> l
 
 
 def make_sample_corpus(opts: CorpusOptions) -> dict:
-    """Write the corpus; returns {"train": [paths], "validation": [paths], "documents", "mb"}."""
+    """Write the first `target_mb` MB of text of the shipped corpus as C4 shards (all of it, SHIPPED_MB,
+    when more is asked); returns {"train": [paths], "validation": [paths], "documents", "mb"}.
+    Raises ValueError for bad sizes or counts."""
     if opts.target_mb <= 0 or opts.train_shards < 1 or opts.valid_shards < 0:
         raise ValueError("need --target-mb > 0, --train-shards >= 1, --valid-shards >= 0")
     os.makedirs(opts.output_dir, exist_ok=True)
@@ -165,3 +215,15 @@ def make_sample_corpus(opts: CorpusOptions) -> dict:
         "documents": {"train": len(train), "validation": len(valid)},
         "mb": round(size / 2**20, 3),
     }
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rebuild the shipped sample corpus from the installed docstrings "
+                                     "(maintainers only: the bytes depend on the installed versions).",
+                                     allow_abbrev=False)
+    parser.add_argument("--rebuild", action="store_true", required=True)
+    parser.add_argument("--output", default=SHIPPED)
+    args = parser.parse_args()
+    print(f"{write_shipped_corpus(args.output)} documents -> {args.output}")

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -217,17 +218,19 @@ def validate(sweep: Sweep) -> dict:
         with open(cfg_path, "w") as fh:
             json.dump(sweep.config_values, fh)
         for v in sweep.variants:
-            said = io.StringIO()  # the trainer parser's one-line error, re-said as this tool's
+            parser_output = io.StringIO()  # argparse prints the trainer's whole usage before its error line
             try:
-                with contextlib.redirect_stderr(said):
+                with contextlib.redirect_stderr(parser_output):
                     model, train = parse_configs(sweep.pretrain_args(v, cfg_path))
-            except (UsageError, ValueError) as exc:
-                raise SweepError(f"run {v.name}: {exc}") from None
             except SystemExit:
-                what = said.getvalue().strip().split(": error: ", 1)[-1]
-                raise SweepError(f"run {v.name}: the pretraining flags: {what}") from None
-            finally:
-                sys.stderr.write(said.getvalue() if "error: " not in said.getvalue() else "")
+                lines = [ln for ln in parser_output.getvalue().splitlines() if ": error: " in ln]
+                reason = lines[-1].split(": error: ", 1)[1].removesuffix(" (see --help)") if lines else "the flags do not parse"
+                raise SweepError(f"run {v.name}: a pretraining flag: {reason} (flags passed to the trainer: "
+                                 f"{shlex.join(sweep.pretrain_args(v, cfg_path))})") from None
+            except (UsageError, ValueError) as exc:
+                sys.stderr.write(parser_output.getvalue())
+                raise SweepError(f"run {v.name}: {exc}") from None
+            sys.stderr.write(parser_output.getvalue())  # warnings of a parse that succeeded
             swept = (LR_FIELD, "min_lr") if sweep.lrs else ()  # min_lr defaults to 0.1 x lr
             this = {"model": _strip(model.to_dict(), swept), "training": _strip(train.to_dict(), swept)}
             if common is None:

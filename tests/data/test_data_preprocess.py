@@ -291,6 +291,15 @@ def test_no_documents_at_all_is_an_error(tmp_path, spm_model):
     with pytest.raises(DataError, match=r"no documents for JSON key 'text' .*'missing_key': 3"):
         run(tmp_path / "out", [path], spm_model)
     assert not glob.glob(str(tmp_path / "out_text_document*"))
+    assert not (tmp_path / "out.shards").exists()
+
+
+def test_an_empty_file_leaves_no_shard_directory(tmp_path, spm_model):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"no documents for JSON key 'text' .*skipped lines: none"):
+        run(tmp_path / "out", [str(empty)], spm_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
 
 
 def test_a_kill_between_the_final_renames_never_pairs_new_data_with_old_files(tmp_path,

@@ -39,6 +39,9 @@ def test_analyze_layers_on_a_stock_hf_llama(tmp_path):
     assert result["perplexity"] == pytest.approx(perplexity(model.eval(), batches), rel=1e-6)
     assert [r["drop"] for r in result["layer_removal"]] == pytest.approx(
         [r["drop"] for r in layer_removal_drop(model, batches)], rel=1e-5)
+    for row in result["layer_removal"]:  # the change is printed with its own sign, never as "+-"
+        assert f"perplexity {row['perplexity']:.3f} ({'-' if row['drop'] < 0 else '+'}{abs(row['drop']):.3f})" in out
+    assert "+-" not in out
 
 
 def test_lm_eval_drop_per_removed_layer(tmp_path, spm_model):

@@ -138,3 +138,28 @@ def test_import_conflicting_norm_position(tmp_path):
     code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ok"),
                             "--norm-position", "mix", "--post-ln-layers", "1")
     assert code == 0, err
+
+
+def test_export_says_which_directory_to_pass(tmp_path, plain, spm_model):
+    """An HF export, one checkpoint tag, a compare_norms output: the line names the directory to pass."""
+    out = str(tmp_path / "out")
+    assert run_tool("convert_to_hf", "--checkpoint", str(plain), "--output", str(tmp_path / "hf"),
+                    "--tokenizer", spm_model)[0] == 0
+    _fails("convert_to_hf", tmp_path, "--checkpoint", str(tmp_path / "hf"), "--output", out,
+           expect=("Hugging Face export already", "--save directory"))
+    assert run_tool("convert_checkpoint", "--input", str(plain), "--output", str(tmp_path / "ds"),
+                    "--to", "deepspeed", "--tp", "1", "--pp", "1")[0] == 0
+    tag = (tmp_path / "ds" / "latest").read_text().strip()
+    line = _fails("convert_to_hf", tmp_path, "--checkpoint", str(tmp_path / "ds" / tag), "--output", out)
+    assert line.endswith(f"--checkpoint {tmp_path / 'ds'} --tag {tag}"), line
+    assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "ds"), "--tag", tag, "--output",  # as the hint says
+                    str(tmp_path / "hf2"), "--tokenizer", spm_model, "--config", str(plain / "config.json"))[0] == 0
+    sweep = tmp_path / "sweep"  # compare_norms' layout: OUT/sweep.json, OUT/runs/<run>/ckpt/latest
+    for name in ("mix-k1-s1", "pre-s1"):
+        (sweep / "runs" / name / "ckpt").mkdir(parents=True)
+        (sweep / "runs" / name / "ckpt" / "latest").write_text(tag)
+    (sweep / "sweep.json").write_text("{}")
+    _fails("convert_to_hf", tmp_path, "--checkpoint", str(sweep), "--output", out,
+           expect=("compare_norms output", f"{sweep}/runs/mix-k1-s1/ckpt, {sweep}/runs/pre-s1/ckpt"))
+    _fails("convert_to_hf", tmp_path, "--checkpoint", str(sweep / "runs" / "pre-s1"), "--output", out,
+           expect=("holds no checkpoint itself", f"--save directory {sweep}/runs/pre-s1/ckpt"))

@@ -132,12 +132,15 @@ def test_interrupted_run_was_resumed_and_a_rerun_skips_everything(sweep, capsys)
     (["--positions", "pre", "--post-ln-fraction", "0.25"], "a fraction sweep needs 'mix' in --positions"),
     (["--positions", "pre", "--seed", "3"], "--seed: set by the sweep for every run"),
     (["--positions", "pre", "--hidden-size", "30"], "run pre-s1234: --hidden-size/--num-attention-heads: head dim must be even"),
+    (["--positions", "pre", "--train-iter", "5"], "run pre-s1234: a pretraining flag: unrecognized arguments: --train-iter 5"),
+    (["--positions", "pre", "--lr", "abc"], "run pre-s1234: a pretraining flag: argument --lr: invalid float value: 'abc'"),
 ])
 def test_bad_input_fails_before_training(sweep, capsys, args, message):
     out = str(sweep["tmp"] / "bad")
     flags = _flags(sweep["data"])
     assert tool.main(["--out", out, *flags, *args]) == 2  # flags given later win
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "usage:" not in err
     assert not os.path.exists(out)
 
 

@@ -30,6 +30,8 @@ CASES = {
     "gen_flag_docs": ([], ["--output", "MISSING/flags.md"], "MISSING/flags.md"),  # writes it: a missing directory
     "estimate_memory": ([], ["--deepspeed-config", "MISSING/ds.json"], "--deepspeed-config"),
     "make_sample_corpus": (["--output-dir", "o"], ["--output-dir", "FILE/sub"], "FILE/sub"),  # no input file: an output under a file
+    "merge_datasets": (["--input", "x", "--output-prefix", "o"], ["--input", "MISSING/part", "--output-prefix", "o"],
+                       "MISSING/part"),
     "model_summary": ([], ["--num-layers", "0"], "--num-layers"),  # no input file: a bad value, named as its flag
     "plot_metrics": (["o", "--out", "o"], ["MISSING", "--out", "o"], "MISSING"),
     "preprocess_c4": (["--tokenizer", "null:100", "--output-prefix", "o"],
