@@ -16,7 +16,8 @@ PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page is stale")
     parser.add_argument("--output", default=PAGE, help="the page to write or check (default: docs/flags.md)")
     args = parser.parse_args(argv)

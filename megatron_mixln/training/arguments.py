@@ -7,6 +7,7 @@ underscores (`hidden-size: 64` or `hidden_size: 64`), plus `preset`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -20,12 +21,28 @@ _TRAIN_FIELDS = {f for f in TrainingConfig.__dataclass_fields__ if TrainingConfi
 _EXTRA_FIELDS = {"preset"}
 
 
+def _one_line_error(parser: argparse.ArgumentParser, message: str):
+    """argparse's error(), but ONE line (not the ~80-line usage block), and an unknown flag gets the closest
+    real flag suggested: `error: unrecognized arguments: --norm-postion mix (did you mean --norm-position?)`."""
+    import difflib
+
+    hint = ""
+    if message.startswith("unrecognized arguments:"):
+        flags = [o for a in parser._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
+        unknown = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+        close = [m[0] for w in unknown for m in [difflib.get_close_matches(w, flags, n=1, cutoff=0.75)] if m]
+        if close:
+            hint = f" (did you mean {', '.join(close)}?)"
+    parser.exit(2, f"{parser.prog}: error: {message}{hint}; see --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_mixln.pretrain",
         allow_abbrev=False,  # as Megatron-LM: `--train-iter 5` is an error, not --train-iters
         description="Pretrain a LLaMA-family model with a per-layer norm position (Mix-LN, Pre-LN, ...) on DeepSpeed.",
     )
+    p.error = functools.partial(_one_line_error, p)
     p.add_argument("--config", default=None, help="YAML/JSON file of flag values; flags given here override it")
     p.add_argument("--preset", default=argparse.SUPPRESS, help=f"model shape: {', '.join(PRESETS)}")
     add_dataclass_args(p, ModelConfig, "model")
@@ -104,10 +121,22 @@ def make_configs(values: dict) -> tuple[ModelConfig, TrainingConfig]:
     try:
         model = ModelConfig.from_preset(preset, **model_kw) if preset else ModelConfig(**model_kw)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(field_names_to_flags(str(exc))) from None
     if train.tokenizer:
         check_tokenizer_vocab(train.tokenizer, model.vocab_size)
     return model, train
+
+
+def field_names_to_flags(message: str) -> str:
+    """ModelConfig's errors name its fields (`norm_position: unknown value ...`, `num_layers=4`); on the command
+    line the user typed flags, so name those: `--norm-position: unknown value ...`, `--num-layers 4`."""
+    import re
+
+    for name in sorted((f for f in _MODEL_FIELDS if "_" in f), key=len, reverse=True):
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){name}=", flag + " ", message)
+        message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
+    return message
 
 
 def tokenizer_vocab_size(spec: str) -> int:
