@@ -38,3 +38,18 @@ def given_fields(ns: argparse.Namespace, cls) -> dict:
     """The dataclass fields present in a parsed namespace (i.e. given on the command line)."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def one_line_error(parser: argparse.ArgumentParser, message: str):
+    """argparse's error(), but ONE line (not the ~80-line usage block), and an unknown flag gets the closest
+    real flag suggested: `error: unrecognized arguments: --norm-postion mix (did you mean --norm-position?)`."""
+    import difflib
+
+    hint = ""
+    if message.startswith("unrecognized arguments:"):
+        flags = [o for a in parser._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
+        unknown = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+        close = [m[0] for w in unknown for m in [difflib.get_close_matches(w, flags, n=1, cutoff=0.75)] if m]
+        if close:
+            hint = f" (did you mean {', '.join(close)}?)"
+    parser.exit(2, f"{parser.prog}: error: {message}{hint}; see --help\n")

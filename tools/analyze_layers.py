@@ -25,6 +25,10 @@ import torch
 
 
 def parse_args(argv=None):
+    import functools
+
+    from megatron_mixln.cli import one_line_error
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="training --save dir (DeepSpeed) or plain converted dir")
@@ -45,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--skip-removal", action="store_true", help="angular distance only (removal costs L+1 passes)")
     p.add_argument("--out", required=True, help="output directory")
+    p.error = functools.partial(one_line_error, p)  # one line, not the usage block
     args = p.parse_args(argv)
     for flag in ("seq_length", "num_samples", "micro_batch_size"):
         if getattr(args, flag) <= 0:

@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_mixln.research.plot_style import (  # noqa: E402
     LAYER_METRICS, color_norm, integer_axis, layer_values, profile_figure, readable_log_axis, shared_range,
 )
+from megatron_mixln.research.report import NAMES as REPORT_NAMES  # noqa: E402
 from megatron_mixln.training.metrics import read_metrics  # noqa: E402
 
-NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
-         "deepnorm": "DeepNorm", "deeppost": "DeepPost"}
+NAMES = {**REPORT_NAMES, "deeppost": "DeepPost"}  # the sweep report's names (SiameseNorm, ResiDual, ...)
 GRAD_KEY = re.compile(r"^grad_norm/layer_(\d+)/(\w+)$")
 SUBLAYER_ORDER = ("attn", "mlp", "attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm")
 
@@ -39,7 +39,9 @@ SUBLAYER_ORDER = ("attn", "mlp", "attn_norm", "mlp_norm", "attn_out_norm", "mlp_
 def load_run(run_dir: str) -> dict:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
-        raise SystemExit(f"error: {run_dir}: no metrics.jsonl (expected a run directory of megatron_mixln.pretrain)")
+        print(f"plot_metrics: error: {run_dir}: no metrics.jsonl (expected a run directory of "
+              "megatron_mixln.pretrain)", file=sys.stderr)
+        raise SystemExit(2)
     try:
         by_kind = read_metrics(metrics_path)
     except ValueError as err:

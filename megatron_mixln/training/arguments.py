@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from megatron_mixln.cli import add_dataclass_args, given_fields
+from megatron_mixln.cli import add_dataclass_args, given_fields, one_line_error
 from megatron_mixln.model import PRESETS, ModelConfig
 from megatron_mixln.training.config import TrainingConfig, UsageError
 
@@ -21,28 +21,13 @@ _TRAIN_FIELDS = {f for f in TrainingConfig.__dataclass_fields__ if TrainingConfi
 _EXTRA_FIELDS = {"preset"}
 
 
-def _one_line_error(parser: argparse.ArgumentParser, message: str):
-    """argparse's error(), but ONE line (not the ~80-line usage block), and an unknown flag gets the closest
-    real flag suggested: `error: unrecognized arguments: --norm-postion mix (did you mean --norm-position?)`."""
-    import difflib
-
-    hint = ""
-    if message.startswith("unrecognized arguments:"):
-        flags = [o for a in parser._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
-        unknown = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
-        close = [m[0] for w in unknown for m in [difflib.get_close_matches(w, flags, n=1, cutoff=0.75)] if m]
-        if close:
-            hint = f" (did you mean {', '.join(close)}?)"
-    parser.exit(2, f"{parser.prog}: error: {message}{hint}; see --help\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_mixln.pretrain",
         allow_abbrev=False,  # as Megatron-LM: `--train-iter 5` is an error, not --train-iters
         description="Pretrain a LLaMA-family model with a per-layer norm position (Mix-LN, Pre-LN, ...) on DeepSpeed.",
     )
-    p.error = functools.partial(_one_line_error, p)
+    p.error = functools.partial(one_line_error, p)
     p.add_argument("--config", default=None, help="YAML/JSON file of flag values; flags given here override it")
     p.add_argument("--preset", default=argparse.SUPPRESS, help=f"model shape: {', '.join(PRESETS)}")
     add_dataclass_args(p, ModelConfig, "model")

@@ -131,7 +131,7 @@ def test_interrupted_run_was_resumed_and_a_rerun_skips_everything(sweep, capsys)
     (["--positions", "mix", "--post-ln-fraction", "a"], "--post-ln-fraction 'a': expected a comma-separated list"),
     (["--positions", "pre", "--post-ln-fraction", "0.25"], "a fraction sweep needs 'mix' in --positions"),
     (["--positions", "pre", "--seed", "3"], "--seed: set by the sweep for every run"),
-    (["--positions", "pre", "--hidden-size", "30"], "run pre-s1234: hidden_size/num_attention_heads: head dim must be even"),
+    (["--positions", "pre", "--hidden-size", "30"], "run pre-s1234: --hidden-size/--num-attention-heads: head dim must be even"),
 ])
 def test_bad_input_fails_before_training(sweep, capsys, args, message):
     out = str(sweep["tmp"] / "bad")

@@ -64,9 +64,11 @@ def test_tables_and_labels(tmp_path):
     assert table["mlp"][12] == pytest.approx([0.13, 0.26, 0.39])
 
 
-def test_missing_metrics_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+def test_missing_metrics_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         plot_metrics.load_run(str(tmp_path))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
 
 
 def test_one_colour_scale_per_metric_across_runs(tmp_path, monkeypatch):
