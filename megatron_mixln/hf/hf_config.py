@@ -50,7 +50,8 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         hf = MixLNLlamaConfig(
             **common, norm_positions=list(config.positions), residual_scales=residual, output_scales=output,
             layer_numbers=list(range(1, config.num_layers + 1)), normalization=config.normalization,
-            final_norm=config.final_norm, real_vocab_size=real_vocab_size, mixln_model_config=config.to_dict())
+            final_norm=config.final_norm, real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
+            mixln_model_config=config.to_dict())
         hf.architectures = ["MixLNLlamaForCausalLM"]
         hf.auto_map = dict(AUTO_MAP)
     hf.dtype = DTYPES[dtype]

@@ -9,7 +9,8 @@ from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.mlp import SwiGLU
 from megatron_mixln.model.norms import Norm
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
-from megatron_mixln.model.two_stream import EXTRA_NORMS, FORWARDS, TwoStreamFinalNorm
+from megatron_mixln.model.two_stream import (LAYER_NORMS, LAYER_SCALES, FORWARDS, ChannelScale, TwoStreamFinalNorm,
+                                              layer_form)
 
 PRE_LIKE = ("pre", "lns")  # norm before each sublayer, residual stream un-normalised
 POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
@@ -17,13 +18,19 @@ POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
 # one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
 ENDS_WITH_ADD = ("pre", "lns", "peri")
 STARTS_WITH_NORM = ("pre", "lns", "peri")
-# norms a layer has besides attn_norm and mlp_norm (those two make the sublayers' inputs or follow their adds)
-EXTRA_NORMS_OF = {"peri": ("attn_out_norm", "mlp_out_norm"), **EXTRA_NORMS}
+# every norm of a layer, by form (default: attn_norm and mlp_norm, which make the sublayers' inputs or
+# follow their adds); a form is the position, or the SiameseNorm variant (two_stream.layer_form)
+BLOCK_NORMS = {"peri": ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm"), **LAYER_NORMS}
 
 
-def norms_per_layer(position: str) -> int:
-    """Norm modules of one layer at `position` (2, 4 for peri, 6 for siamese)."""
-    return 2 + len(EXTRA_NORMS_OF.get(position, ()))
+def norms_per_layer(position: str, siamese_variant: str = "post_pre") -> int:
+    """Norm modules of one layer at `position` (2; 4 for peri; 6 for siamese post_pre, 4 for hybrid_pre)."""
+    return len(BLOCK_NORMS.get(layer_form(position, siamese_variant), ("attn_norm", "mlp_norm")))
+
+
+def scales_per_layer(position: str, siamese_variant: str = "post_pre") -> int:
+    """ChannelScale modules (hidden-size gains) of one layer: 1 for SiameseNorm hybrid_pre's c1, else 0."""
+    return len(LAYER_SCALES.get(layer_form(position, siamese_variant), ()))
 
 
 class Block(nn.Module):
@@ -74,9 +81,11 @@ class Block(nn.Module):
 
         self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups, config.rotary_base)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
-        self.attn_norm, self.mlp_norm = norm(), norm()
-        for name in EXTRA_NORMS_OF.get(self.position, ()):
+        self.form = layer_form(self.position, config.siamese_variant)
+        for name in BLOCK_NORMS.get(self.form, ("attn_norm", "mlp_norm")):
             setattr(self, name, norm())
+        for name in LAYER_SCALES.get(self.form, ()):
+            setattr(self, name, ChannelScale(config.hidden_size))
         self.gated = layer_number in config.gated_layers
         if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init
             self.attn_gate = nn.Parameter(torch.full((), config.residual_gate_init))
@@ -87,7 +96,7 @@ class Block(nn.Module):
         Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`.
         Two-stream positions: x is the embedding or the pair of streams; returns the pair."""
         if self.position in FORWARDS:
-            return FORWARDS[self.position](self, x)
+            return FORWARDS[self.form](self, x)
         x, pending = x if isinstance(x, tuple) else (x, None)
         if self.position in PRE_LIKE:
             attn_in, x = first_norm(self.attn_norm, x, pending, self.out_scale)
@@ -114,7 +123,8 @@ class Block(nn.Module):
     def extra_repr(self):
         handoff = ", hands off its last add" if self.hand_off_residual else ""
         gated = ", gated" if self.gated else ""
-        return f"layer_number={self.layer_number}, position={self.position}{handoff}{gated}"
+        form = f", form={self.form}" if self.form != self.position else ""
+        return f"layer_number={self.layer_number}, position={self.position}{form}{handoff}{gated}"
 
 
 def first_norm(norm: Norm, x, pending, out_scale: float = 1.0):

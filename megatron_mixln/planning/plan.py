@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.model.block import norms_per_layer
+from megatron_mixln.model.block import norms_per_layer, scales_per_layer
 from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.activations import activation_bytes
 from megatron_mixln.planning.layout import Layout, check_layout
@@ -37,10 +37,12 @@ def zero_buffers(zero: dict, layout: Layout, model: ModelConfig) -> dict[str, in
     threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
     h = model.hidden_size
     small = 0
-    if h <= threshold:  # norm gains (and LayerNorm biases) are the only tensors this small in practice
+    if h <= threshold:  # norm gains (and LayerNorm biases, hybrid_pre's c1) are the only tensors this small
         per_norm = 2 if model.norm_kind == "layernorm" else 1
-        norms = sum(norms_per_layer(p) for p in model.positions) + final_norm_count(model)
-        small = norms * per_norm * h // layout.pipeline_model_parallel_size
+        v = model.siamese_variant
+        norms = sum(norms_per_layer(p, v) for p in model.positions) + final_norm_count(model)
+        scales = sum(scales_per_layer(p, v) for p in model.positions)
+        small = (norms * per_norm + scales) * h // layout.pipeline_model_parallel_size
     return {"reduce bucket": e * reduce, "prefetch bucket": e * prefetch, "persistent small params": e * small}
 
 
@@ -116,7 +118,7 @@ def plan_memory(model: ModelConfig, layout: Layout, zero: dict | None = None, gp
                 suggest: bool = True) -> MemoryPlan:
     """Plan one layout. `zero` is a filled zero_optimization section (None: DeepSpeed's defaults for the
     layout's stage). Raises LayoutError for an impossible layout."""
-    check_layout(layout, model)
+    check_layout(layout, model, global_batch_size)
     zero = dict(zero or {})
     states = model_states(model, layout)
     acts, flight = _activations(model, layout, global_batch_size)

@@ -128,7 +128,8 @@ def test_agrees_with_deepspeeds_estimators(nodes, gpus, stage, offload_opt, offl
 @pytest.mark.parametrize("overrides", [
     dict(preset="7b"), dict(preset="1b", norm_position="peri"), dict(preset="9m", tie_embeddings=True),
     dict(preset="20m", normalization="LayerNorm", num_query_groups=2, final_norm=False),
-    dict(preset="9m", norm_position="siamese", normalization="LayerNorm"), dict(preset="9m", norm_position="residual-dual")])
+    dict(preset="9m", norm_position="siamese", normalization="LayerNorm"), dict(preset="9m", norm_position="residual-dual"),
+    dict(preset="9m", norm_position="siamese", siamese_variant="hybrid_pre", normalization="LayerNorm")])
 def test_param_counts_match_the_model(overrides):
     overrides = dict(overrides)
     model_cfg = ModelConfig.from_preset(overrides.pop("preset"), **overrides)
