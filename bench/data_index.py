@@ -124,7 +124,8 @@ def arrays_equal(a_path: str, b_path: str, chunk: int = 1 << 24) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--documents", type=int, default=1_000_000)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=13_000 * 512,
