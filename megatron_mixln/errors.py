@@ -74,8 +74,19 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        print_error(tool_name(self.prog), f"{message} (see --help)")
+        print_error(tool_name(self.prog), f"{message}{self._did_you_mean(message)} (see --help)")
         sys.exit(EXIT_USAGE)
+
+    def _did_you_mean(self, message: str) -> str:
+        """For `unrecognized arguments: --norm-postion mix`, the closest real flag (difflib, cutoff 0.75)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        import difflib
+
+        flags = [o for a in self._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
+        unknown = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+        close = [m[0] for w in unknown for m in [difflib.get_close_matches(w, flags, n=1, cutoff=0.75)] if m]
+        return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def run_tool(main, prog: str, argv=None, bad_input: tuple = ()) -> int:

@@ -108,12 +108,12 @@ def plot(result: dict, out: str) -> None:
 
     d = np.array(result["angular_distance"], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(d[:, 1:], origin="lower", aspect="auto", cmap="viridis")
+    im = ax.imshow(d[:-1, 1:], origin="lower", aspect="auto", cmap="viridis")  # h_L has no l+n after it
     ax.set_xlabel("n (layers apart)")
     ax.set_ylabel("l (0 = embedding output)")
     ax.set_xticks(range(d.shape[0] - 1), [str(n) for n in range(1, d.shape[0])])
     ax.set_title("angular distance d(h_l, h_{l+n})")
-    fig.colorbar(im)
+    fig.colorbar(im, label="arccos(cos)/π, last token")
     fig.savefig(os.path.join(out, "angular_distance.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
     if result.get("layer_removal"):
@@ -121,6 +121,7 @@ def plot(result: dict, out: str) -> None:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         colors = ["tab:orange" if r["position"] in ("post", "deepnorm", "deeppost") else "tab:blue" for r in rows]
         ax.bar([r["layer"] for r in rows], [r["drop"] for r in rows], color=colors)
+        ax.set_xticks([r["layer"] for r in rows])  # whole layer numbers, not 0.5 steps
         ax.set_xlabel("removed layer (orange: post-like, blue: other)")
         ax.set_ylabel("perplexity increase")
         ax.set_title(f"layer removal (full model perplexity {result['perplexity']:.2f})")

@@ -29,10 +29,10 @@ from megatron_mixln.errors import ArgumentParser, UsageError, run_tool  # noqa: 
 from megatron_mixln.research.plot_style import (  # noqa: E402
     LAYER_METRICS, color_norm, integer_axis, layer_values, profile_figure, readable_log_axis, shared_range,
 )
+from megatron_mixln.research.report import NAMES as REPORT_NAMES  # noqa: E402
 from megatron_mixln.training.metrics import read_metrics  # noqa: E402
 
-NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
-         "deepnorm": "DeepNorm", "deeppost": "DeepPost"}
+NAMES = {**REPORT_NAMES, "deeppost": "DeepPost"}  # the sweep report's names (SiameseNorm, ResiDual, ...)
 GRAD_KEY = re.compile(r"^grad_norm/layer_(\d+)/(\w+)$")
 SUBLAYER_ORDER = ("attn", "mlp", "attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm")
 
@@ -102,16 +102,32 @@ DIAGNOSTIC_HEATMAPS = ("act_rms_out", "act_max_over_median", "act_kurtosis", "at
 
 def _heatmap(fig, ax, grid, steps, norm, title, label):
     """A layers x steps heatmap with its colour bar beside it (constrained layout keeps the bar's labels
-    clear of the next panel) and whole-number layer ticks."""
-    first, last = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 1, steps[0] + 1)
-    im = ax.imshow(grid, aspect="auto", origin="lower", norm=norm, cmap="magma",
-                   extent=(first - 0.5, last + 0.5, 0.5, len(grid) + 0.5), interpolation="nearest")
+    clear of the next panel) and whole-number layer ticks. Each cell is centred on its logged step
+    (cell edges halfway between neighbouring steps), so the step ticks name the cells' own steps."""
+    import numpy as np
+
+    s = np.asarray(steps, dtype=float)
+    if len(s) > 1:
+        mid = (s[1:] + s[:-1]) / 2
+        x_edges = np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
+    else:
+        x_edges = np.array([s[0] - 0.5, s[0] + 0.5])
+    y_edges = np.arange(len(grid) + 1) + 0.5
+    im = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(np.asarray(grid, dtype=float)), norm=norm,
+                       cmap="magma", shading="flat")
     ax.set(title=title, xlabel="step", ylabel="layer")
     integer_axis(ax, "y")
-    integer_axis(ax, "x")
+    if len(steps) <= 12:
+        ax.set_xticks(list(steps))
+    else:
+        integer_axis(ax, "x")
     bar = fig.colorbar(im, ax=ax, label=label, shrink=0.9)
     if norm is not None and norm.__class__.__name__ == "LogNorm":
         readable_log_axis(bar.ax, "y")
+    else:  # no "1e-5+3.2054" offset above a narrow linear scale: full values on the ticks
+        from matplotlib.ticker import ScalarFormatter
+
+        bar.ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
 
 
 def _layer_grid(records, metric):

@@ -69,6 +69,12 @@ def is_plain_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, PLAIN_WEIGHTS))
 
 
+def _is_tag_dir(path: str) -> bool:
+    """One tag of a --save directory (what DeepSpeed writes per save: mp_rank_*/zero_* files, our metadata)."""
+    names = os.listdir(path)
+    return "mixln_meta.json" in names or any(n.startswith(("mp_rank_", "zero_pp_rank_", "layer_")) for n in names)
+
+
 def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
     """The DeepSpeed tag to read: `tag`, else the one `ckpt_dir/latest` names.
     Raises FileNotFoundError naming what is missing (the directory itself, or `latest`)."""
@@ -79,6 +85,11 @@ def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
     if tag is not None:
         return tag
     latest = read_latest(ckpt_dir)
+    if latest is None and _is_tag_dir(ckpt_dir):
+        parent, name = os.path.split(os.path.normpath(ckpt_dir))
+        raise FileNotFoundError(
+            f"{ckpt_dir}: a checkpoint tag directory, not the --save directory; pass the directory above it "
+            f"and the tag: {parent or '.'} --tag {name}")
     if latest is None:
         raise FileNotFoundError(
             f"{ckpt_dir}: neither a plain checkpoint (no {PLAIN_WEIGHTS}) nor a DeepSpeed one with a '{LATEST}' "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import sys
@@ -67,6 +68,20 @@ class FullCheckpoint(NamedTuple):
     source: dict  # {"format": "plain"} or {"format": "deepspeed", "tag", "tp", "pp"|"zero_stage", ...}
 
 
+def _refuse_hf_dir(path: str) -> None:
+    """A Hugging Face model directory also holds model.safetensors + config.json; say what it is."""
+    try:
+        with open(os.path.join(path, PLAIN_CONFIG)) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return
+    if isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg):
+        raise ValueError(
+            f"{path}: a Hugging Face model directory (config.json has model_type {cfg.get('model_type')!r}), "
+            "not a training checkpoint; it is already exported (import it for training with "
+            "tools/convert_from_hf.py)")
+
+
 def read_full_state_dict(path: str, tag: str | None = None) -> FullCheckpoint:
     """A plain dir or a training --save dir (any TP/PP layout, ZeRO 0-3) -> one full state dict with its
     config. `tag`: default the one `latest` names. Raises FileNotFoundError naming the missing directory
@@ -74,6 +89,7 @@ def read_full_state_dict(path: str, tag: str | None = None) -> FullCheckpoint:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
     if is_plain_dir(path):
+        _refuse_hf_dir(path)
         try:
             plain, config, meta = load_plain(path)
         except (TypeError, ValueError) as e:  # ModelConfig(**config.json): an unknown field or value

@@ -128,6 +128,7 @@ def write_figures(runs: list[dict], out: str) -> list[str]:
                 ax.bar([r["layer"] for r in rows_], [r["drop"] for r in rows_],
                        color=["tab:orange" if r["position"] in POST_LIKE else "tab:blue" for r in rows_])
                 ax.set(title=s, xlabel="removed layer")
+                integer_axis(ax, "x")
                 ax.grid(alpha=0.3, axis="y")
             axes[0][0].set_ylabel("perplexity increase")
             fig.suptitle("Layer removal (orange: post-like layers; first seed)", y=1.03)

@@ -22,14 +22,15 @@ FIGURES = (("curves.png", "Training loss and validation perplexity"),
 
 
 def label(row: dict) -> str:
+    """A setting's display name; an LR sweep's settings also name their peak rate (else two rows read alike)."""
     name = NAMES.get(row["position"], row["position"])
     if row["fraction"] is not None:
-        return f"{name} (α={100 * row['fraction']:g}%)"
-    if row["position"] == "mix" and row.get("positions"):
+        name = f"{name} (α={100 * row['fraction']:g}%)"
+    elif row["position"] == "mix" and row.get("positions"):
         first = row["positions"].split(",")[0]
         k = first.split("*")[1] if first.startswith("post*") else "1" if first == "post" else "0"
-        return f"{name} (k={k})"
-    return name
+        name = f"{name} (k={k})"
+    return name if row.get("lr") is None else f"{name} lr {row['lr']:g}"
 
 
 def ppl_cell(row: dict) -> str:
@@ -60,6 +61,9 @@ def write_report(out: str, sweep_record: dict, runs: list[dict], figures: list[s
 
 def _setup_lines(common: dict, runs: list[dict]) -> list[str]:
     m, t = common.get("model", {}), common.get("training", {})
+    swept = sorted({r["lr"] for r in runs if r.get("lr") is not None})
+    if swept:  # --lr-sweep owns --lr: name the swept peak rates, not the unset flag
+        t = {**t, "lr": "swept " + ", ".join(f"{lr:g}" for lr in swept)}
     lines = [
         f"- model: {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, ffn {m.get('ffn_hidden_size')}, "
         f"{m.get('num_attention_heads')} heads, vocab {m.get('vocab_size')}, sequence length {m.get('seq_length')}",

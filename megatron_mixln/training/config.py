@@ -5,6 +5,8 @@ filled from the same command line / config file by `megatron_mixln.training.argu
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field, fields
 
 from megatron_mixln.diagnostics.stability import parse_diagnostics
@@ -156,6 +158,10 @@ class TrainingConfig:
             positive(name)
         for name in ("eval_iters", "grad_norm_interval", "diagnostics_interval", "keep_last", "clip_grad", "spike_factor", "adam_eps"):
             positive(name, allow_zero=True)
+        for name in ("save", "run_dir", "tensorboard_dir"):  # directories we create: a file there fails late
+            path = getattr(self, name)
+            if path and os.path.exists(path) and not os.path.isdir(path):
+                raise UsageError(f"--{name.replace('_', '-')} {path}: is a file; give a directory (it is created)")
         for name in ("global_batch_size", "exit_interval", "save_interval", "lr_decay_iters", "peak_tflops",
                      "exit_duration_in_mins"):
             positive(name, allow_none=True)

@@ -88,5 +88,29 @@ def test_pretrain_names_the_unknown_abbreviation(capsys, argv, unknown):
 
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(argv)
-    assert exit_.value.code == 2 and f"error: unrecognized arguments: {unknown}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: unrecognized arguments: {unknown}" in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, not the usage block
     assert build_parser().parse_args(["--train-iters", "2"]).train_iters == 2  # the full name still works
+
+
+def test_pretrain_suggests_the_flag_a_typo_meant(capsys):
+    from megatron_mixln.training.arguments import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--norm-postion", "mix"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "did you mean --norm-position?" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--norm-position", "sianese"], "--norm-position: unknown value 'sianese'"),
+    (["--norm-position", "post*3"], "--norm-position: the explicit list has 3 entries but --num-layers=2"),
+])
+def test_model_config_errors_name_the_flags(argv, expected):
+    from megatron_mixln.training.arguments import parse_configs
+    from megatron_mixln.training.config import UsageError
+
+    with pytest.raises(UsageError) as err:
+        parse_configs(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", *argv])
+    assert str(err.value).startswith(expected), str(err.value)

@@ -116,3 +116,21 @@ def test_readable_log_ticks_and_integer_layer_ticks():
     readable_log_axis(ax, "y")
     assert {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}.issubset(set(ax.get_yticks()))
     plt.close(fig)
+
+
+def test_heatmap_cells_sit_on_their_logged_steps():
+    """Steps 10, 20, 30, 40: each cell is centred on its step and the ticks are the steps themselves
+    (the cells once spread over [9.5, 40.5] in equal widths, so step 10's cell sat at ~13.9)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    plot_metrics._heatmap(fig, ax, [[1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]], [10, 20, 30, 40], None, "t", "v")
+    mesh = ax.collections[0]
+    edges = np.unique(mesh.get_coordinates()[..., 0])
+    np.testing.assert_allclose((edges[1:] + edges[:-1]) / 2, [10, 20, 30, 40])
+    assert list(ax.get_xticks()) == [10, 20, 30, 40]
+    plt.close(fig)

@@ -105,3 +105,12 @@ def test_unknown_compile_backend(capsys, data):
 def test_zero3_with_pipeline_refused(capsys, data):
     _fails(capsys, tiny_cli_args(data, pipeline_model_parallel_size=2, zero_stage=3),
            "--pipeline-model-parallel-size 2 with --zero-stage 3")
+
+
+def test_a_file_where_a_directory_goes_is_named(tmp_path):
+    from megatron_mixln.training.config import TrainingConfig, UsageError
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(UsageError, match=f"--tensorboard-dir {afile}: is a file; give a directory"):
+        TrainingConfig(tensorboard_dir=str(afile))
