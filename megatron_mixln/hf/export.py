@@ -81,6 +81,9 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
         raise ValueError(f"{checkpoint}: no model config (neither config.json nor the trainer's "
                          "client_state['mixln']['model_config']); pass --config FILE")
     _checked_model_config(plain, config, checkpoint)
+    if config.zoo_options():
+        raise ValueError(f"{checkpoint}: the Hugging Face export does not cover {', '.join(config.zoo_options())} "
+                         "yet (no modeling file or stock class for it here); keep the checkpoint for this stack")
     summary = training_summary(meta)
     tok_spec = tokenizer or (summary.get("training_config") or {}).get("tokenizer")
     tok, ids = (None, {}) if not tok_spec or tok_spec.startswith("null:") else load_tokenizer(

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.norms import Norm, QKNorm
 from megatron_mixln.model.positions import deepnorm_init_gain
 
 SCALED_EMBEDDING_STD = math.sqrt(2.0 / 5.0)  # the Mix-LN reference code's embedding std
@@ -46,5 +46,5 @@ def init_weights(model: nn.Module) -> None:
             for lin in (attn.o_proj, mlp.down_proj):
                 nn.init.normal_(lin.weight, 0.0, out_std)
     for m in model.modules():
-        if isinstance(m, Norm):
+        if isinstance(m, (Norm, QKNorm)):
             m.reset_parameters()

@@ -6,10 +6,9 @@ import contextlib
 import torch
 from torch import nn
 
-from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
+from megatron_mixln.model.block import Block, make_norm, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.init import init_weights
-from megatron_mixln.model.norms import Norm
 
 
 class Transformer(nn.Module):
@@ -20,11 +19,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
                                   padding_idx=config.pad_id if config.freeze_pad_embedding else None)
         self.layers = nn.ModuleList(Block(config, n) for n in range(1, config.num_layers + 1))
-        self.final_norm = (
-            Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
-            if config.final_norm
-            else nn.Identity()
-        )
+        self.final_norm = make_norm(config, "final") if config.final_norm else nn.Identity()
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.cross_block_fusion:
             plan_residual_handoff(self.layers, then_norm=config.final_norm)

@@ -20,9 +20,8 @@ import os
 import torch
 from torch import nn
 
-from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
+from megatron_mixln.model.block import Block, make_norm, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.init import init_weights
-from megatron_mixln.model.norms import Norm
 from megatron_mixln.parallel.cross_entropy import vocab_parallel_lm_loss
 from megatron_mixln.parallel.mappings import gather_from_sequence, scatter_to_sequence
 from megatron_mixln.parallel.sequence_parallel import mark_sequence_parallel_params
@@ -47,10 +46,7 @@ class HeadPipe(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.final_norm = (
-            Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
-            if config.final_norm else nn.Identity()
-        )
+        self.final_norm = make_norm(config, "final") if config.final_norm else nn.Identity()
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, h):

@@ -60,3 +60,15 @@ def make_token_loss_fn(state=None):
         vocab_parallel_cross_entropy = parallel_api("vocab_parallel_cross_entropy", "--tensor-model-parallel-size")
         return lambda logits, labels: vocab_parallel_cross_entropy(logits, labels).float()
     return token_losses
+
+
+def make_z_loss_fn(weight: float, state=None):
+    """Per-token z-loss W * logsumexp(logits)^2 ((batch, seq) fp32), PaLM (arXiv 2204.02311 §5) and
+    OLMo 2's auxiliary loss that keeps log Z near 0; vocab-parallel (TP-correct) when TP > 1.
+    None when W == 0."""
+    if not weight:
+        return None
+    from megatron_mixln.parallel.cross_entropy import vocab_parallel_logsumexp
+
+    group = state.tp_group if state is not None and state.tp_size > 1 else None
+    return lambda logits: weight * vocab_parallel_logsumexp(logits, group).pow(2)

@@ -32,7 +32,8 @@ from megatron_mixln.training.distributed import (
 from megatron_mixln.training.ds_config import build_ds_config, zero_stage_of
 from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
-from megatron_mixln.training.loss import make_token_loss_fn, masked_sum_and_count, mean_loss, split_batch
+from megatron_mixln.training.loss import (make_token_loss_fn, make_z_loss_fn, masked_sum_and_count, mean_loss,
+                                          split_batch)
 from megatron_mixln.training.metrics import MetricsLogger, format_train_line
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
@@ -53,6 +54,7 @@ class StepResult:
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
     time_up: bool = False  # some rank is past --exit-duration-in-mins
     tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
+    z_loss: float | None = None  # mean z-loss over the global batch (--z-loss-weight), not part of `loss`
 
 
 def _grad_getter(engine, state=None):
@@ -96,7 +98,8 @@ def _before_model_step(engine, fn):
 
 
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
-               want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0) -> StepResult:
+               want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0,
+               z_loss_fn=None) -> StepResult:
     """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
     that arrives during the step stops the run after this step, not after the next one. `time_up()`
     (past --exit-duration-in-mins on this rank's clock) rides on the same all_reduce, so every rank
@@ -109,6 +112,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
                     and not engine.gradient_clipping())
     local_tokens = torch.zeros((), device=device)
+    local_z = torch.zeros((), device=device)
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
         # its loss is already averaged over data-parallel ranks.
@@ -134,10 +138,16 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
         local_loss = torch.zeros((), device=device)
         for _ in range(ga):
             inputs, labels, mask = split_batch(next(batches).to(device), pad_id)
-            nll = token_loss_fn(engine(inputs), labels)
+            logits = engine(inputs)
+            nll = token_loss_fn(logits, labels)
             loss = mean_loss(nll, mask)  # per micro-batch, over its real targets
             local_tokens += masked_sum_and_count(nll.detach(), mask)[1]
-            engine.backward(loss)  # DeepSpeed scales by 1/ga and all-reduces at the boundary
+            if z_loss_fn is not None:  # logged apart from the NLL, trained as their sum
+                z = mean_loss(z_loss_fn(logits), mask)
+                local_z += z.detach().float() / ga
+                engine.backward(loss + z)
+            else:
+                engine.backward(loss)  # DeepSpeed scales by 1/ga and all-reduces at the boundary
             local_loss += loss.detach().float() / ga
             if engine.is_gradient_accumulation_boundary():
                 if want_layer_norms:
@@ -153,12 +163,13 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
     stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
-                         torch.tensor(float(time_up()), device=device), local_tokens.float()])
+                         torch.tensor(float(time_up()), device=device), local_tokens.float(), local_z])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
     return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
-                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas))
+                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas),
+                      z_loss=stats[4].item() / world if z_loss_fn is not None else None)
 
 
 def _data_parallel_size(state, world: int) -> int:
@@ -301,6 +312,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                           model_config.seq_length)
     peak = cfg.peak_tflops or default_peak_tflops(cfg.bf16)
     token_loss_fn = make_token_loss_fn(state)
+    z_loss_fn = make_z_loss_fn(cfg.z_loss_weight, state)
     if cfg.compile and cfg.pipeline_model_parallel_size == 1 and cfg.tensor_model_parallel_size == 1:
         token_loss_fn = compile_loss(token_loss_fn, backend=cfg.compile_backend)  # (TP's vocab-parallel loss holds collectives: left eager)
     guard = StepGuard(engine)
@@ -324,7 +336,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             if step > ts_start + 1:  # the first step keeps the start-up allowance
                 watchdog.progress(f"step {step}")
             res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
-                             time_up, pad_id)
+                             time_up, pad_id, z_loss_fn)
             window_time += time.perf_counter() - t0
             window_steps += 1
             if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
@@ -371,6 +383,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                           "mfu": fpt * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
                           "memory_gib": memory_gib(), "consumed_samples": ts.consumed_samples,
                           "skipped_steps": ts.skipped_steps}
+                if res.z_loss is not None:
+                    values["z_loss"] = res.z_loss
                 logger.log("train", step, values)
                 logger.print(format_train_line(step, cfg.train_iters, values))
                 window_time, window_steps, window_losses = 0.0, 0, []
@@ -435,6 +449,9 @@ def _check_layer_options(model_config: ModelConfig, cfg: TrainingConfig) -> None
     if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
         raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
                          "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
+    if cfg.z_loss_weight and cfg.pipeline_model_parallel_size > 1:
+        raise UsageError("--z-loss-weight with --pipeline-model-parallel-size > 1: the pipeline engine's loss "
+                         "cannot log the z-loss apart yet; use --pipeline-model-parallel-size 1 or --z-loss-weight 0")
     if model_config.gated_layers and cfg.sequence_parallel:
         raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
                          "sequence shard; drop one of the two")
