@@ -19,6 +19,15 @@ from dataclasses import dataclass, field
 
 from megatron_mixln.model.positions import ALIASES, POSITIONS
 
+# Named norm-zoo variants (docs/norm-zoo.md): a position plus the flags that make the published recipe.
+ZOO_VARIANTS = {
+    "olmo2-recipe": ["--norm-position", "reordered", "--qk-norm", "full", "--z-loss-weight", "1e-4"],
+    "qwen3-qk": ["--norm-position", "pre", "--qk-norm", "head"],
+    "hybridnorm-star": ["--norm-position", "hybridnorm-star"],
+    "dyt-pre": ["--norm-position", "pre", "--normalization", "DyT"],
+    "derf-pre": ["--norm-position", "pre", "--normalization", "Derf"],
+}
+
 SWEPT_FIELDS = ("norm_position", "post_ln_layers", "post_ln_fraction", "seed")
 HARNESS_FIELDS = ("save", "load", "run_dir", "wandb_name")
 OWNED_FLAGS = tuple("--" + f.replace("_", "-") for f in SWEPT_FIELDS + HARNESS_FIELDS)
@@ -54,7 +63,7 @@ class Variant:
         return f"{self.setting}-s{self.seed}"
 
     def flags(self) -> list[str]:
-        out = ["--norm-position", self.position]
+        out = list(ZOO_VARIANTS.get(self.position, ["--norm-position", self.position]))
         if self.fraction is not None:
             out += ["--post-ln-fraction", repr(self.fraction)]
         elif self.post_ln_layers is not None:
@@ -92,10 +101,10 @@ def parse_list(text: str, flag: str, kind):
 
 
 def parse_positions(text: str) -> list[str]:
-    allowed = POSITIONS + ("mix",)
+    allowed = POSITIONS + ("mix",) + tuple(ZOO_VARIANTS)
     out = []
     for p in parse_list(text, "--positions", str):
-        name = ALIASES.get(p, p)
+        name = p if p in ZOO_VARIANTS else ALIASES.get(p, p)
         if name not in allowed:
             raise SweepError(f"--positions: unknown position {p!r}; allowed: {', '.join(allowed)} "
                              f"(aliases: {', '.join(ALIASES)})")
@@ -117,9 +126,17 @@ def parse_fractions(text: str | None) -> list[float] | None:
     return values
 
 
-def check_passthrough(args: list[str]) -> None:
+ZOO_FIELDS = ("qk_norm", "normalization", "z_loss_weight")  # set per run by the ZOO_VARIANTS
+ZOO_FLAGS = tuple("--" + f.replace("_", "-") for f in ZOO_FIELDS)
+
+
+def check_passthrough(args: list[str], positions=()) -> None:
+    zoo = [p for p in positions if p in ZOO_VARIANTS]
     for a in args:
         name = a.split("=", 1)[0]
+        if zoo and name in ZOO_FLAGS:
+            raise SweepError(f"{name}: set per run by the zoo variant(s) {', '.join(zoo)} in --positions; drop it "
+                             "from the pretraining flags")
         if name in OWNED_FLAGS:
             raise SweepError(f"{name}: set by the sweep for every run (swept: --positions, --post-ln-fraction, "
                              f"--seeds; per-run: --save/--run-dir under --out); drop it from the pretraining flags")
@@ -150,7 +167,7 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
         raise SweepError(f"--seeds {seeds!r}: a seed is given twice")
     if fracs is not None and "mix" not in pos:
         raise SweepError("--post-ln-fraction: a fraction sweep needs 'mix' in --positions")
-    check_passthrough(passthrough)
+    check_passthrough(passthrough, pos)
     config_path, rest = extract_config(passthrough)
     values = {}
     if config_path:
@@ -165,6 +182,10 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
             post_ln_layers = int(values["post_ln_layers"])
         for name in SWEPT_FIELDS + HARNESS_FIELDS:
             values.pop(name, None)
+        clash = [f for f in ZOO_FIELDS if f in values] if any(p in ZOO_VARIANTS for p in pos) else []
+        if clash:
+            raise SweepError(f"--config {config_path}: {', '.join(clash)} set per run by the zoo variant(s) in "
+                             "--positions; drop it from the file")
     variants = []
     for p in pos:
         settings = [(f, None) for f in fracs] if p == "mix" and fracs is not None else \
@@ -195,7 +216,8 @@ def validate(sweep: Sweep) -> dict:
             except SystemExit:
                 raise SweepError(f"run {v.name}: the pretraining flags do not parse: "
                                  f"{shlex.join(sweep.pretrain_args(v, cfg_path))}") from None
-            this = {"model": _strip(model.to_dict()), "training": _strip(train.to_dict())}
+            zoo = ZOO_FIELDS if any(u.position in ZOO_VARIANTS for u in sweep.variants) else ()
+            this = {"model": _strip(model.to_dict(), zoo), "training": _strip(train.to_dict(), zoo)}
             if common is None:
                 common = this
                 try:
@@ -211,8 +233,8 @@ def validate(sweep: Sweep) -> dict:
     return common
 
 
-def _strip(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in SWEPT_FIELDS + HARNESS_FIELDS + NEUTRAL_FIELDS}
+def _strip(d: dict, swept_too=()) -> dict:
+    return {k: v for k, v in d.items() if k not in SWEPT_FIELDS + HARNESS_FIELDS + NEUTRAL_FIELDS + tuple(swept_too)}
 
 
 def _diff(a: dict, b: dict) -> list[str]:
