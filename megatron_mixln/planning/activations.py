@@ -43,7 +43,11 @@ def _norm_bytes(impl: str, kind: str, tokens: int, h: int, e: int, sp: int) -> i
 
 def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, seq: int, bf16: bool = True,
                            impl: str = "triton", tp: int = 1, sequence_parallel: bool = False) -> dict[str, int]:
-    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}."""
+    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}.
+    ValueError for the norm-zoo options (QK-norm, reordered/hybrid positions, DyT/Derf): no formula yet."""
+    if model.zoo_options():
+        raise ValueError(f"memory planner: no activation formula for {', '.join(model.zoo_options())} yet "
+                         "(parameters and model states are counted); plan with the nearest pre/peri model")
     e = 2 if bf16 else 4
     tokens, h, f = micro_batch * seq, model.hidden_size, model.ffn_hidden_size
     a, g, d = model.num_attention_heads, model.num_query_groups, model.head_dim
