@@ -85,29 +85,31 @@ def out_dtype(x, residual) -> torch.dtype:
 
 
 def resolve_impl(impl: str, device: torch.device, kind: str = "rmsnorm") -> str:
-    """`auto` means Triton on CUDA and PyTorch elsewhere (pointwise kinds: PyTorch, see POINTWISE_IMPLS)."""
+    """`auto` means Triton on CUDA and PyTorch elsewhere (pointwise kinds: no apex, see POINTWISE_IMPLS)."""
     if impl not in IMPLS:
         raise ValueError(f"norm_impl: unknown implementation {impl!r}; allowed: {', '.join(IMPLS)}")
-    if kind in POINTWISE_KINDS:
-        if impl not in POINTWISE_IMPLS:
-            raise ValueError(f"norm_impl: {impl!r} has no {kind} kernel; allowed with it: {', '.join(POINTWISE_IMPLS)}")
-        if impl == "auto":
-            return "torch"
+    if kind in POINTWISE_KINDS and impl not in POINTWISE_IMPLS:
+        raise ValueError(f"norm_impl: {impl!r} has no {kind} kernel; allowed with it: {', '.join(POINTWISE_IMPLS)}")
     if impl == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "torch"
     return impl
 
 
-POINTWISE_IMPLS = ("auto", "torch")  # implementations that have the DyT/Derf kinds
+POINTWISE_IMPLS = ("auto", "torch", "triton")  # implementations that have the DyT/Derf kinds
 
 
 def norm_add(x, residual, weight, bias, eps, kind="rmsnorm", impl="auto", alpha=None, shift=None):
     """residual + norm(x) (reordered/OLMo 2 pattern); x, residual: (..., hidden)."""
     if kind not in KINDS:
         raise ValueError(f"norm_add: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
-    if resolve_impl(impl, x.device, kind) == "torch":
+    impl = resolve_impl(impl, x.device, kind)
+    if impl == "torch":
         return norm_add_torch(x, residual, weight, bias, eps, kind, alpha, shift)
-    return residual + add_norm(x, None, weight, bias, eps, kind=kind, impl=impl)[0]  # the norm's kernel, then the add
+    if impl == "triton" and kind in STAT_KINDS and x.shape == residual.shape:
+        from megatron_mixln.kernels.triton_zoo import norm_add_triton
+
+        return norm_add_triton(x, residual, weight, bias, eps, kind)  # one kernel: norm, gain, add
+    return residual + add_norm(x, None, weight, bias, eps, kind=kind, impl=impl, alpha=alpha, shift=shift)[0]
 
 
 def _triton_available() -> bool:
@@ -130,9 +132,12 @@ def add_norm(x, residual, weight, bias, eps, residual_scale=1.0, out_scale=1.0, 
     if impl == "triton":
         try:
             from megatron_mixln.kernels.triton_add_norm import add_norm_triton
+            from megatron_mixln.kernels.triton_zoo import add_pointwise_triton
         except ImportError as e:
             raise ImportError(f"--norm-impl triton needs the triton package (pip install triton): {e}") from e
 
+        if kind in POINTWISE_KINDS:
+            return add_pointwise_triton(x, residual, weight, bias, alpha, shift, residual_scale, out_scale, kind)
         return add_norm_triton(x, residual, weight, bias, eps, residual_scale, out_scale, kind)
     from megatron_mixln.kernels.apex_add_norm import add_norm_apex
 
