@@ -180,3 +180,13 @@ def test_stock_transformers_class_gives_equal_logits(family):
         ours, theirs = model(tokens), hf(tokens).logits
     assert math.isfinite(float(ours.abs().max()))
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, groups, flag", [(6, 6, "--num-attention-heads=6"), (8, 2, "--num-query-groups=2")])
+def test_full_qk_norm_refuses_heads_tp_does_not_divide(heads, groups, flag):
+    from megatron_mixln.parallel.tensor_parallel import check_tensor_parallel_config
+
+    cfg = ModelConfig(**{**TINY, "hidden_size": 8 * heads, "num_attention_heads": heads}, num_layers=1,
+                      qk_norm="full", num_query_groups=groups, norm_position="reordered")
+    with pytest.raises(ValueError, match=f"^--qk-norm full: {flag} is not divisible by --tensor-model-parallel-size=4"):
+        check_tensor_parallel_config(cfg, 4, False)
