@@ -13,7 +13,14 @@ g = key/value heads, d = head dim, e = bytes of an activation (2 in bf16, 4 in f
                        (+ 4*h in bf16: the gain cast to fp32)
     one norm, triton   (e*b*s*h + 4*b*s)        its input (or the residual sum) and rstd (+ 4*b*s mean, LayerNorm)
 
-pre, lns, post, deepnorm and deeppost layers have two norms; peri layers four. Post-like layers save
+    one DyT norm       torch: 8*b*s*h (the sum and tanh) / Derf 12*b*s*h (+ erf's argument); no rstd;
+                       (+ 4*h + 4 in bf16: gain and alpha cast to fp32); triton: e*b*s*h (the sum)
+    one q/k/v norm     torch only: 8*E (12*E Derf) + 4*rows (statistic kinds: rstd per head, or per token
+                       for --qk-norm full) (+ 4*gain + 4 (pointwise) in bf16), E = b*s*heads*d/t, heads
+                       a for q, g for k and v; the whole sequence under SP
+
+pre, lns, post, deepnorm, deeppost, reordered and hybrid-first layers have two residual-stream norms,
+peri layers four, hybrid layers one (model.block.BLOCK_NORMS); hybrid layers norm q, k and v. Post-like layers save
 different tensors from pre layers (the raw layer input feeds attention and the normalised sums feed the
 next sublayer, where a pre layer keeps its normalised copies) but the same number of bytes; peri layers
 keep two more normalised tensors. Scalars (LNS's 1/sqrt(l), DeepNorm's a) are Python numbers and save
@@ -34,6 +41,10 @@ from megatron_mixln.model import ModelConfig
 
 
 def _norm_bytes(impl: str, kind: str, tokens: int, h: int, e: int, sp: int) -> int:
+    if kind in ("dyt", "derf"):
+        if impl == "torch":
+            return (8 if kind == "dyt" else 12) * tokens * h // sp + (4 * h + 4 if e != 4 else 0)
+        return e * tokens * h // sp
     if impl == "torch":
         return (8 * tokens * h + 4 * tokens) // sp + (4 * h if e != 4 else 0)
     if impl in ("triton", "apex"):
@@ -41,20 +52,38 @@ def _norm_bytes(impl: str, kind: str, tokens: int, h: int, e: int, sp: int) -> i
     raise ValueError(f"norm_impl: {impl!r} has no activation formula; use torch or triton")
 
 
+def _qkv_norm_bytes(model: ModelConfig, position: str, tokens: int, e: int, tp: int) -> int:
+    """The q/k(/v) norms of one layer (QKNorm: always the PyTorch path, inside the TP region)."""
+    from megatron_mixln.model.positions import QKV_NORM_POSITIONS
+
+    hybrid = position in QKV_NORM_POSITIONS
+    mode = "head" if hybrid else model.qk_norm
+    if mode == "none":
+        return 0
+    kind, d = model.norm_kind, model.head_dim
+    pointwise = kind in ("dyt", "derf")
+    total = 0
+    for heads in [model.num_attention_heads, model.num_query_groups] + ([model.num_query_groups] if hybrid else []):
+        elems = tokens * heads * d // tp
+        rows = 0 if pointwise else tokens * (1 if mode == "full" else heads // tp)
+        gain = heads * d // tp if mode == "full" or model.qk_norm_per_head_gain else d  # this rank's slice
+        total += (12 if kind == "derf" else 8) * elems + 4 * rows + (4 * gain + (4 if pointwise else 0) if e != 4 else 0)
+    return total
+
+
 def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, seq: int, bf16: bool = True,
                            impl: str = "triton", tp: int = 1, sequence_parallel: bool = False) -> dict[str, int]:
-    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}.
-    ValueError for the norm-zoo options (QK-norm, reordered/hybrid positions, DyT/Derf): no formula yet."""
-    if model.zoo_options():
-        raise ValueError(f"memory planner: no activation formula for {', '.join(model.zoo_options())} yet "
-                         "(parameters and model states are counted); plan with the nearest pre/peri model")
+    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}."""
+    from megatron_mixln.model.block import BLOCK_NORMS
+
     e = 2 if bf16 else 4
     tokens, h, f = micro_batch * seq, model.hidden_size, model.ffn_hidden_size
     a, g, d = model.num_attention_heads, model.num_query_groups, model.head_dim
     sp = tp if sequence_parallel else 1
-    norms = 4 if position == "peri" else 2
+    norms = len(BLOCK_NORMS.get(position, ("attn_norm", "mlp_norm")))
     return {
-        "norms": norms * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp),
+        "norms": norms * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp)
+        + _qkv_norm_bytes(model, position, tokens, e, tp),
         "linear_inputs": 2 * e * tokens * h,
         "attention": e * tokens * h * (2 * a + 2 * g) // (a * tp) + 4 * micro_batch * (a // tp) * seq + 8 * seq * d,
         "mlp": 4 * e * tokens * f // tp,

@@ -105,9 +105,6 @@ def parse(argv=None) -> tuple[ModelConfig, Layout, dict, argparse.Namespace]:
         model = ModelConfig.from_preset(args.preset, **given) if args.preset else ModelConfig(**given)
     except ValueError as exc:
         parser.error(str(exc))
-    if model.zoo_options():  # before any work: the activation formulas do not cover them yet
-        parser.error(f"{', '.join(model.zoo_options())}: the memory planner has no activation formula for it yet; "
-                     "plan with the nearest pre/peri model (tools/model_summary.py counts its parameters)")
     try:
         zero = _zero_section(args.deepspeed_config, args.zero_stage, model.hidden_size)
     except LayoutError as exc:
