@@ -113,6 +113,7 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
                     and not engine.gradient_clipping())
     local_tokens = torch.zeros((), device=device)
     local_z = torch.zeros((), device=device)
+    z_ranks = torch.ones((), device=device)  # ranks whose local_z counts (pipeline: the last stage only)
     if is_pipeline_engine(engine):
         # Pipeline seam: DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself;
         # its loss is already averaged over data-parallel ranks.
@@ -131,6 +132,9 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
 
         with _before_model_step(engine, before_step):
             local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
+        if z_loss_fn is not None:  # DeepSpeed's loss is CE + z-loss: the loss function kept the z terms
+            z = engine.module.loss_fn.pop_mean()
+            local_z, z_ranks = (z.to(device), z_ranks) if z is not None else (local_z, torch.zeros((), device=device))
         layer_norms = collected if want_layer_norms else None
         grad_norm = norms[0] if norms else None
         local_tokens += ga * engine.train_micro_batch_size_per_gpu() * (engine.module.model_config.seq_length)
@@ -163,13 +167,16 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
     stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
-                         torch.tensor(float(time_up()), device=device), local_tokens.float(), local_z])
+                         torch.tensor(float(time_up()), device=device), local_tokens.float(), local_z, z_ranks])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
-    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
-                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas),
-                      z_loss=stats[4].item() / world if z_loss_fn is not None else None)
+    z_loss = stats[4].item() / max(stats[5].item(), 1.0) if z_loss_fn is not None else None
+    loss = stats[0].item() / world
+    if z_loss is not None and is_pipeline_engine(engine):
+        loss -= z_loss  # report the NLL alone, as without pipeline parallelism
+    return StepResult(loss, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
+                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas), z_loss=z_loss)
 
 
 def _data_parallel_size(state, world: int) -> int:
@@ -354,7 +361,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             ts.skipped_steps += int(bad)
             ts.bad_steps_in_a_row = ts.bad_steps_in_a_row + 1 if bad else 0
             history.append({"step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                            "applied": res.applied, "consumed_samples": ts.consumed_samples})
+                            "applied": res.applied, "consumed_samples": ts.consumed_samples,
+                            **({"z_loss": res.z_loss} if res.z_loss is not None else {})})
             if bad:
                 logger.print(f"step {step}: non-finite loss/gradients (loss {res.loss}, grad norm {res.grad_norm}); "
                              f"update skipped ({ts.bad_steps_in_a_row} in a row, {ts.skipped_steps} in total)")
@@ -449,9 +457,6 @@ def _check_layer_options(model_config: ModelConfig, cfg: TrainingConfig) -> None
     if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
         raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
                          "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
-    if cfg.z_loss_weight and cfg.pipeline_model_parallel_size > 1:
-        raise UsageError("--z-loss-weight with --pipeline-model-parallel-size > 1: the pipeline engine's loss "
-                         "cannot log the z-loss apart yet; use --pipeline-model-parallel-size 1 or --z-loss-weight 0")
     if model_config.gated_layers and cfg.sequence_parallel:
         raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
                          "sequence shard; drop one of the two")

@@ -53,3 +53,16 @@ def test_pipeline_and_sequence_parallel_training_match_single_process(pp_results
         assert len(res["pp2"]) == 3 and res["ref"][0] != res["ref"][2]  # it trained
     # each stage builds its blocks with their global layer numbers (LNS's 1/sqrt(l) on the second stage)
     assert sorted(pp_results[0]["pp2_layer_numbers"] + pp_results[1]["pp2_layer_numbers"]) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_pipeline_z_loss_trains_and_logs_like_single_process(pp_results):
+    """--z-loss-weight under PP: the engine's loss is CE + z-loss of one process; the last stage keeps the
+    z-loss terms for the trainer to log apart (the first stage computes no loss)."""
+    for rank, res in enumerate(pp_results):
+        assert max(abs(a - b) for a, b in zip(res["pp2_z_total"], res["ref_z_total"])) < TOL
+        if rank == 1:
+            assert max(abs(a - b) for a, b in zip(res["pp2_z_terms"], res["ref_z"])) < TOL
+            assert min(res["ref_z"]) > 1e-3  # a visible term
+        else:
+            assert res["pp2_z_terms"] == [None] * 3

@@ -91,6 +91,7 @@ def pp_zoo_job(rank, world_size, tmpdir):
     out["pp2"] = pipeline_train(engine, cfg, state, range(3))
     out["pp2_layer_numbers"] = [b.layer_number for b in engine.module.modules() if hasattr(b, "layer_number")]
     del engine
+    out.update(_pipeline_z_loss(deepspeed, cfg, sd0))
     cfg_full = tiny_config(norm_position="reordered,peri,reordered", num_layers=3, qk_norm="full", num_query_groups=2)
     torch.manual_seed(0)
     sd1 = {k: v.clone() for k, v in build_model(cfg_full).state_dict().items()}
@@ -99,3 +100,41 @@ def pp_zoo_job(rank, world_size, tmpdir):
     engine = plain_engine(deepspeed, cfg_full, state, sgd, sequence_parallel=True, state_dict=sd1)
     out["tp2_sp_full"] = plain_train(engine, cfg_full, state, range(3))
     return out
+
+
+def _pipeline_z_loss(deepspeed, cfg, sd0, weight=1e-2):
+    """PP=2 with --z-loss-weight's loss function (training.loss.PipelineZLoss): total losses and the z-loss
+    terms it keeps for logging, against one process computing CE + W*logsumexp^2 by hand."""
+    from megatron_mixln.parallel import build_pipeline_module, check_deepspeed_config, load_plain_state_dict
+    from megatron_mixln.training.loss import PipelineZLoss
+    from parallel_jobs import GLOBAL_BATCH, MICRO_BATCHES, ds_config, rows_of, sgd, step_batch
+
+    model = build_model(cfg)
+    model.load_state_dict(sd0)
+    opt = sgd(model.parameters())
+    ref_total, ref_z = [], []
+    for step in range(3):
+        tokens, labels = step_batch(cfg, step)
+        total = zsum = 0.0
+        for t, l in rows_of(tokens, labels, 0, 1, GLOBAL_BATCH):
+            logits = model(t)
+            z = weight * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+            loss = (F.cross_entropy(logits.flatten(0, 1), l.flatten()) + z) / GLOBAL_BATCH
+            loss.backward()
+            total, zsum = total + float(loss), zsum + float(z) / GLOBAL_BATCH
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_total.append(total)
+        ref_z.append(zsum)
+    state = initialize_model_parallel(1, 2)
+    pipe = build_pipeline_module(cfg, state, loss_fn=PipelineZLoss(weight, state), partition_method="uniform")
+    load_plain_state_dict(pipe, sd0, state)
+    config = check_deepspeed_config(ds_config(GLOBAL_BATCH // MICRO_BATCHES, MICRO_BATCHES, 1, 0), state, False)
+    engine, *_ = deepspeed.initialize(model=pipe, optimizer=sgd(pipe.parameters()), config=config)
+    totals, zs = [], []
+    for step in range(3):
+        tokens, labels = step_batch(cfg, step)
+        totals.append(float(engine.train_batch(iter(rows_of(tokens, labels, 0, 1, MICRO_BATCHES)))))
+        z = engine.module.loss_fn.pop_mean()
+        zs.append(None if z is None else float(z))
+    return {"pp2_z_total": totals, "pp2_z_terms": zs, "ref_z_total": ref_total, "ref_z": ref_z}
