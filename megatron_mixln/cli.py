@@ -7,7 +7,7 @@ import types
 import typing
 
 
-def _base_type(tp):
+def base_type(tp):
     """int | None -> int; bool stays bool."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -24,7 +24,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
         if not f.init or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(hints[f.name])
+        tp = base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if tp is bool:

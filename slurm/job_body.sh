@@ -1,7 +1,7 @@
 # The one launch body of the slurm/pretrain_<size>_mixln.sh job scripts: sourced by them (after they
 # set their size's defaults), never submitted itself. Every setting below is an environment variable
-# (`VAR=value sbatch ...`: sbatch passes the submitting shell's environment to the job); the README's
-# Slurm section has the table.
+# (`VAR=value sbatch ...`: sbatch passes the submitting shell's environment to the job); docs/slurm.md
+# has the table.
 #
 #   model      PRESET NORM_POSITION (mix) POST_LN_LAYERS (mix only; set but empty: no --post-ln-layers, e.g. for --post-ln-fraction in EXTRA_ARGS) SEQ_LENGTH (256)
 #   schedule   TRAIN_ITERS LR WARMUP_ITERS (TRAIN_ITERS/10; linear, then cosine to 0.1 x LR) CLIP_GRAD (1.0)

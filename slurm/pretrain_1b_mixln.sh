@@ -1,5 +1,5 @@
 #!/bin/bash
-# LLaMA-1B with Mix-LN, the paper's recipe (shared/reference MIXLN.md section 4): lr 5e-4, 100K steps, 1K warm-up, k = 6 of 24 layers Post-LN.
+# LLaMA-1B with Mix-LN, the paper's recipe (docs/paper.md#training-recipe): lr 5e-4, 100K steps, 1K warm-up, k = 6 of 24 layers Post-LN.
 # Adam without weight decay, batch 512 x 256 tokens, cosine to 0.1 x lr, bf16, C4 + T5 tokenizer.
 # 2 nodes x 8 GPUs: micro-batch 16 x 16 GPUs x 2 accumulation = 512; DeepSpeed ZeRO-2.
 #
@@ -9,7 +9,7 @@
 #   NORM_POSITIONS=pre,post,mix sbatch --array=0-2 slurm/pretrain_1b_mixln.sh
 #
 # Every value is an environment variable (the defaults below, then slurm/job_body.sh's): see its
-# header or the README's Slurm section. Submit from the repository root (or set ROOT).
+# header or docs/slurm.md. Submit from the repository root (or set ROOT).
 #
 #SBATCH --job-name=mixln-1b
 #SBATCH --nodes=2

@@ -1,5 +1,5 @@
 #!/bin/bash
-# LLaMA-350M with Mix-LN. Not in the paper's table (MIXLN.md section 4); its 250M/1B pattern: the same
+# LLaMA-350M with Mix-LN. Not in the paper's table (docs/paper.md#training-recipe); its 250M/1B pattern: the same
 # 24 layers as both, so k = 6 (L/4) layers Post-LN; lr 1e-3 (the 250M's); steps between 250M's 40K and
 # 1B's 100K: 60K, with the 250M's 10% (6K) warm-up.
 # Adam without weight decay, batch 512 x 256 tokens, cosine to 0.1 x lr, bf16, C4 + T5 tokenizer.
@@ -11,7 +11,7 @@
 #   NORM_POSITIONS=pre,post,mix sbatch --array=0-2 slurm/pretrain_350m_mixln.sh
 #
 # Every value is an environment variable (the defaults below, then slurm/job_body.sh's): see its
-# header or the README's Slurm section. Submit from the repository root (or set ROOT).
+# header or docs/slurm.md. Submit from the repository root (or set ROOT).
 #
 #SBATCH --job-name=mixln-350m
 #SBATCH --nodes=1

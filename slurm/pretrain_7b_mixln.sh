@@ -1,6 +1,6 @@
 #!/bin/bash
 # LLaMA-7B with Mix-LN (first 2 of 32 layers Post-LN), the paper's recipe as advised for 7B
-# (MIXLN.md section 4): lr 5e-4, 15K warm-up (the paper: 10K-15K), cosine to 0.1x over the planned
+# (docs/paper.md#training-recipe): lr 5e-4, 15K warm-up (the paper: 10K-15K), cosine to 0.1x over the planned
 # 150K steps (its run stopped at 13K), Adam without weight decay, batch 512 x 256 tokens, bf16, ZeRO-3,
 # activation recomputation. 4 nodes x 8 GPUs (A100/H100 80GB): micro-batch 8 x 32 GPUs x 2 = 512.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The Mix-LN paper's layer diagnostics on a trained checkpoint or any HF LLaMA model (MIXLN.md §6).
+"""The Mix-LN paper's layer diagnostics on a trained checkpoint or any HF LLaMA model (docs/paper.md#diagnostics).
 
     python tools/analyze_layers.py --checkpoint runs/71m-mix --data-path data/c4_valid_text_document \
         --seq-length 256 --num-samples 256 --out runs/71m-mix/layers [--device cuda]

@@ -3,7 +3,7 @@
 Used for checkpoints (megatron_mixln.training.checkpoint writes one last, into each tag) and for the
 data fingerprint (the `.idx` hash). xxh3-128 (the `xxhash` package) was chosen over sha256 because
 it is ~20x faster on the CPUs this was measured on (1.1 GB/s vs 0.05 GB/s single-threaded,
-256 MiB in memory; see README "Failure handling"), and the aim is detecting torn or flipped bytes,
+256 MiB in memory; see docs/checkpoints.md#failure-handling), and the aim is detecting torn or flipped bytes,
 not resisting an attacker. Work can be spread over ranks: `assign` gives each rank a share of
 the files (largest first, to the least-loaded rank), so a 7B save hashes ~1/world of the bytes
 per rank.

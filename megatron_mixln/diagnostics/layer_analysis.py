@@ -1,4 +1,4 @@
-"""The Mix-LN paper's two layer-effectiveness diagnostics (MIXLN.md §6).
+"""The Mix-LN paper's two layer-effectiveness diagnostics (docs/paper.md#diagnostics).
 
 - Angular distance between the hidden state entering layer l and the one n layers later, on the
   last token: d = arccos(cos(h_l, h_{l+n})) / pi, averaged over samples (all (l, n), as the

@@ -4,7 +4,7 @@ optimizer), with the trainer's mixln_meta.json and client state; iteration as gi
 
 Norm positions: from config.json's norm_positions (our export), else from --norm-position (the reference
 code's NORM_TYPE/POST_NUM: NORM_TYPE=post_pre POST_NUM=k is `mix --post-ln-layers k` or `post*k,pre*...`),
-else all pre. Each layer's norm names must agree with its position (MIXLN.md's naming trap: a reference
+else all pre. Each layer's norm names must agree with its position (docs/paper.md#the-naming-trap: a reference
 post layer has post_attention_layernorm + post_feedforward_layernorm, a pre layer input_layernorm +
 post_attention_layernorm), checked before anything is written.
 """

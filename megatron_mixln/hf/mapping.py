@@ -11,7 +11,7 @@ Weight names (per layer i, HF side under "model."):
 
 The norm names are the Mix-LN reference code's (`NORM_NAMES`), so a name alone does not fix a role:
 `post_attention_layernorm` is the norm before the MLP in a pre layer but the norm after the attention
-residual add in a post layer (MIXLN.md §1, the naming trap).
+residual add in a post layer (docs/paper.md#the-naming-trap).
 """
 from __future__ import annotations
 

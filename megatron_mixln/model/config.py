@@ -21,6 +21,7 @@ def _help(text: str, **kw):
 
 @dataclass
 class ModelConfig:
+    # --- shape ---
     vocab_size: int = _help("vocabulary size (rows of the embedding and LM head)", default=32000)
     hidden_size: int = _help("model width", default=512)
     ffn_hidden_size: int = _help("SwiGLU inner width", default=1368)
@@ -29,6 +30,7 @@ class ModelConfig:
     num_query_groups: int | None = _help("key/value heads for grouped-query attention (default: = heads)", default=None)
     seq_length: int = _help("maximum sequence length", default=256)
     rotary_base: float = _help("RoPE base", default=10000.0)
+    # --- norms and their positions ---
     normalization: str = _help("RMSNorm, LayerNorm, or the pointwise DyT / Derf (no statistics)", default="RMSNorm")
     norm_epsilon: float = _help("epsilon of every norm", default=1e-6)
     norm_position: str = _help(
@@ -48,6 +50,7 @@ class ModelConfig:
                                 "(DyT's LLaMA code)", default=DYT_ALPHA_INIT)
     dyt_bias: bool = _help("DyT: add the bias beta (the paper's general form; its LLaMA code has none)",
                            default=False)
+    # --- embedding, initialisation and per-layer options ---
     tie_embeddings: bool = _help("share the embedding and LM-head weights", default=False)
     init_method_std: float = _help("std of the normal init of linear and embedding weights", default=0.02)
     scaled_embedding_init: bool = _help("embedding std sqrt(2/5)=0.632, as the Mix-LN reference code", default=False)
@@ -62,6 +65,7 @@ class ModelConfig:
     residual_gate_init: float = _help("initial value of every residual gate (the reference's 0.001)", default=0.001)
     freeze_pad_embedding: bool = _help("zeroed, never-trained embedding row for --pad-token-id", default=False)
     pad_token_id: int | None = _help("padding token id (default 0: the pad id of T5's and this project's sentencepiece models)", default=None)
+    # --- implementation ---
     norm_impl: str = _help("add+norm implementation: auto, torch, triton or apex", default="auto")
     cross_block_fusion: bool = _help(
         "fuse a pre/lns/peri layer's last residual add into the next layer's first norm (or the final norm)",

@@ -1,4 +1,5 @@
-"""Weight initialisation (MIXLN.md §2), applied after construction so meta-built models can use it too."""
+"""Weight initialisation (docs/paper.md#initialisation), applied after construction so meta-built models
+can use it too."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
 """Norm positions and the schedules that resolve into one position per layer.
 
 A schedule is resolved once, when the config is built; from then on each block
-only knows its own position (see MIXLN.md §1 for the formulas).
+only knows its own position (docs/paper.md#norm-positions-per-layer has the formulas and sources).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LLaMA model shapes from MIXLN.md §3 (SwiGLU, RoPE base 10000, untied head, vocab 32000)."""
+"""LLaMA model shapes from docs/paper.md#model-presets (SwiGLU, RoPE base 10000, untied head, vocab 32000)."""
 
 # name: (hidden_size, ffn_hidden_size, num_attention_heads, num_layers)
 _SHAPES = {
@@ -16,7 +16,7 @@ _SHAPES = {
     "7b": (4096, 11008, 32, 32),
 }
 
-# Mix-LN's post-layer count k used in the paper for each size (MIXLN.md §1/§4).
+# Mix-LN's post-layer count k used in the paper for each size (docs/paper.md#training-recipe).
 PAPER_POST_LN_LAYERS = {"71m": 3, "130m": 3, "250m": 6, "1b": 6, "7b": 2}
 
 PRESETS = {

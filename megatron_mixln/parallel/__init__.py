@@ -1,5 +1,5 @@
-"""Tensor, sequence and pipeline parallelism applied to the model from outside (see README.md,
-"Tensor, sequence and pipeline parallelism").
+"""Tensor, sequence and pipeline parallelism applied to the model from outside (see
+docs/parallelism.md).
 
     state = initialize_model_parallel(tp, pp)                  # groups in Megatron rank order
     apply_tensor_parallel(model, state, sequence_parallel)     # PP=1: shard a built Transformer in place

@@ -255,7 +255,7 @@ class TrainingConfig:
 def warmup_iters_from_fraction(fraction: float, decay_iters: int) -> int:
     """Megatron's warm-up of `fraction * decay_iters` steps, rounded to the nearest whole step (halves
     up). The product is taken exactly, on the decimal the user wrote (`Fraction(repr(fraction))`): in
-    floating point 0.29 * 100 is 28.999999999999996, which truncation made 28 steps instead of 29."""
+    floating point 0.29 * 100 is 28.999999999999996, and the result must be 29 steps."""
     from fractions import Fraction
 
     exact = Fraction(repr(float(fraction))) * decay_iters

@@ -3,8 +3,8 @@
 DeepSpeed's plain fp32 path (`DeepSpeedEngine.clip_fp32_gradients`, ZeRO stage 0 without bf16) counts
 a non-tensor-parallel gradient only on model-parallel rank 0. Under the pipeline engine the
 model-parallel group is the whole pipeline x TP grid slice, so every stage but the first drops its own
-gradients from the norm and the whole model is clipped with stage 0's norm (issue 15 measured 0.996
-instead of 1.410 with 2 stages: a 1.42x too large update). ZeRO-1/2/3 and the bf16 optimizer compute the norm
+gradients from the norm and the whole model would be clipped with stage 0's norm (too large an update).
+ZeRO-1/2/3 and the bf16 optimizer compute the norm
 correctly themselves. Here the fp32 ZeRO-0 clip is replaced, on every layout, by
 `parallel.clip_grad_norm_`: the norm of the whole model (TP shards summed, replicated norms once,
 pipeline stages added), the same coefficient on every rank.

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory):
-    """A 300-piece sentencepiece BPE model (pad 0, eos 1, unk 2, bos 3) trained on this repository's README."""
+    """A 300-piece sentencepiece BPE model (pad 0, eos 1, unk 2, bos 3) trained on this repository's README and docs/."""
     from hf_testlib import train_spm
 
     return train_spm(str(tmp_path_factory.mktemp("spm") / "spm"))

@@ -13,7 +13,8 @@ TINY = dict(vocab_size=320, hidden_size=32, ffn_hidden_size=48, num_layers=4, nu
 def train_spm(prefix: str) -> str:
     from megatron_mixln.data.tokenizer_training import TokenizerTrainOptions, train_tokenizer
 
-    text = [line.strip() for line in open(ROOT / "README.md", encoding="utf-8") if line.strip()]
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = [line.strip() for doc in docs for line in open(doc, encoding="utf-8") if line.strip()]
     corpus = prefix + ".jsonl"
     import json
 

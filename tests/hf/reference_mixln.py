@@ -1,5 +1,6 @@
-"""The Mix-LN reference code's decoder written from the published formulas (MIXLN.md §1), in float64, with
-the reference code's module names -- an independent model for the import test.
+"""The Mix-LN reference code's decoder written from the published formulas
+(docs/paper.md#norm-positions-per-layer), in float64, with the reference code's module names -- an
+independent model for the import test.
 
 Layer kinds and their norms (reference names):
     post      h = post_attention_layernorm(x + Attn(x)); y = post_feedforward_layernorm(h + MLP(h))

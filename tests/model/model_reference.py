@@ -1,4 +1,4 @@
-"""Independent, deliberately naive re-implementations of one layer per MIXLN.md §1.
+"""Independent, deliberately naive re-implementations of one layer per docs/paper.md#norm-positions-per-layer.
 
 Written from the formulas (explicit per-pair RoPE rotation, explicit masked softmax,
 explicit RMSNorm/LayerNorm) and sharing only the parameter tensors with the model.
@@ -79,7 +79,7 @@ def mlp_ref(x, mlp):
 
 
 def block_ref(x, block, num_layers, eps=1e-6, base=10000.0):
-    """One layer exactly as the MIXLN.md §1 table writes it, for block.position."""
+    """One layer exactly as the docs/paper.md#norm-positions-per-layer table writes it, for block.position."""
     p, l = block.position, block.layer_number
     N = lambda n, t: apply_norm(n, t, eps)  # noqa: E731
     A = lambda t: attn_ref(t, block.attn, base, eps)  # noqa: E731

@@ -1,7 +1,7 @@
 """End to end: `megatron_mixln.pretrain` (its CLI entry, real indexed data) on 2 processes with TP=2 +
 sequence parallelism (ZeRO-1) and with PP=2 (ZeRO-1), against the same run at DP=2; then the PP=2
 checkpoint converted with the checkpoint converter and resumed at DP=2 (TP=1, PP=1), directly and
-through the README's round trip with new tags (-> TP=2 x PP=2 -> plain -> TP=1 x PP=1), which the
+through docs/checkpoints.md's round trip with new tags (-> TP=2 x PP=2 -> plain -> TP=1 x PP=1), which the
 trainer must load by the tag `latest` names, not the one the carried-over metadata names.
 
 All runs see the same global batches (the sampler depends only on the global batch) and the same

@@ -1,5 +1,5 @@
 """The paper's job scripts against a real slurmctld: `sbatch --test-only` accepts each as written;
-run for real with DRY_RUN=1 each passes the paper's recipe (MIXLN.md section 4) to the trainer, whose
+run for real with DRY_RUN=1 each passes the paper's recipe (docs/paper.md#training-recipe) to the trainer, whose
 parser accepts it; bad data or tokenizer paths fail in the first seconds with one line; an unreachable
 rendezvous ends every rank with one line naming the address and port instead of hanging."""
 import re

@@ -1,4 +1,4 @@
-"""configs/paper/*.yaml: the Mix-LN paper's recipe per size (MIXLN.md section 4), checked field by field
+"""configs/paper/*.yaml: the Mix-LN paper's recipe per size (docs/paper.md#training-recipe), checked field by field
 after --config parsing, plus the reference embedding init they select."""
 import math
 import os
@@ -8,7 +8,7 @@ import pytest
 from megatron_mixln.training.arguments import parse_configs
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-# size: (peak lr, steps, warm-up, post layers k, layers) -- MIXLN.md section 4 (350M: the LayerNorm-Scaling
+# size: (peak lr, steps, warm-up, post layers k, layers) -- docs/paper.md#training-recipe (350M: the LayerNorm-Scaling
 # paper's recipe; 7B: 150K planned steps with the advised ~10% warm-up).
 RECIPES = {"71m": (1e-3, 10_000, 1_000, 3, 12), "130m": (1e-3, 20_000, 2_000, 3, 12),
            "250m": (1e-3, 40_000, 4_000, 6, 24), "350m": (5e-4, 60_000, 6_000, 6, 24),
