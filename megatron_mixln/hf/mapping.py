@@ -17,27 +17,33 @@ from __future__ import annotations
 
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
 
-PRE_LIKE, POST_LIKE = ("pre", "lns"), ("post", "deepnorm", "deeppost")
+PRE_LIKE, POST_LIKE = ("pre", "lns", "hybrid-first"), ("post", "deepnorm", "deeppost")
 NORM_NAMES = {
     "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     "post": {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
     "peri": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
              "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
+    "hybrid": {"mlp_norm": "post_attention_layernorm"},  # HybridNorm's one residual-stream norm, after the attention add
 }
+NORM_PARAMS = ("weight", "bias", "alpha", "shift")  # RMSNorm/LayerNorm: weight (bias); DyT/Derf add alpha (shift)
 ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers (and the reference code) saved
 
 
 def family(position: str) -> str:
-    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE else "peri"
+    """The HF norm-name family: reordered (OLMo 2) names its two norms as Olmo2 does, the post family's names."""
+    if position == "hybrid":
+        return "hybrid"
+    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE + ("reordered",) else "peri"
 
 
 def layer_name_map(position: str) -> dict[str, str]:
     """Suffix map of one layer, ours -> HF (without the "layers.i." / "model.layers.i." prefixes)."""
     out = {f"attn.{p}.weight": f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     out.update({f"mlp.{p}.weight": f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")})
+    out.update({f"attn.{n}.{p}": f"self_attn.{n}.{p}" for n in ("q_norm", "k_norm", "v_norm") for p in NORM_PARAMS})
     for ours, hf in NORM_NAMES[family(position)].items():
-        out[f"{ours}.weight"], out[f"{ours}.bias"] = f"{hf}.weight", f"{hf}.bias"
+        out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
     return out
 
 
@@ -47,14 +53,16 @@ def full_name_map(positions, final_norm: bool = True, tied: bool = False) -> dic
     for i, pos in enumerate(positions):
         out.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in layer_name_map(pos).items()})
     if final_norm:
-        out["final_norm.weight"], out["final_norm.bias"] = "model.norm.weight", "model.norm.bias"
+        out.update({f"final_norm.{p}": f"model.norm.{p}" for p in NORM_PARAMS})
     if not tied:
         out["lm_head.weight"] = "lm_head.weight"
     return out
 
 
-def to_hf_state_dict(plain: dict, config) -> dict:
-    """Our full state dict -> HF names (tied head dropped). Tensors are the same objects."""
+def to_hf_state_dict(plain: dict, config, fold_lns: bool = False) -> dict:
+    """Our full state dict -> HF names (tied head dropped). Tensors are the same objects, except with
+    `fold_lns` (export of lns layers to a stock Pre-LN class): an lns layer's norm gains are multiplied by
+    its 1/sqrt(l), which is exact (RMSNorm(x)*g*s = RMSNorm(x)*(g*s); the final norm is not scaled)."""
     names = full_name_map(config.positions, config.final_norm, config.tie_embeddings)
     out = {}
     for key, value in plain.items():
@@ -62,6 +70,9 @@ def to_hf_state_dict(plain: dict, config) -> dict:
             continue
         if key not in names:
             raise ValueError(f"state dict: unexpected key {key!r} for positions {config.positions_str}")
+        parts = key.split(".")
+        if fold_lns and parts[0] == "layers" and parts[2] in ("attn_norm", "mlp_norm"):
+            value = value * lns_scale(config.positions[int(parts[1])], int(parts[1]) + 1)
         out[names[key]] = value
     return out
 

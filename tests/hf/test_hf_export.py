@@ -13,7 +13,7 @@ CASES = {  # id: (ModelConfig overrides, stock LlamaForCausalLM expected)
     "pre": (dict(norm_position="pre"), True),
     "post": (dict(norm_position="post"), False),
     "peri": (dict(norm_position="peri"), False),
-    "lns": (dict(norm_position="lns"), False),
+    "lns": (dict(norm_position="lns"), True),  # 1/sqrt(l) folded into the gains: stock Llama
     "deepnorm": (dict(norm_position="deepnorm"), False),
     "deeppost": (dict(norm_position="deeppost"), False),
     "mix": (dict(norm_position="mix", post_ln_layers=1), False),

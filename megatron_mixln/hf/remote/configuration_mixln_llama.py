@@ -11,13 +11,23 @@ Per layer l (0-based index i = l - 1), with N a norm whose statistics are comput
     deepnorm  h = N1(a*x + Attn(x));             y = N2(a*h + MLP(h)),  a = (2L)^(1/4)
     deeppost  as deepnorm with a = sqrt(8)
     peri      h = x + N1b(Attn(N1a(x)));         y = h + N2b(MLP(N2a(h)))
+    reordered h = x + N1(Attn(x));               y = h + N2(MLP(h))                  (OLMo 2)
+    hybrid    h = x + Attn(x), q/k/v normed per head;  u = N2(h); y = u + MLP(u)   (HybridNorm)
+              (hybrid_ffn_residual_after_norm false: y = N2(h + MLP(h)))
+    hybrid-first  pre, with q/k/v normed per head                                  (HybridNorm*'s first block)
 
 Fields beyond LlamaConfig's:
     norm_positions     list of L position names (resolved: a Mix-LN schedule is written out layer by layer)
     residual_scales    list of L floats a (DeepNorm's alpha; 1.0 elsewhere)
     output_scales      list of L floats s multiplying both norm outputs (LNS: 1/sqrt(layer_number); else 1.0)
     layer_numbers      list of L 1-based layer numbers the scales were computed from (kept when layers are removed)
-    normalization      "RMSNorm" or "LayerNorm" (LayerNorm norms have a bias)
+    normalization      "RMSNorm", "LayerNorm" (with a bias), "DyT" (weight*tanh(alpha*x) (+bias)) or
+                       "Derf" (weight*erf(alpha*x + shift) + bias); alpha, shift learnable scalars
+    qk_norm            "none", "head" (q, k normed over each head's head_dim before RoPE) or "full" (over the
+                       whole q / k projection)
+    qk_norm_per_head_gain  head QK-norm (and hybrid layers' q/k/v norms) with one gain per head
+    hybrid_ffn_residual_after_norm  see hybrid above
+    dyt_bias           DyT norms have a bias
     final_norm         whether a norm precedes the LM head
     real_vocab_size    the tokenizer's vocabulary (vocab_size is the padded embedding size)
     mixln_model_config the training stack's full model config, verbatim (for the way back)
@@ -29,8 +39,9 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost")
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "reordered", "hybrid", "hybrid-first")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm", "DyT", "Derf")
+QK_NORMS = ("none", "head", "full")
 
 
 def default_residual_scale(position: str, num_layers: int) -> float:
@@ -57,6 +68,10 @@ class MixLNLlamaConfig(LlamaConfig):
     layer_numbers: list | None = None
     normalization: str = "RMSNorm"
     final_norm: bool = True
+    qk_norm: str = "none"
+    qk_norm_per_head_gain: bool = False
+    hybrid_ffn_residual_after_norm: bool = True
+    dyt_bias: bool = False
     real_vocab_size: int | None = None
     mixln_model_config: dict | None = None
 
@@ -83,7 +98,9 @@ class MixLNLlamaConfig(LlamaConfig):
         if bad:
             raise ValueError(f"config.json: norm_positions: unknown {bad}; allowed: {', '.join(NORM_POSITIONS)}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: RMSNorm, LayerNorm")
+            raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"config.json: qk_norm: unknown {self.qk_norm!r}; allowed: {', '.join(QK_NORMS)}")
 
 
 __all__ = ["MixLNLlamaConfig"]
