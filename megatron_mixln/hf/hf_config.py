@@ -14,17 +14,24 @@ AUTO_MAP = {
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Stock transformers families that are norm-zoo models (docs/norm-zoo.md): model_type -> ModelConfig fields.
-STOCK_ZOO = {"olmo2": dict(norm_position="reordered", qk_norm="full"), "qwen3": dict(norm_position="pre", qk_norm="head")}
+STOCK_ZOO = {"olmo2": dict(norm_position="reordered", qk_norm="full"), "qwen3": dict(norm_position="pre", qk_norm="head"),
+             "stablelm": dict(norm_position="pre", normalization="LayerNorm")}
+# Stock fields that must hold these values for the class to be this stack's model.
+STOCK_REQUIRES = {"stablelm": dict(use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False)}
 
 
 def stock_class(config) -> str | None:
     """The transformers class that computes `config` (ModelConfig) exactly without remote code, or None:
     pre (and lns, whose 1/sqrt(l) folds into the gains) -> LlamaForCausalLM; pre + --qk-norm head ->
-    Qwen3ForCausalLM; reordered + --qk-norm full -> Olmo2ForCausalLM (RMSNorm, a final norm, shared QK gains)."""
-    if (config.normalization != "RMSNorm" or not config.final_norm or getattr(config, "gated_layers", ())
-            or getattr(config, "qk_norm_per_head_gain", False)):
+    Qwen3ForCausalLM; reordered + --qk-norm full -> Olmo2ForCausalLM (RMSNorm, a final norm, shared QK gains);
+    pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary)."""
+    if not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False):
         return None
     positions, qk = set(config.positions), getattr(config, "qk_norm", "none")
+    if config.normalization == "LayerNorm":
+        return "StableLmForCausalLM" if positions <= {"pre", "lns"} and qk == "none" else None
+    if config.normalization != "RMSNorm":
+        return None
     if positions <= {"pre", "lns"} and qk == "none":
         return "LlamaForCausalLM"
     if positions == {"pre"} and qk == "head":
@@ -58,6 +65,15 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
 
         common = {k: v for k, v in common.items() if k not in ("head_dim", "mlp_bias")}  # Olmo2: head_dim = h/heads
         hf = Olmo2Config(**common, mixln_model_config=config.to_dict())
+        hf.architectures = [stock]
+    elif not custom and stock == "StableLmForCausalLM":
+        from transformers import StableLmConfig
+
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "mlp_bias", "attention_bias", "rms_norm_eps")}
+        common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
+        recorded = config.replace(norm_position="pre") if "lns" in config.positions else config  # lns folded
+        hf = StableLmConfig(**common, layer_norm_eps=config.norm_epsilon, use_qkv_bias=False, qk_layernorm=False,
+                            use_parallel_residual=False, mixln_model_config=recorded.to_dict())
         hf.architectures = [stock]
     elif not custom and stock == "Qwen3ForCausalLM":
         from transformers import Qwen3Config
@@ -117,6 +133,11 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
     if zoo and norm_position is not None:
         raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} fixes the norm position "
                          f"({zoo['norm_position']}); drop --norm-position")
+    for field, want in STOCK_REQUIRES.get(cfg.get("model_type"), {}).items():
+        if cfg.get(field, want) != want:
+            raise ValueError(f"{where}: {field} is {cfg.get(field)!r}; only {want!r} is supported here")
+    if zoo and float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor must be 1.0 (RoPE on the whole head) here")
     if cfg.get("use_sliding_window") or (cfg.get("model_type") == "qwen3" and cfg.get("sliding_window")
                                          and cfg.get("use_sliding_window") is not False):
         raise ValueError(f"{where}: use_sliding_window is set; only full causal attention is supported here")
@@ -164,8 +185,8 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
             num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             seq_length=int(cfg.get("max_position_embeddings") or 2048),
             rotary_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            normalization=cfg.get("normalization", "RMSNorm"),
-            norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+            normalization=zoo.get("normalization", cfg.get("normalization", "RMSNorm")),
+            norm_epsilon=float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6))),
             norm_position=norm_position or "pre", post_ln_layers=post_ln_layers,
             final_norm=bool(cfg.get("final_norm", True)),
             qk_norm=zoo.get("qk_norm", "none"),

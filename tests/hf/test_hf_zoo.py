@@ -1,7 +1,7 @@
 """The norm zoo and Hugging Face (docs/norm-zoo.md): export to stock classes without remote code -- reordered +
 full QK-norm -> Olmo2ForCausalLM, pre + head QK-norm -> Qwen3ForCausalLM, lns (and lns/pre lists) ->
-LlamaForCausalLM with 1/sqrt(l) folded into the gains -- with equal fp32 logits and greedy generation; import
-of Olmo2/Qwen3 checkpoints made by transformers itself; every other zoo model through the exported modeling file
+LlamaForCausalLM with 1/sqrt(l) folded into the gains, Pre-LN LayerNorm -> StableLmForCausalLM -- with equal fp32 logits and greedy generation; import
+of Olmo2/Qwen3/StableLM checkpoints made by transformers itself; every other zoo model through the exported modeling file
 (trust_remote_code), and back through the importer."""
 import json
 
@@ -14,6 +14,9 @@ STOCK = {  # id: (ModelConfig overrides, the class transformers loads)
     "olmo2": (dict(norm_position="reordered", qk_norm="full", num_query_groups=2), "Olmo2ForCausalLM"),
     "qwen3": (dict(norm_position="pre", qk_norm="head", num_query_groups=2, tie_embeddings=True), "Qwen3ForCausalLM"),
     "lns-pre-list": (dict(norm_position="lns,pre,lns,lns"), "LlamaForCausalLM"),
+    # Pre-LN with LayerNorm (and LNS folded into gain and bias): StableLM is sequential Pre-LN LayerNorm + SwiGLU
+    "layernorm-pre-lns": (dict(norm_position="pre,lns,lns,pre", normalization="LayerNorm", num_query_groups=2),
+                          "StableLmForCausalLM"),
 }
 
 
@@ -68,7 +71,7 @@ def test_export_to_modeling_file_matches_our_model_and_imports_back(tmp_path, ca
         assert torch.equal(back(tokens), ours)
 
 
-@pytest.mark.parametrize("family", ["olmo2", "qwen3"])
+@pytest.mark.parametrize("family", ["olmo2", "qwen3", "stablelm"])
 def test_transformers_checkpoints_import_with_equal_logits(tmp_path, family):
     import transformers
 
@@ -77,6 +80,10 @@ def test_transformers_checkpoints_import_with_equal_logits(tmp_path, family):
                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     if family == "olmo2":
         hf = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**common))
+    elif family == "stablelm":  # Pre-LN LayerNorm with SwiGLU, RoPE on the whole head
+        common = {k: v for k, v in common.items() if k != "rms_norm_eps"}
+        common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
+        hf = transformers.StableLmForCausalLM(transformers.StableLmConfig(**common, layer_norm_eps=1e-6))
     else:
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=8, use_sliding_window=False))
     torch.manual_seed(0)
@@ -90,7 +97,8 @@ def test_transformers_checkpoints_import_with_equal_logits(tmp_path, family):
 
     config, model = _our_model(tmp_path / "ckpt")
     assert config.positions == (("reordered",) if family == "olmo2" else ("pre",)) * 3
-    assert config.qk_norm == ("full" if family == "olmo2" else "head")
+    assert config.qk_norm == {"olmo2": "full", "qwen3": "head", "stablelm": "none"}[family]
+    assert config.normalization == ("LayerNorm" if family == "stablelm" else "RMSNorm")
     tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
