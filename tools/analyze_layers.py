@@ -133,6 +133,7 @@ def lm_eval_drop(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_mixln.hf.lm_eval_drop import lm_eval_layer_drop
+    from megatron_mixln.hf.remote_code import remote_code_verdict
 
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     limit = args.lm_eval_limit
@@ -147,8 +148,11 @@ def lm_eval_drop(args) -> dict:
             if not os.path.isfile(os.path.join(hf_dir, "tokenizer_config.json")):
                 raise ValueError(f"{args.checkpoint}: --lm-eval-tasks needs a tokenizer (the run recorded none); "
                                  "pass --tokenizer")
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
+        trust, why = remote_code_verdict(hf_dir)  # only this project's own exported modeling code runs
+        if why:
+            print(f"analyze_layers: {why}; loading stock transformers classes only", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=trust, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust)
         model = model.to(args.device).eval()
         return lm_eval_layer_drop(model, tokenizer, tasks, args.lm_eval_include, limit, args.lm_eval_batch_size)
 

@@ -9,6 +9,8 @@ import argparse
 
 from megatron_mixln.cli import add_dataclass_args, given_fields
 from megatron_mixln.model import PRESETS, ModelConfig, build_model, count_parameters
+from megatron_mixln.model.two_stream import stream_count
+from megatron_mixln.planning import activation_bytes
 
 GIB = 1024**3
 
@@ -57,7 +59,23 @@ def summarize(cfg: ModelConfig) -> str:
         f"{'memory (GiB)':<40} {'bf16 mixed':>11} {'fp32':>9}",
     ]
     lines += [f"{what:<40} {b:>11.2f} {f:>9.2f}" for what, b, f in memory_table(total)]
+    lines += ["", *activation_lines(cfg)]
     return "\n".join(lines)
+
+
+def activation_lines(cfg: ModelConfig) -> list[str]:
+    """Activations of one sequence of --seq-length tokens (bf16, fused add+norm kernels), from the memory
+    planner; a two-stream position (siamese, residual-dual) carries 2 residual streams between layers."""
+    streams = stream_count(cfg.positions)
+    plain = activation_bytes(cfg, 1, cfg.seq_length, bf16=True, impl="triton")
+    kept = activation_bytes(cfg, 1, cfg.seq_length, bf16=True, impl="triton", recompute=True)
+    boundary = 2 * streams * cfg.seq_length * cfg.hidden_size
+    return [
+        f"residual streams between layers: {streams} ({boundary / 2**20:.2f} MiB per sequence at a layer or "
+        "pipeline-stage boundary, bf16)",
+        f"activations per sequence of {cfg.seq_length} tokens (bf16): {plain['total'] / GIB:.3f} GiB, "
+        f"{kept['total'] / GIB:.3f} GiB with --recompute-activations",
+    ]
 
 
 def main(argv=None):

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
                    help="sample at most this many lines for training")
     p.add_argument("--byte-fallback", action="store_true", help="unknown characters become bytes")
     p.add_argument("--split-digits", action="store_true")
+    p.add_argument("--normalization-rule-name", default="nmt_nfkc",
+                   choices=["nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"],
+                   help="sentencepiece's normaliser applied before encoding (default nmt_nfkc)")
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
         model_type=a.model_type, json_keys=a.json_keys, pad_id=a.pad_id, eos_id=a.eos_id,
         unk_id=a.unk_id, bos_id=a.bos_id, character_coverage=a.character_coverage,
         max_sentences=a.max_sentences, byte_fallback=a.byte_fallback,
-        split_digits=a.split_digits, num_threads=a.num_threads, seed=a.seed)
+        split_digits=a.split_digits, normalization_rule_name=a.normalization_rule_name,
+        num_threads=a.num_threads, seed=a.seed)
     try:
         path = train_tokenizer(opts)
     except DataError as err:

@@ -35,6 +35,7 @@ class TokenizerTrainOptions:
     max_sentences: int = 5_000_000
     byte_fallback: bool = False
     split_digits: bool = False
+    normalization_rule_name: str = "nmt_nfkc"  # sentencepiece's; "identity" leaves the text as it is
     num_threads: int = 1
     seed: int = 1234
 
@@ -105,7 +106,8 @@ def train_tokenizer(opts: TokenizerTrainOptions) -> str:
             pad_id=opts.pad_id, eos_id=opts.eos_id, unk_id=opts.unk_id, bos_id=opts.bos_id,
             character_coverage=opts.character_coverage, input_sentence_size=opts.max_sentences,
             shuffle_input_sentence=True, byte_fallback=opts.byte_fallback,
-            split_digits=opts.split_digits, num_threads=opts.num_threads,
+            split_digits=opts.split_digits, normalization_rule_name=opts.normalization_rule_name,
+            num_threads=opts.num_threads,
             train_extremely_large_corpus=False, minloglevel=2)
     except RuntimeError as err:
         if read_errors:

@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mixln.model.block import resolve_stream
+from megatron_mixln.model.positions import TWO_STREAM
 
 
 @torch.no_grad()
 def hidden_states(model, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """[embedding output, output of layer 1, ..., output of layer L] (before the final norm)."""
+    """[embedding output, output of layer 1, ..., output of layer L] (before the final norm). A
+    two-stream layer (siamese, residual-dual) contributes its first stream x (the post-norm one)."""
     h = model.embed(tokens)
     states = [h]
     for layer in model.layers:
         h = layer(h)  # a (h, d) pair after a layer that hands its last add to the next one
-        states.append(resolve_stream(h))
+        states.append(h[0] if layer.position in TWO_STREAM else resolve_stream(h))
     return states
 
 

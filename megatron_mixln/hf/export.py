@@ -5,7 +5,8 @@ Output (all written under a temporary sibling, renamed at the end):
     generation_config.json   bos/eos/pad ids
     model*.safetensors       sharded above max_shard_size, with model.safetensors.index.json
     configuration_mixln_llama.py, modeling_mixln_llama.py   (custom models only; self-contained)
-    tokenizer.model + tokenizer.json + tokenizer_config.json (sentencepiece), or tokenizer.json passed through
+    tokenizer.model (+ tokenizer.json for BPE) + tokenizer_config.json (sentencepiece), or tokenizer.json passed
+                             through; bos_token = the end-of-document token (see tokenizer_export.py)
     README.md                model card
 """
 from __future__ import annotations
@@ -21,9 +22,9 @@ from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, stock_class
 from megatron_mixln.hf.mapping import to_hf_state_dict
 from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
 from megatron_mixln.hf.outdir import check_output, staged_directory
-from megatron_mixln.hf.tokenizer_export import load_tokenizer, write_tokenizer
+from megatron_mixln.hf.remote_code import REMOTE_DIR, REMOTE_FILES
+from megatron_mixln.hf.tokenizer_export import boundary_token, load_tokenizer, write_tokenizer
 
-REMOTE_FILES = ("configuration_mixln_llama.py", "modeling_mixln_llama.py")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -102,13 +103,14 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
         save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_size, safe_serialization=True,
                               metadata={"format": "pt"})
         if custom:
-            here = os.path.join(os.path.dirname(__file__), "remote")
             for name in REMOTE_FILES:
-                shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
-        tok_files = write_tokenizer(tok, tmp, config.seq_length) if tok else []
+                shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(tmp, name))
+        tok_files, tok_class = write_tokenizer(tok, tmp, config.seq_length) if tok else ([], None)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(config, summary, custom, ppl, os.path.abspath(checkpoint), dtype))
+            f.write(model_card(config, summary, custom, ppl, os.path.abspath(checkpoint), dtype,
+                               boundary_token(tok) if tok else None))
         files = sorted(os.listdir(tmp))
     return {"output": output, "source": source, "class": hf_config.architectures[0], "custom_code": custom,
             "dtype": dtype, "positions": config.positions_str, "tensors": len(tensors),
-            "parameters": sum(t.numel() for t in tensors.values()), "tokenizer": tok_files, "files": files}
+            "parameters": sum(t.numel() for t in tensors.values()), "tokenizer": tok_files, "tokenizer_class": tok_class,
+            "document_boundary_id": ids.get("bos"), "files": files}

@@ -178,6 +178,12 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
         return config
     if saved_positions is not None:
         norm_position, post_ln_layers = format_positions(saved_positions), None
+    elif norm_position is not None:
+        from megatron_mixln.model.positions import TWO_STREAM, resolve_positions
+
+        if resolve_positions(norm_position, L, post_ln_layers)[0] in TWO_STREAM:
+            raise ValueError(f"--norm-position {norm_position}: {where} is a stock one-stream LLaMA layout; a "
+                             "two-stream model (siamese, residual-dual) loads only from this project's own export")
     try:
         return ModelConfig(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],

@@ -1,6 +1,8 @@
 """Import an HF LLaMA directory (stock, the Mix-LN reference code's layout, or our own export) as a
 checkpoint `pretrain --load` accepts: DeepSpeed layout for a TP x PP run, marked converted (fresh
 optimizer), with the trainer's mixln_meta.json and client state; iteration as given (default 0).
+The directory's tokenizer files are copied bit for bit into <output>/tokenizer (pass it as --tokenizer;
+the checkpoint records it, so exporting the import again ships the same tokenizer).
 
 Norm positions: from config.json's norm_positions (our export), else from --norm-position (the reference
 code's NORM_TYPE/POST_NUM: NORM_TYPE=post_pre POST_NUM=k is `mix --post-ln-layers k` or `post*k,pre*...`),
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from megatron_mixln.hf.hf_config import model_config_from_hf, read_hf_config
 from megatron_mixln.hf.hf_weights import check_weight_files, load_weights, weight_files
@@ -49,6 +52,16 @@ def read_hf_model(hf_dir: str, norm_position: str | None = None, post_ln_layers:
     return from_hf_state_dict(hf, config, where), config
 
 
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "spiece", "sentencepiece", "vocab.",
+                      "merges.txt", "chat_template")
+
+
+def tokenizer_files(hf_dir: str) -> list[str]:
+    """Names of the tokenizer files of an HF directory (tokenizer.json/.model/_config.json, spiece.model, ...)."""
+    return sorted(n for n in os.listdir(hf_dir) if n.startswith(TOKENIZER_PREFIXES)
+                  and os.path.isfile(os.path.join(hf_dir, n)))
+
+
 def import_from_hf(hf_dir: str, output: str, norm_position: str | None = None, post_ln_layers: int | None = None,
                    iteration: int = 0, tp: int = 1, pp: int = 1, seed: int = 1234, overwrite: bool = False) -> dict:
     """Write a DeepSpeed checkpoint of the HF model into `output` (staged, renamed at the end)."""
@@ -59,16 +72,23 @@ def import_from_hf(hf_dir: str, output: str, norm_position: str | None = None, p
     if iteration < 0:
         raise ValueError(f"--iteration {iteration}: must be >= 0")
     plain, config = read_hf_model(hf_dir, norm_position, post_ln_layers)
+    tok_names = tokenizer_files(hf_dir)
+    tok_dir = os.path.join(os.path.abspath(output), "tokenizer") if tok_names else None
+    training = {"seed": seed, **({"tokenizer": tok_dir} if tok_dir else {})}
     tag = tag_for(iteration)
     train_state = {"iteration": iteration, "consumed_samples": 0, "skipped_steps": 0, "bad_steps_in_a_row": 0}
     meta = {"tag": tag, "train_state": train_state, "model_config": config.to_dict(), "world_size": tp * pp,
             "data_parallel_size": 1, "zero_stage": 0, "bf16": None, "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp, "imported_from": os.path.abspath(hf_dir)}
     metadata = {"mixln": {"format": 1, "train_state": train_state, "model_config": config.to_dict(),
-                          "training_config": {"seed": seed}, "rng_states": []},
+                          "training_config": training, "rng_states": []},
                 "global_steps": iteration, SIDECARS: {META: json.dumps(meta, indent=1)}}
     with staged_directory(output) as tmp:
         write_deepspeed_checkpoint(plain, tmp, tag, tp, pp, "pipeline" if pp > 1 else "plain", metadata, config)
+        if tok_names:
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            for name in tok_names:
+                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, "tokenizer", name))
     return {"output": output, "tag": tag, "positions": config.positions_str, "tensors": len(plain),
             "parameters": sum(v.numel() for k, v in plain.items() if not (config.tie_embeddings and k == "lm_head.weight")),
-            "model_config": config.to_dict()}
+            "model_config": config.to_dict(), "tokenizer": tok_dir}

@@ -6,7 +6,7 @@ Weight names (per layer i, HF side under "model."):
     layers.i.attn.{q,k,v,o}_proj      model.layers.i.self_attn.{q,k,v,o}_proj
     layers.i.mlp.{gate,up,down}_proj  model.layers.i.mlp.{gate,up,down}_proj
     layers.i.<norm>                   model.layers.i.<NORM_NAMES[family][norm]>   (by the layer's position)
-    final_norm                        model.norm
+    final_norm                        model.norm       (two-stream: final_norm.<n> -> model.norm.<n>)
     lm_head.weight                    lm_head.weight  (absent on the HF side when tied)
 
 The norm names are the Mix-LN reference code's (`NORM_NAMES`), so a name alone does not fix a role:
@@ -16,25 +16,28 @@ residual add in a post layer (docs/paper.md#the-naming-trap).
 from __future__ import annotations
 
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
+from megatron_mixln.model.two_stream import FINAL_NORMS
 
-PRE_LIKE, POST_LIKE = ("pre", "lns", "hybrid-first"), ("post", "deepnorm", "deeppost")
+PRE_LIKE, POST_LIKE = ("pre", "lns", "hybrid-first"), ("post", "deepnorm", "deeppost", "residual-dual")
 NORM_NAMES = {
     "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     "post": {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
     "peri": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
              "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
+    "siamese": {"attn_x_norm": "attn_x_layernorm", "attn_y_norm": "attn_y_layernorm", "attn_norm": "input_layernorm",
+                "mlp_x_norm": "mlp_x_layernorm", "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm"},
     "hybrid": {"mlp_norm": "post_attention_layernorm"},  # HybridNorm's one residual-stream norm, after the attention add
 }
 NORM_PARAMS = ("weight", "bias", "alpha", "shift")  # RMSNorm/LayerNorm: weight (bias); DyT/Derf add alpha (shift)
-ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+                "attn_x_layernorm", "attn_y_layernorm", "mlp_x_layernorm", "mlp_y_layernorm")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers (and the reference code) saved
 
 
 def family(position: str) -> str:
-    """The HF norm-name family: reordered (OLMo 2) names its two norms as Olmo2 does, the post family's names."""
-    if position == "hybrid":
-        return "hybrid"
-    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE + ("reordered",) else "peri"
+    """The NORM_NAMES row of a position (residual-dual's two norms sit where post's do; reordered (OLMo 2) names
+    its two norms as Olmo2 does, the post row's names)."""
+    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE + ("reordered",) else position
 
 
 def layer_name_map(position: str) -> dict[str, str]:
@@ -53,7 +56,9 @@ def full_name_map(positions, final_norm: bool = True, tied: bool = False) -> dic
     for i, pos in enumerate(positions):
         out.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in layer_name_map(pos).items()})
     if final_norm:
-        out.update({f"final_norm.{p}": f"model.norm.{p}" for p in NORM_PARAMS})
+        for sub in FINAL_NORMS.get(positions[0], ("",)):  # a two-stream model's final norms: model.norm.<sub>
+            ours, hf = ("final_norm", "model.norm") if not sub else (f"final_norm.{sub}", f"model.norm.{sub}")
+            out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
     if not tied:
         out["lm_head.weight"] = "lm_head.weight"
     return out

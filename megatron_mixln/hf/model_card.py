@@ -38,7 +38,9 @@ def last_validation_ppl(run_dir: str | None, iteration: int | None = None) -> fl
     return last
 
 
-def model_card(config, summary: dict, custom: bool, valid_ppl: float | None, source: str, dtype: str) -> str:
+def model_card(config, summary: dict, custom: bool, valid_ppl: float | None, source: str, dtype: str,
+               boundary: tuple[int, str] | None = None) -> str:
+    """README.md text; `boundary`: (id, token) every training document followed, None without a tokenizer."""
     positions = format_positions(config.positions)
     load = ("AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)" if custom
             else "AutoModelForCausalLM.from_pretrained(DIR)  # stock LlamaForCausalLM")
@@ -57,13 +59,27 @@ def model_card(config, summary: dict, custom: bool, valid_ppl: float | None, sou
         f"| tokens trained | {summary.get('tokens', 'unknown')} |",
         f"| last validation perplexity | {'unknown' if valid_ppl is None else f'{valid_ppl:.4g}'} |",
         "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = {load}", "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", "",
-        "lm-evaluation-harness:", "", "```bash",
+        f"model = {load}",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR" + (", trust_remote_code=True)" if custom else ")"), "```", "",
+        "lm-evaluation-harness (its defaults condition every document on `bos_token`, here the document "
+        "boundary the model was trained with):", "", "```bash",
         "lm_eval --model hf --model_args pretrained=DIR" + (",trust_remote_code=True" if custom else "")
         + " --tasks hellaswag,arc_easy", "```", "",
+        *_boundary_lines(boundary),
         "## Model config", "", "```json", json.dumps(config.to_dict(), indent=1), "```",
     ]
     if summary.get("training_config"):
         lines += ["", "## Run config", "", "```json", json.dumps(summary["training_config"], indent=1, default=str),
                   "```"]
     return "\n".join(lines) + "\n"
+
+
+def _boundary_lines(boundary: tuple[int, str] | None) -> list[str]:
+    if boundary is None:
+        return []
+    tid, token = boundary
+    return ["## Document boundary", "",
+            f"Training packed documents separated by the end-of-document token `{token}` (id {tid}) and never "
+            f"saw a BOS, so `bos_token` is `{token}`: start a text with id {tid} (lm-eval does: "
+            f"`prefix_token_id` = {tid}). The tokenizer adds nothing around a text and encodes "
+            "special-token strings in the text as text.", ""]

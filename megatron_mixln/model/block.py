@@ -7,8 +7,9 @@ from torch import nn
 from megatron_mixln.model.attention import Attention
 from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.mlp import SwiGLU
-from megatron_mixln.model.norms import Norm, QKNorm
+from megatron_mixln.model.norms import Norm, QKNorm, make_norm
 from megatron_mixln.model.positions import QKV_NORM_POSITIONS, deepnorm_alpha, lns_scale
+from megatron_mixln.model.two_stream import EXTRA_NORMS, FORWARDS, TwoStreamFinalNorm
 
 PRE_LIKE = ("pre", "lns", "hybrid-first")  # norm before each sublayer, residual stream un-normalised
 POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
@@ -16,8 +17,22 @@ POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
 # one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
 ENDS_WITH_ADD = ("pre", "lns", "peri", "reordered", "hybrid", "hybrid-first")
 STARTS_WITH_NORM = ("pre", "lns", "peri", "hybrid-first")
-# The residual-stream norms each position owns (default: attn_norm, mlp_norm); q/k/v norms: see qkv_norms.
-BLOCK_NORMS = {"peri": ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm"), "hybrid": ("mlp_norm",)}
+# norms a layer has besides attn_norm and mlp_norm (those two make the sublayers' inputs or follow their adds)
+EXTRA_NORMS_OF = {"peri": ("attn_out_norm", "mlp_out_norm"), **EXTRA_NORMS}
+# ... and of those two, the ones a position lacks: HybridNorm's attention has no input norm (q/k/v norms instead,
+# see qkv_norms)
+MISSING_NORMS_OF = {"hybrid": ("attn_norm",)}
+
+
+def layer_norm_names(position: str) -> tuple[str, ...]:
+    """The residual-stream norm modules of one layer at `position`, by attribute name."""
+    base = tuple(n for n in ("attn_norm", "mlp_norm") if n not in MISSING_NORMS_OF.get(position, ()))
+    return base + EXTRA_NORMS_OF.get(position, ())
+
+
+def norms_per_layer(position: str) -> int:
+    """Norm modules of one layer at `position` (2, 4 for peri, 6 for siamese, 1 for hybrid)."""
+    return len(layer_norm_names(position))
 
 
 class Block(nn.Module):
@@ -60,6 +75,9 @@ class Block(nn.Module):
     --qk-norm head|full adds q_norm/k_norm inside any position's attention (hybrid positions always
     norm q, k and v per head).
 
+    Two-stream positions (siamese, residual-dual) take and return a pair of residual streams; their
+    forwards, with diagrams, are in `two_stream.py` (FORWARDS). They never hand off an add.
+
     Gated pre/lns layers (`config.gated_layers`, the reference code's scale_res_pre_norm) multiply each
     sublayer output by a learnable scalar before the add: h = x + g_a·Attn(N(x)); y = h + g_m·MLP(N(h)).
     """
@@ -79,7 +97,7 @@ class Block(nn.Module):
         self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups,
                               config.rotary_base, **qkv_norms(config, self.position))
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
-        for name in BLOCK_NORMS.get(self.position, ("attn_norm", "mlp_norm")):
+        for name in layer_norm_names(self.position):
             setattr(self, name, make_norm(config, "attn" if name.startswith("attn") else "ffn"))
         self.gated = layer_number in config.gated_layers
         if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init
@@ -88,7 +106,10 @@ class Block(nn.Module):
 
     def forward(self, x):
         """x: (batch, seq, hidden), or a pair (h, d) meaning h + d (the previous layer's handed-off add).
-        Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`."""
+        Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`.
+        Two-stream positions: x is the embedding or the pair of streams; returns the pair."""
+        if self.position in FORWARDS:
+            return FORWARDS[self.position](self, x)
         x, pending = x if isinstance(x, tuple) else (x, None)
         if self.position in PRE_LIKE:
             attn_in, x = first_norm(self.attn_norm, x, pending, self.out_scale)
@@ -133,13 +154,6 @@ class Block(nn.Module):
         return f"layer_number={self.layer_number}, position={self.position}{handoff}{gated}"
 
 
-def make_norm(config: ModelConfig, site: str) -> Norm:
-    """A residual-stream norm of the model's kind; `site` ('attn', 'ffn', 'final') picks DyT/Derf's initial alpha."""
-    alpha = dict(zip(("attn", "ffn", "final"), config.dyt_alpha_inits))[site]
-    return Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl, alpha,
-                bias=True if config.dyt_bias else None)
-
-
 def qkv_norms(config: ModelConfig, position: str) -> dict:
     """The q_norm/k_norm (and, on hybrid positions, v_norm) QKNorm modules of one layer's attention, by name."""
     hybrid = position in QKV_NORM_POSITIONS
@@ -162,7 +176,9 @@ def first_norm(norm: Norm, x, pending, out_scale: float = 1.0):
 
 def resolve_stream(x, norm: nn.Module | None = None):
     """A layer's output as one tensor: h + d for a handed-off pair, through `norm` if given (the
-    final norm: then the add is fused into it too)."""
+    final norm: then the add is fused into it too); a two-stream pair through its final norms."""
+    if isinstance(norm, TwoStreamFinalNorm):
+        return norm(x)
     if isinstance(norm, Norm):
         return norm(x[1], residual=x[0])[0] if isinstance(x, tuple) else norm(x)
     if isinstance(x, tuple):

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from megatron_mixln.kernels.add_norm import POINTWISE_IMPLS, POINTWISE_KINDS
-from megatron_mixln.model.positions import (POSITIONS, QKV_NORM_POSITIONS, ZOO_POSITIONS, format_positions, resolve_positions,
-                                            select_layers)
+from megatron_mixln.model.positions import (POSITIONS, QKV_NORM_POSITIONS, TWO_STREAM, ZOO_POSITIONS, format_positions,
+                                            resolve_positions, select_layers)
 from megatron_mixln.model.presets import preset
 
 NORMALIZATIONS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm", "dyt": "DyT", "derf": "Derf"}  # kind -> flag value
@@ -107,6 +107,9 @@ class ModelConfig:
         self.positions = resolve_positions(
             self.norm_position, self.num_layers, self.post_ln_layers, self.post_ln_fraction
         )
+        if not self.final_norm and self.positions[0] in TWO_STREAM:
+            raise ValueError(f"--no-final-norm: norm position {self.positions[0]} needs its final norms (they "
+                             "combine its two residual streams into the LM head's input); drop --no-final-norm")
         self._check_zoo_options()
         self._resolve_layer_options()
 

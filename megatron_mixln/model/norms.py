@@ -55,6 +55,14 @@ class Norm(nn.Module):
         return f"{self.weight.shape[0]}, kind={self.kind}, eps={self.eps}, impl={self.impl}{alpha}"
 
 
+def make_norm(config, site: str) -> Norm:
+    """A residual-stream norm of `config`'s (ModelConfig) kind; `site` ('attn', 'ffn', 'final') picks DyT/Derf's
+    initial alpha (--dyt-alpha-init)."""
+    alpha = dict(zip(("attn", "ffn", "final"), config.dyt_alpha_inits))[site]
+    return Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl, alpha,
+                bias=True if config.dyt_bias else None)
+
+
 class QKNorm(nn.Module):
     """The norm of a q, k or v projection output, before RoPE.
 

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import math
 
-POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost")
+POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual")
 # The norm zoo (see docs/norm-zoo.md): reordered = OLMo 2's norm of each sublayer output before its add;
 # hybrid = HybridNorm (q/k/v norms, FFN Post-Norm); hybrid-first = HybridNorm*'s first block.
 ZOO_POSITIONS = ("reordered", "hybrid", "hybrid-first")
 POSITIONS = POSITIONS + ZOO_POSITIONS
 QKV_NORM_POSITIONS = ("hybrid", "hybrid-first")  # positions whose attention norms q, k and v per head
 SCHEDULES = ("mix", "hybridnorm-star")  # plus any explicit list: "post,post,pre" or "post*3,pre*9"
-ALIASES = {"sandwich": "peri", "post_pre": "mix", "mixln": "mix", "mix-ln": "mix", "olmo2": "reordered",
-           "hybridnorm": "hybrid", "hybridnorm*": "hybridnorm-star"}
+ALIASES = {"sandwich": "peri", "post_pre": "mix", "mixln": "mix", "mix-ln": "mix",
+           "siamesenorm": "siamese", "residual_dual": "residual-dual", "resi-dual": "residual-dual",
+           "olmo2": "reordered", "hybridnorm": "hybrid", "hybridnorm*": "hybridnorm-star"}
+# Positions whose layers carry a second residual stream from the embedding to the LM head (see
+# model/two_stream.py): a model has it in every layer or in none.
+TWO_STREAM = ("siamese", "residual-dual")
 
 
 def mix_post_layers(num_layers: int, post_ln_layers: int | None, post_ln_fraction: float) -> int:
@@ -69,6 +73,7 @@ def resolve_positions(
             raise ValueError(
                 f"norm_position: the explicit list has {len(positions)} entries but num_layers={num_layers}"
             )
+        check_streams(positions, spec)
         return tuple(positions)
     if name in POSITIONS:
         return (name,) * num_layers
@@ -76,6 +81,17 @@ def resolve_positions(
         f"norm_position: unknown value {spec!r}; allowed: {', '.join(POSITIONS + SCHEDULES)} "
         "or a per-layer list such as 'post*3,pre*9'"
     )
+
+
+def check_streams(positions, spec: str) -> None:
+    """A two-stream position (siamese, residual-dual) keeps its second stream from the embedding to the
+    LM head, whose final norms combine both streams: a list must use one of them in every layer."""
+    kinds = {p for p in positions if p in TWO_STREAM}
+    if kinds and (len(kinds) > 1 or len(set(positions)) > 1):
+        raise ValueError(
+            f"--norm-position: {spec!r} mixes {'/'.join(sorted(kinds))} with other positions; a two-stream "
+            "position carries its second residual stream from the embedding to the final norms, so it must "
+            "be the position of every layer (e.g. --norm-position siamese)")
 
 
 def format_positions(positions) -> str:

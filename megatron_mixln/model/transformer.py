@@ -6,9 +6,10 @@ import contextlib
 import torch
 from torch import nn
 
-from megatron_mixln.model.block import Block, make_norm, plan_residual_handoff, resolve_stream
+from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.init import init_weights
+from megatron_mixln.model.two_stream import make_final_norm
 
 
 class Transformer(nn.Module):
@@ -19,7 +20,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
                                   padding_idx=config.pad_id if config.freeze_pad_embedding else None)
         self.layers = nn.ModuleList(Block(config, n) for n in range(1, config.num_layers + 1))
-        self.final_norm = make_norm(config, "final") if config.final_norm else nn.Identity()
+        self.final_norm = make_final_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.cross_block_fusion:
             plan_residual_handoff(self.layers, then_norm=config.final_norm)
@@ -32,7 +33,8 @@ class Transformer(nn.Module):
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
 
         Between layers `h` is a tensor or, after a layer that hands off its last add, a pair (h, d)
-        standing for h + d (see Block); the final norm then does that add itself.
+        standing for h + d (see Block); the final norm then does that add itself. In a two-stream
+        model (siamese, residual-dual) `h` is the pair of streams, which the final norms combine.
         """
         h = self.embed(tokens)
         for layer in self.layers:

@@ -6,6 +6,11 @@ The model becomes a flat list of layers, each mapping one tensor to the next:
     layers 1..L    Block(config, l) h -> h               (its own position, global 1-based layer_number l)
     layer L+1      HeadPipe        h -> logits          (keys: final_norm.*, lm_head.weight)
 
+Two-stream positions (siamese, residual-dual) pass the pair of residual streams (x, y) instead of h
+(x: the post-norm stream, y: SiameseNorm's pre-norm / ResiDual's dual stream). A stage boundary
+carries both packed into ONE tensor, `torch.stack((x, y))` of shape (2, batch, seq, hidden), unpacked
+by the next stage's first block (see `_pack_two_streams_at_stage_boundaries`): the payload doubles.
+
 Each Block is built with its real global `layer_number`, so LNS's 1/sqrt(l), DeepNorm's alpha (which
 depends on the total L) and the Mix-LN schedule are those of the unsplit model on every stage.
 DeepSpeed writes one checkpoint file per layer index (`layer_XX-model_YY-model_states.pt`), so the
@@ -20,8 +25,9 @@ import os
 import torch
 from torch import nn
 
-from megatron_mixln.model.block import Block, make_norm, plan_residual_handoff, resolve_stream
+from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.init import init_weights
+from megatron_mixln.model.two_stream import make_final_norm, stream_count
 from megatron_mixln.parallel.cross_entropy import vocab_parallel_lm_loss
 from megatron_mixln.parallel.mappings import gather_from_sequence, scatter_to_sequence
 from megatron_mixln.parallel.sequence_parallel import mark_sequence_parallel_params
@@ -46,7 +52,7 @@ class HeadPipe(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.final_norm = make_norm(config, "final") if config.final_norm else nn.Identity()
+        self.final_norm = make_final_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, h):
@@ -223,8 +229,13 @@ def _init_and_shard_stage(pipe, model_config, state, sequence_parallel: bool, se
         else:
             local[module.layer_number] = module
     init_stage_like_full_model(local, model_config, seed)
-    if state.tp_size == 1:
-        return
+    if state.tp_size > 1:
+        _shard_stage(pipe, layers, state, sequence_parallel)
+    if stream_count(model_config.positions) == 2:
+        _pack_two_streams_at_stage_boundaries(layers)
+
+
+def _shard_stage(pipe, layers: dict, state, sequence_parallel: bool) -> None:
     for module in layers.values():
         if isinstance(module, EmbeddingPipe):
             module.embed = parallelize_embedding(module.embed, state, sequence_parallel)
@@ -235,6 +246,19 @@ def _init_and_shard_stage(pipe, model_config, state, sequence_parallel: bool, se
     if sequence_parallel:
         mark_sequence_parallel_params(pipe, state)
         _sequence_parallel_stage_boundaries(layers, state)
+
+
+def _pack_two_streams_at_stage_boundaries(layers: dict) -> None:
+    """A two-stream stage sends (x, y) as one tensor torch.stack((x, y)), (2, batch, seq, hidden), and
+    the next stage's first block unbinds it. Not DeepSpeed's tuple of tensors: with TP its pipeline
+    engine (pipe_partitioned) carries a gradient back for the first tensor of a tuple only. The pack
+    runs after SP's gather of each stream, the unpack before SP's scatter (hook order)."""
+    first, last = min(layers), max(layers)
+    if not isinstance(layers[first], EmbeddingPipe):
+        layers[first].register_forward_pre_hook(lambda m, args: (tuple(args[0].unbind(0)),) + args[1:],
+                                                prepend=True)
+    if not isinstance(layers[last], HeadPipe):
+        layers[last].register_forward_hook(lambda m, args, out: torch.stack(out))
 
 
 def _sequence_parallel_stage_boundaries(layers: dict, state) -> None:
@@ -250,10 +274,18 @@ def _sequence_parallel_stage_boundaries(layers: dict, state) -> None:
     """
     group = state.tp_group
     first, last = min(layers), max(layers)
+
+    def each_stream(fn, h):  # a tensor, or a two-stream pair (x, y): both streams cross the boundary
+        return tuple(fn(t) for t in h) if isinstance(h, tuple) else fn(h)
+
+    def gather(t):
+        return gather_from_sequence(t, group, partial_grads=False)
+
     if not isinstance(layers[first], EmbeddingPipe):
-        layers[first].register_forward_pre_hook(lambda m, args: (scatter_to_sequence(args[0], group),) + args[1:])
+        layers[first].register_forward_pre_hook(
+            lambda m, args: (each_stream(lambda t: scatter_to_sequence(t, group), args[0]),) + args[1:])
     if not isinstance(layers[last], HeadPipe):
-        layers[last].register_forward_hook(lambda m, args, out: gather_from_sequence(out, group, partial_grads=False))
+        layers[last].register_forward_hook(lambda m, args, out: each_stream(gather, out))
 
 
 def build_pipeline_module(

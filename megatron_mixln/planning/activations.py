@@ -19,8 +19,8 @@ g = key/value heads, d = head dim, e = bytes of an activation (2 in bf16, 4 in f
                        for --qk-norm full) (+ 4*gain + 4 (pointwise) in bf16), E = b*s*heads*d/t, heads
                        a for q, g for k and v; the whole sequence under SP
 
-pre, lns, post, deepnorm, deeppost, reordered and hybrid-first layers have two residual-stream norms,
-peri layers four, hybrid layers one (model.block.BLOCK_NORMS); hybrid layers norm q, k and v. Post-like layers save
+pre, lns, post, deepnorm, deeppost, residual-dual, reordered and hybrid-first layers have two residual-stream
+norms; peri layers four, siamese six, hybrid one (model.block.norms_per_layer); hybrid layers norm q, k and v. Post-like layers save
 different tensors from pre layers (the raw layer input feeds attention and the normalised sums feed the
 next sublayer, where a pre layer keeps its normalised copies) but the same number of bytes; peri layers
 keep two more normalised tensors. Scalars (LNS's 1/sqrt(l), DeepNorm's a) are Python numbers and save
@@ -32,12 +32,20 @@ and without SP, the PyTorch and the Triton norm paths -- Triton interpreted on C
 allocator when a GPU is present).
 
 With --recompute-activations a block keeps only its input (e*b*s*h, /t under SP) and one block's
-activations are alive again while it is recomputed in backward. The LM head keeps the final norm's
+activations are alive again while it is recomputed in backward.
+
+Two-stream positions (siamese, residual-dual) double the residual path: every layer after the first
+takes two streams (x, y) as input, so with recomputation each keeps 2*e*b*s*h (the first layer's
+input is the embedding alone); without it the adds of the second stream save nothing (a sum of two
+tensors needs neither for its backward), and SiameseNorm's extra norms are counted as norms. The
+final norms: three for SiameseNorm, one for ResiDual (whose head input x + N(d) is the LM-head input). The LM head keeps the final norm's
 tensors, its input and the fp32 log-softmax of the logits (4*b*s*V/t), plus int64 labels.
 """
 from __future__ import annotations
 
 from megatron_mixln.model import ModelConfig
+from megatron_mixln.model.block import norms_per_layer
+from megatron_mixln.model.two_stream import final_norm_count, stream_count
 
 
 def _norm_bytes(impl: str, kind: str, tokens: int, h: int, e: int, sp: int) -> int:
@@ -72,17 +80,18 @@ def _qkv_norm_bytes(model: ModelConfig, position: str, tokens: int, e: int, tp: 
 
 
 def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, seq: int, bf16: bool = True,
-                           impl: str = "triton", tp: int = 1, sequence_parallel: bool = False) -> dict[str, int]:
-    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}."""
-    from megatron_mixln.model.block import BLOCK_NORMS
-
+                           impl: str = "triton", tp: int = 1, sequence_parallel: bool = False,
+                           first: bool = False) -> dict[str, int]:
+    """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}.
+    `first`: the model's first layer (a siamese first layer starts both streams from the embedding, so
+    its x and y norms save the same tensor when a norm saves its input as it is: Triton, or fp32 torch)."""
     e = 2 if bf16 else 4
     tokens, h, f = micro_batch * seq, model.hidden_size, model.ffn_hidden_size
     a, g, d = model.num_attention_heads, model.num_query_groups, model.head_dim
     sp = tp if sequence_parallel else 1
-    norms = len(BLOCK_NORMS.get(position, ("attn_norm", "mlp_norm")))
+    shared = e * tokens * h // sp if first and position == "siamese" and (impl != "torch" or e == 4) else 0
     return {
-        "norms": norms * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp)
+        "norms": norms_per_layer(position) * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp) - shared
         + _qkv_norm_bytes(model, position, tokens, e, tp),
         "linear_inputs": 2 * e * tokens * h,
         "attention": e * tokens * h * (2 * a + 2 * g) // (a * tp) + 4 * micro_batch * (a // tp) * seq + 8 * seq * d,
@@ -96,7 +105,7 @@ def head_activation_bytes(model: ModelConfig, micro_batch: int, seq: int, bf16: 
     e = 2 if bf16 else 4
     tokens = micro_batch * seq
     sp = tp if sequence_parallel else 1
-    final = _norm_bytes(impl, model.norm_kind, tokens, model.hidden_size, e, sp) if model.final_norm else 0
+    final = final_norm_count(model) * _norm_bytes(impl, model.norm_kind, tokens, model.hidden_size, e, sp)
     return final + e * tokens * model.hidden_size + 4 * tokens * model.vocab_size // tp + 8 * (2 * tokens + micro_batch)
 
 
@@ -112,9 +121,10 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq: int, bf16: bool 
     e = 2 if bf16 else 4
     sp = tp if sequence_parallel else 1
     per_block = [sum(block_activation_bytes(model, model.positions[i], micro_batch, seq, bf16, impl, tp,
-                                            sequence_parallel).values()) for i in layers]
-    if recompute:
-        blocks = len(per_block) * e * micro_batch * seq * model.hidden_size // sp
+                                            sequence_parallel, first=i == 0).values()) for i in layers]
+    if recompute:  # each block keeps its input: one tensor, or two streams after the first layer
+        inputs = sum(1 if i == 0 else stream_count(model.positions) for i in layers)
+        blocks = inputs * e * micro_batch * seq * model.hidden_size // sp
         peak = max(per_block, default=0)
     else:
         blocks, peak = sum(per_block), 0

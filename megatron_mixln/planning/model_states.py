@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_mixln.model import ModelConfig
+from megatron_mixln.model.block import norms_per_layer
+from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.layout import Layout
 
 
@@ -38,10 +40,9 @@ def norm_param_count(model: ModelConfig, size: int) -> int:
 
 def layer_norm_param_count(model: ModelConfig, position: str) -> int:
     """All norm parameters of one layer (whole on every TP rank): its residual-stream norms and its q/k(/v) norms."""
-    from megatron_mixln.model.block import BLOCK_NORMS
     from megatron_mixln.model.positions import QKV_NORM_POSITIONS
 
-    n = len(BLOCK_NORMS.get(position, ("attn_norm", "mlp_norm"))) * norm_param_count(model, model.hidden_size)
+    n = norms_per_layer(position) * norm_param_count(model, model.hidden_size)
     hybrid = position in QKV_NORM_POSITIONS
     mode = "head" if hybrid else model.qk_norm
     if mode != "none":
@@ -70,7 +71,7 @@ def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]
     layer_norm_params = [layer_norm_param_count(model, p) for p in model.positions]
     layer_params = [sum(v for k, v in per_layer.items() if k != "norm") + n for n in layer_norm_params]
     vocab = model.vocab_size * model.hidden_size // tp
-    final = per_layer["norm"] if model.final_norm else 0
+    final = final_norm_count(model) * per_layer["norm"]
     head = 0 if model.tie_embeddings else vocab
     per_stage = model.num_layers // pp
     stages = []

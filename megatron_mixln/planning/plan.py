@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_mixln.model import ModelConfig
+
+from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.activations import activation_bytes
 from megatron_mixln.planning.layout import Layout, check_layout
 from megatron_mixln.planning.model_states import ModelStates, model_states, param_counts
@@ -35,10 +37,12 @@ def zero_buffers(zero: dict, layout: Layout, model: ModelConfig) -> dict[str, in
     threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
     h = model.hidden_size
     small = 0
-    if h <= threshold:  # norm gains (and LayerNorm biases) are the only tensors this small in practice
-        per_norm = 2 if model.norm_kind == "layernorm" else 1
-        norms = sum(4 if p == "peri" else 2 for p in model.positions) + (1 if model.final_norm else 0)
-        small = norms * per_norm * h // layout.pipeline_model_parallel_size
+    if h <= threshold:  # norm parameters (gains, biases, q/k/v norms, DyT scalars) are the only ones this small
+        from megatron_mixln.planning.model_states import layer_norm_param_count, norm_param_count
+
+        norms = sum(layer_norm_param_count(model, p) for p in model.positions)
+        norms += final_norm_count(model) * norm_param_count(model, h)
+        small = norms // layout.pipeline_model_parallel_size
     return {"reduce bucket": e * reduce, "prefetch bucket": e * prefetch, "persistent small params": e * small}
 
 

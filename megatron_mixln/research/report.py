@@ -10,7 +10,8 @@ import os
 from megatron_mixln.research.collect import aggregate
 
 NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
-         "deepnorm": "DeepNorm", "deeppost": "DeepPost (reference DeepNorm)"}
+         "deepnorm": "DeepNorm", "deeppost": "DeepPost (reference DeepNorm)",
+         "siamese": "SiameseNorm", "residual-dual": "ResiDual"}
 FIGURES = (("curves.png", "Training loss and validation perplexity"),
            ("grad_norm_profiles.png", "Per-layer gradient norms at several points of training"),
            ("angular_distance.png", "Angular distance between layers"),

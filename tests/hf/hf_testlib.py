@@ -124,7 +124,8 @@ def hand_logliks(model, tokenizer, context: str, choices: list[str]) -> list[flo
 
 
 def hand_accuracy(model, tokenizer, answers: list[int]) -> tuple[float, float, list[list[float]]]:
-    """(acc, acc_norm, log-likelihoods); acc_norm divides by the continuation's length in bytes."""
+    """(acc, acc_norm, log-likelihoods); acc_norm divides by the choice's length in characters, without the
+    " " delimiter (lm-eval 0.4.13, api/task.py: `completion_len = len(choice)`)."""
     import numpy as np
 
     acc = norm = 0
@@ -133,5 +134,5 @@ def hand_accuracy(model, tokenizer, answers: list[int]) -> tuple[float, float, l
         ll = hand_logliks(model, tokenizer, q, choices)
         lls.append(ll)
         acc += int(np.argmax(ll) == a)
-        norm += int(np.argmax([x / len((" " + c).encode()) for x, c in zip(ll, choices)]) == a)
+        norm += int(np.argmax([x / len(c) for x, c in zip(ll, choices)]) == a)
     return acc / len(QUESTIONS), norm / len(QUESTIONS), lls

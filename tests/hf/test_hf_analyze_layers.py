@@ -67,3 +67,37 @@ def test_lm_eval_drop_per_removed_layer(tmp_path, spm_model):
         assert row["scores"]["tiny_mc"]["acc"] == pytest.approx(acc)
         assert row["delta"]["tiny_mc"]["acc"] == pytest.approx(acc - full_acc)
     assert "without layer  1 (post" in out
+
+
+def test_remote_code_runs_only_when_it_is_this_projects_export(tmp_path, spm_model):
+    """trust_remote_code only for this version's own modeling file: a tampered copy is never executed."""
+    import shutil
+
+    from megatron_mixln.hf.remote_code import remote_code_verdict
+
+    save_tiny(tmp_path / "plain", norm_position="mix", post_ln_layers=1, num_layers=2)
+    assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"),
+                    "--tokenizer", spm_model)[0] == 0
+    assert remote_code_verdict(str(tmp_path / "hf")) == (True, None)
+    save_tiny(tmp_path / "plain-pre", num_layers=2)  # stock LlamaForCausalLM: no custom code at all
+    assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain-pre"), "--output", str(tmp_path / "pre"))[0] == 0
+    assert remote_code_verdict(str(tmp_path / "pre")) == (False, None)
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(tmp_path / "hf", bad)
+    marker = tmp_path / "ran"
+    with open(bad / "modeling_mixln_llama.py", "a") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').write('executed')\n")
+    trust, why = remote_code_verdict(str(bad))
+    assert not trust and "modeling_mixln_llama.py differs" in why
+    tasks = write_mc_task(tmp_path / "tasks", [0, 1, 0, 1, 2])
+    code, _, err = run_tool("analyze_layers", "--checkpoint", str(bad), "--lm-eval-tasks", "tiny_mc",
+                            "--lm-eval-include", tasks, "--out", str(tmp_path / "out"))
+    assert code == 2 and not marker.exists()
+    assert "stock transformers classes only" in err and len([ln for ln in err.splitlines() if "differs" in ln]) == 1
+
+    config = json.loads((bad / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = "someone/repo--modeling_mixln_llama.MixLNLlamaForCausalLM"
+    (bad / "config.json").write_text(json.dumps(config))
+    trust, why = remote_code_verdict(str(bad))
+    assert not trust and "did not write" in why and "someone/repo--modeling_mixln_llama" in why

@@ -113,6 +113,14 @@ def test_import_bad_inputs(tmp_path):
     _fails("convert_from_hf", tmp_path, "--hf", str(hf), "--output", out, expect=("mlp.", "shape"))
 
 
+def test_two_stream_position_for_a_stock_checkpoint_is_refused(tmp_path):
+    """A stock LlamaForCausalLM has one residual stream and no two-stream norms: named flag, one line."""
+    hf = _hf_dir(tmp_path, "stock")
+    for position in ("siamese", "residual-dual"):
+        _fails("convert_from_hf", tmp_path, "--hf", str(hf), "--output", str(tmp_path / "out"),
+               "--norm-position", position, expect=(f"--norm-position {position}", "stock one-stream"))
+
+
 def test_import_conflicting_norm_position(tmp_path):
     save_tiny(tmp_path / "plain", norm_position="mix", post_ln_layers=1)
     assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"))[0] == 0

@@ -86,6 +86,7 @@ def test_mixln_reference_layout_imports_with_equal_logits(tmp_path, kinds, flags
     dict(norm_position="post,peri,lns,deepnorm,deeppost,pre", normalization="LayerNorm", num_layers=6),
     dict(norm_position="mix", post_ln_layers=2, num_query_groups=2, tie_embeddings=True, final_norm=False),
     dict(norm_position="pre", scaled_embedding_init=True, rotary_base=500000.0),  # stock LlamaForCausalLM
+    dict(norm_position="siamese", num_layers=3),  # two residual streams, six norms per layer, three final norms
 ])
 def test_round_trip_is_bit_identical(tmp_path, overrides):
     from megatron_mixln.parallel.checkpoint_convert import load_plain, read_checkpoint
@@ -135,3 +136,28 @@ def test_imported_checkpoint_continues_pretraining(tmp_path, single_rank):
             assert (trained[k].float() - v).abs().max() < 1e-5, k  # one tiny step away from the imported weights
     finally:
         engine.destroy()
+
+
+def test_import_keeps_the_tokenizer_files_and_exports_them_again(tmp_path, spm_model):
+    """convert_from_hf copies the source's tokenizer files bit for bit; the checkpoint records them, so an
+    export of the import ships the same tokenizer encoding the same ids."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    save_tiny(tmp_path / "plain", norm_position="mix", post_ln_layers=1, num_layers=2)
+    assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"),
+                    "--tokenizer", spm_model)[0] == 0
+    code, out, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
+    assert code == 0, err
+    tok_dir = tmp_path / "ckpt" / "tokenizer"
+    assert json.loads(out)["tokenizer"] == str(tok_dir)
+    names = sorted(p.name for p in tok_dir.iterdir())
+    assert names == ["tokenizer.model", "tokenizer_config.json"]
+    for name in names:
+        assert (tok_dir / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+    code, _, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "again"))
+    assert code == 0, err
+    assert (tmp_path / "again" / "tokenizer.model").read_bytes() == open(spm_model, "rb").read()
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    text = "  Mix-LN\tputs <s> Post-LN\n\nin the \ufb01rst layers "
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "again"))(text).input_ids == sp.encode(text)

@@ -30,6 +30,8 @@ TP_CASES = {
     "mix": dict(norm_position="mix", num_layers=4, post_ln_layers=2),
     "peri_layernorm_gqa": dict(norm_position="peri", normalization="LayerNorm", num_query_groups=2),
     "post_gqa_tied": dict(norm_position="post", num_query_groups=2, tie_embeddings=True),
+    "siamese": dict(norm_position="siamese", num_layers=3),
+    "residual_dual_layernorm_gqa": dict(norm_position="residual-dual", normalization="LayerNorm", num_query_groups=2),
 }
 
 

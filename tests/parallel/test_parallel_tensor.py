@@ -22,7 +22,9 @@ def results():
 def _expected_norm_params(case):
     cfg = tiny_config(**TP_CASES[case])
     per_norm = 2 if cfg.normalization == "LayerNorm" else 1
-    norms = sum(4 if p == "peri" else 2 for p in cfg.positions) + (1 if cfg.final_norm else 0)
+    per_layer = {"peri": 4, "siamese": 6}  # siamese: x, y and input norm per sublayer
+    final = {"siamese": 3}  # N_f(N_fx(x) + N_fy(y))
+    norms = sum(per_layer.get(p, 2) for p in cfg.positions) + (final.get(cfg.positions[0], 1) if cfg.final_norm else 0)
     return norms * per_norm
 
 

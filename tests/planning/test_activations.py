@@ -10,10 +10,11 @@ from planning_testlib import saved_tensor_bytes
 
 from megatron_mixln.model import ModelConfig, build_model
 from megatron_mixln.model.block import Block
+from megatron_mixln.model.positions import TWO_STREAM
 from megatron_mixln.planning import activation_bytes, block_activation_bytes
 from megatron_mixln.training.loss import token_losses
 
-POSITIONS = ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "mix", "post,peri,pre"]
+POSITIONS = ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "mix", "post,peri,pre", "siamese", "residual-dual"]
 B, S = 2, 16
 
 
@@ -29,12 +30,23 @@ def _model_saved_bytes(cfg, dtype, recompute):
     model = build_model(cfg).to(dtype)
     if recompute:  # what --recompute-activations applies (training.model_setup.apply_activation_checkpointing)
         for block in model.layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = (_checkpoint_streams_as_arguments(block.forward) if cfg.positions[0] in TWO_STREAM
+                             else functools.partial(checkpoint, block.forward, use_reentrant=False))
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1))
     saved, loss = saved_tensor_bytes(lambda: token_losses(model(tokens[:, :-1]), tokens[:, 1:]).mean(),
                                      exclude_params=list(model.parameters()))
     loss.backward()  # the graph is whole: the backward runs
     return saved
+
+
+def _checkpoint_streams_as_arguments(forward):
+    """checkpoint(forward) for a two-stream block. The checkpoint keeps its tensor arguments through a
+    node whose saved tensors the hooks see; a pair of streams is kept as well, but inside a Python
+    tuple the hooks cannot see, so the pair's tensors are passed as separate arguments (same bytes)."""
+    def run(*streams):
+        return forward(streams if len(streams) == 2 else streams[0])
+
+    return lambda h: checkpoint(run, *(h if isinstance(h, tuple) else (h,)), use_reentrant=False)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["no-recompute", "recompute"])
@@ -73,14 +85,16 @@ def test_zoo_model_activations_equal_saved_tensor_bytes(zoo, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("position", ["pre", "post", "peri", "lns", "deepnorm", "deeppost"])
+@pytest.mark.parametrize("position", ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual"])
 def test_one_block_equals_its_formula(position, dtype):
     """Each block on its own (this is also the transient peak of recomputing it in backward)."""
     cfg = _config(position)
     block = Block(cfg, 2).to(dtype)
     x = torch.randn(B, S, cfg.hidden_size, dtype=dtype, requires_grad=True)
+    if position in TWO_STREAM:  # layer 2 of a two-stream model gets the pair of streams
+        x = (x, torch.randn(B, S, cfg.hidden_size, dtype=dtype, requires_grad=True))
     measured, y = saved_tensor_bytes(lambda: block(x), exclude_params=list(block.parameters()))
-    y.float().sum().backward()
+    sum(t.float().sum() for t in (y if isinstance(y, tuple) else (y,))).backward()
     parts = block_activation_bytes(cfg, position, B, S, bf16=dtype == torch.bfloat16, impl="torch")
     assert measured == sum(parts.values()), (measured, parts)
 
@@ -94,7 +108,8 @@ def test_post_saves_as_much_as_pre_and_peri_more():
 
 def test_triton_norm_blocks_equal_their_formula():
     """The Triton add+norm path (what --norm-impl auto runs on CUDA), interpreted on CPU in a fresh
-    process: pre, post, peri, deepnorm; RMSNorm in bf16 and LayerNorm in fp32."""
+    process: pre, post, peri, deepnorm, siamese (layers 1 and 2), residual-dual; RMSNorm in bf16 and
+    LayerNorm in fp32."""
     pytest.importorskip("triton")
     import json
     import os
@@ -108,7 +123,7 @@ def test_triton_norm_blocks_equal_their_formula():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 12
+    assert len(results) == 18
     for case, (got, want) in results.items():
         assert got == want, (case, got, want)
 

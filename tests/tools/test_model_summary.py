@@ -40,3 +40,23 @@ def test_zoo_summary_counts_norm_parameters():
     cfg = ModelConfig.from_preset("9m", norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True)
     assert [row[1] for row in rows] == list(cfg.positions)
     assert [int(row[4].replace(",", "")) for row in rows] == [layer_norm_param_count(cfg, p) for p in cfg.positions]
+
+
+def test_two_stream_positions_count_both_residual_streams():
+    """siamese keeps two residual streams: the summary says so, and its planner figures (activations
+    with recompute: one block input per layer, two after the first) exceed a one-stream model's."""
+    from megatron_mixln.model import ModelConfig
+    from megatron_mixln.planning import activation_bytes
+
+    outs = {p: _run("--preset", "71m", "--norm-position", p) for p in ("pre", "siamese", "residual-dual")}
+    for p, r in outs.items():
+        assert r.returncode == 0, r.stderr
+        streams = 1 if p == "pre" else 2
+        assert f"residual streams between layers: {streams} " in r.stdout
+        cfg = ModelConfig.from_preset("71m", norm_position=p)
+        kept = activation_bytes(cfg, 1, cfg.seq_length, recompute=True)["total"]
+        assert f"{kept / 1024**3:.3f} GiB with --recompute-activations" in r.stdout
+    pre, dual = (activation_bytes(ModelConfig.from_preset("71m", norm_position=p), 1, 256, recompute=True)["blocks"]
+                 for p in ("pre", "residual-dual"))
+    L = ModelConfig.from_preset("71m").num_layers
+    assert dual == pre * (2 * L - 1) // L

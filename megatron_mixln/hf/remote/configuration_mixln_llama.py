@@ -16,6 +16,13 @@ Per layer l (0-based index i = l - 1), with N a norm whose statistics are comput
               (hybrid_ffn_residual_after_norm false: y = N2(h + MLP(h)))
     hybrid-first  pre, with q/k/v normed per head                                  (HybridNorm*'s first block)
 
+Two residual streams (every layer or none; both start as the embedding), per sublayer F of layer l:
+
+    siamese        x <- Nx(x); o = F(Nin(x + Ny(y))); x <- x + o/sqrt(2l); y <- y + o   (SiameseNorm, arXiv 2602.08064)
+                   LM-head input Nf(Nfx(x) + Nfy(y))
+    residual-dual  o = F(x); x <- N(x + o); d <- d + o                                 (ResiDual, arXiv 2304.14802)
+                   LM-head input x + Nd(d)
+
 Fields beyond LlamaConfig's:
     norm_positions     list of L position names (resolved: a Mix-LN schedule is written out layer by layer)
     residual_scales    list of L floats a (DeepNorm's alpha; 1.0 elsewhere)
@@ -39,7 +46,9 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "reordered", "hybrid", "hybrid-first")
+NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual",
+                  "reordered", "hybrid", "hybrid-first")
+TWO_STREAM = ("siamese", "residual-dual")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm", "DyT", "Derf")
 QK_NORMS = ("none", "head", "full")
 
@@ -97,6 +106,12 @@ class MixLNLlamaConfig(LlamaConfig):
         bad = sorted(set(self.norm_positions) - set(NORM_POSITIONS))
         if bad:
             raise ValueError(f"config.json: norm_positions: unknown {bad}; allowed: {', '.join(NORM_POSITIONS)}")
+        streams = set(self.norm_positions) & set(TWO_STREAM)
+        if streams and len(set(self.norm_positions)) > 1:
+            raise ValueError(f"config.json: norm_positions: {sorted(streams)[0]} carries a second residual stream "
+                             "through the whole model; it must be the position of every layer")
+        if streams and not self.final_norm:
+            raise ValueError("config.json: final_norm: a two-stream model needs its final norms")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
         if self.qk_norm not in QK_NORMS:

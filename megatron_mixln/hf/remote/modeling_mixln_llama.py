@@ -15,6 +15,13 @@ does not fix a role; the position does (the reference code's "post_attention_lay
     reordered            -                 on the attention output    -                          on the MLP output
     hybrid               -                 after the attention add    -                          -
     hybrid-first         before attention  before the MLP             -                          -
+    residual-dual        -                 after the attention add    -                          after the MLP add
+
+siamese layers name their six norms attn_x_layernorm, attn_y_layernorm, input_layernorm (attention input),
+mlp_x_layernorm, mlp_y_layernorm, post_attention_layernorm (MLP input). Two-stream layers (siamese,
+residual-dual) take and return the pair of residual streams (x, y) as `hidden_states` (the first layer
+gets the embedding and starts both from it); the final norm module (`model.norm`) combines the pair, and
+`output_hidden_states` reports the x stream.
 
 QK-norm (`config.qk_norm`, and always per head on hybrid layers, with v too): self_attn.q_norm / k_norm /
 v_norm normalise the projections' outputs before RoPE (a forward hook on the projection), as the training
@@ -25,6 +32,8 @@ fp32 and rounded once to the activation dtype; weight (and bias) multiply in fp3
 multiplies the norm output.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -41,8 +50,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .configuration_mixln_llama import MixLNLlamaConfig
 
 PRE_LIKE = ("pre", "lns", "hybrid-first")
-POST_LIKE = ("post", "deepnorm", "deeppost")
+POST_LIKE = ("post", "deepnorm", "deeppost", "residual-dual")
 QKV_NORM_POSITIONS = ("hybrid", "hybrid-first")
+SIAMESE_NORMS = ("attn_x_layernorm", "attn_y_layernorm", "input_layernorm",
+                 "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm")
+FINAL_NORMS = {"siamese": ("x_norm", "y_norm", "out_norm"), "residual-dual": ("d_norm",)}
 
 
 def _squash_or_normalize(s, dims, normalization, eps, alpha, shift):
@@ -150,10 +162,14 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         def norm():
             return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization, config.dyt_bias)
 
+        self.stream_scale = 1.0 / math.sqrt(2 * config.layer_numbers[layer_idx])  # siamese: 1/sqrt(2l)
         if self.position in PRE_LIKE:
             self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         elif self.position == "hybrid":
             self.post_attention_layernorm = norm()
+        elif self.position == "siamese":
+            for name in SIAMESE_NORMS:
+                setattr(self, name, norm())
         elif self.position in POST_LIKE + ("reordered",):
             self.post_attention_layernorm, self.post_feedforward_layernorm = norm(), norm()
         else:  # peri
@@ -162,13 +178,29 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden)."""
+        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden); two-stream layers: the embedding or
+        the pair (x, y) -> the pair."""
         def attn(h):
             return self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)[0]
 
         x, a, s = hidden_states, self.residual_scale, self.output_scale
+        if self.position == "siamese":
+            x, y = x if isinstance(x, tuple) else (x, x)
+            x = self.attn_x_layernorm(x)
+            o = attn(add_norm(self.attn_y_layernorm(y), x, self.input_layernorm)[0])  # Nin(x + Ny(y))
+            x = add_norm(o * self.stream_scale, x, self.mlp_x_layernorm)[0]  # Nx'(x + o/c)
+            y_normed, y = add_norm(o, y, self.mlp_y_layernorm)  # (Ny'(y + o), y + o)
+            o = self.mlp(add_norm(y_normed, x, self.post_attention_layernorm)[0])
+            return x + o * self.stream_scale, y + o
+        if self.position == "residual-dual":
+            x, d = x if isinstance(x, tuple) else (x, x)
+            o = attn(x)
+            d = d + o
+            x = add_norm(o, x, self.post_attention_layernorm)[0]
+            o = self.mlp(x)
+            return add_norm(o, x, self.post_feedforward_layernorm)[0], d + o
         if self.position in PRE_LIKE:
             attn_out = attn(add_norm(x, None, self.input_layernorm, out_scale=s)[0])
             mlp_in, h = add_norm(attn_out, x, self.post_attention_layernorm, out_scale=s)  # h = x + attn_out
@@ -191,6 +223,31 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         return h + self.post_feedforward_layernorm(self.mlp(mlp_in))
 
 
+class MixLNTwoStreamFinalNorm(nn.Module):
+    """The last pair of streams -> the LM head's input: siamese Nf(Nfx(x) + Nfy(y)); residual-dual x + Nd(d)."""
+
+    def __init__(self, config: MixLNLlamaConfig):
+        super().__init__()
+        self.position = config.norm_positions[0]
+        for name in FINAL_NORMS[self.position]:
+            setattr(self, name, MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization,
+                                                    config.dyt_bias))
+
+    def forward(self, hidden_states):
+        x, y = hidden_states if isinstance(hidden_states, tuple) else (hidden_states, hidden_states)
+        if self.position == "siamese":
+            return add_norm(self.y_norm(y), self.x_norm(x), self.out_norm)[0]
+        return x + self.d_norm(y)
+
+
+def final_norm(config: MixLNLlamaConfig) -> nn.Module:
+    if not config.final_norm:
+        return nn.Identity()
+    if config.norm_positions and config.norm_positions[0] in FINAL_NORMS:
+        return MixLNTwoStreamFinalNorm(config)
+    return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization, config.dyt_bias)
+
+
 class MixLNLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = MixLNLlamaConfig
     config: MixLNLlamaConfig
@@ -207,8 +264,7 @@ class MixLNLlamaModel(MixLNLlamaPreTrainedModel, LlamaModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(MixLNLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = (MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization, config.dyt_bias)
-                     if config.final_norm else nn.Identity())
+        self.norm = final_norm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
