@@ -20,14 +20,13 @@ STOCK = {  # id: (ModelConfig overrides, the class transformers loads)
 }
 
 
-@pytest.mark.parametrize("case", list(STOCK))
-def test_export_to_stock_class_matches_our_model(tmp_path, case):
-    overrides, cls = STOCK[case]
+def _export_and_compare(tmp_path, overrides, cls):
+    """Export a tiny model with these overrides; the loaded HF model (class `cls`) must give our fp32 logits
+    and greedy tokens. Returns (our config, our model, the tokens, our logits)."""
     config, model = save_tiny(tmp_path / "plain", **overrides)
     code, out, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"))
     assert code == 0, err
-    assert json.loads(out)["custom_code"] is False and json.loads(out)["class"] == cls
-    assert not list((tmp_path / "hf").glob("*.py"))  # no remote code
+    assert json.loads(out)["custom_code"] is (cls == "MixLNLlamaForCausalLM") and json.loads(out)["class"] == cls
     hf = load_hf(tmp_path / "hf")
     assert type(hf).__name__ == cls
     tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -36,6 +35,14 @@ def test_export_to_stock_class_matches_our_model(tmp_path, case):
     assert (ours - theirs).abs().max().item() <= 1e-5 and ours.abs().max() > 0.1
     generated = hf.generate(tokens[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True)
     assert torch.equal(generated, greedy(model, tokens[:, :5], 8))
+    return config, model, tokens, ours
+
+
+@pytest.mark.parametrize("case", list(STOCK))
+def test_export_to_stock_class_matches_our_model(tmp_path, case):
+    overrides, cls = STOCK[case]
+    _export_and_compare(tmp_path, overrides, cls)
+    assert not list((tmp_path / "hf").glob("*.py"))  # no remote code
 
 
 CUSTOM = {  # zoo models no stock class holds: the exported modeling file (MixLNLlamaForCausalLM)
@@ -49,18 +56,7 @@ CUSTOM = {  # zoo models no stock class holds: the exported modeling file (MixLN
 
 @pytest.mark.parametrize("case", list(CUSTOM))
 def test_export_to_modeling_file_matches_our_model_and_imports_back(tmp_path, case):
-    config, model = save_tiny(tmp_path / "plain", **CUSTOM[case])
-    code, out, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"))
-    assert code == 0, err
-    assert json.loads(out)["custom_code"] is True
-    hf = load_hf(tmp_path / "hf")
-    assert type(hf).__name__ == "MixLNLlamaForCausalLM"
-    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, theirs = model(tokens), hf(tokens).logits
-    assert (ours - theirs).abs().max().item() <= 1e-5 and ours.abs().max() > 0.1
-    generated = hf.generate(tokens[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True)
-    assert torch.equal(generated, greedy(model, tokens[:, :5], 8))
+    config, _, tokens, ours = _export_and_compare(tmp_path, CUSTOM[case], "MixLNLlamaForCausalLM")
     code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
     assert code == 0, err
     from test_hf_import import _our_model
