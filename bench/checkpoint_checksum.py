@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Checkpoint manifest cost: xxh3-128 (what megatron_mixln.data.file_manifest uses) vs sha256 over a
+"""Checkpoint manifest cost: xxh3-128 (what megatron_mixln.manifest uses) vs sha256 over a
 file of --mib MiB of random bytes (read back from the page cache, as right after a save), and the
 implied per-rank time for a 7B ZeRO-3 checkpoint spread over N ranks.
 
@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 
-from megatron_mixln.data.file_manifest import file_checksum
+from megatron_mixln.manifest import file_checksum
 
 PARAMS_7B = 6.74e9
 BYTES_PER_PARAM = 2 + 4 + 4 + 4  # bf16 weights + fp32 master weights + Adam exp_avg + exp_avg_sq

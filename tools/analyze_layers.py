@@ -72,14 +72,14 @@ def is_hf_dir(path: str) -> bool:
 
 def load_model(path: str, tag: str | None, norm_position: str | None = None, post_ln_layers: int | None = None):
     from megatron_mixln.model import build_model
-    from megatron_mixln.parallel.checkpoint_convert import read_checkpoint
+    from megatron_mixln.checkpoint.reader import read_full_state_dict
 
     if is_hf_dir(path):
         from megatron_mixln.hf.hf_import import read_hf_model
 
         state_dict, config = read_hf_model(path, norm_position, post_ln_layers)
     else:
-        state_dict, config = read_checkpoint(path, tag)
+        state_dict, config, _, _ = read_full_state_dict(path, tag)
     if config is None:
         raise ValueError(f"{path}: the checkpoint records no model config")
     model = build_model(config, device="meta")
@@ -158,7 +158,7 @@ def lm_eval_drop(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from megatron_mixln.data.fileio import atomic_write_json
+    from megatron_mixln.fileio import atomic_write_json
     from megatron_mixln.diagnostics import angular_distances, layer_removal_drop, perplexity
 
     args = parse_args(argv)

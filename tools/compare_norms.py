@@ -12,7 +12,11 @@ the sweep sets --norm-position, --post-ln-fraction or --post-ln-layers, --seed, 
 Rerunning the same command skips finished runs, resumes interrupted ones (--load of their last
 checkpoint; pass --save-interval so there is one) and rewrites the report. Writes into --out:
 report.md, results.json, curves.png, grad_norm_profiles.png, angular_distance.png, layer_removal.png,
-alpha.png (fraction sweeps), and runs/<variant>/ (metrics.jsonl, config.json, ckpt/, layers/, train.log).
+alpha.png (fraction sweeps), lr_sensitivity.png and diagnostics_profiles.png (--lr-sweep), runs/<variant>/
+(metrics.jsonl, config.json, ckpt/, layers/, train.log) and tensorboard/<variant>/ (`tensorboard --logdir`).
+
+--lr-sweep 3e-4,1e-3,3e-3 trains every variant at each peak LR (run names gain -lr<η>) and reports
+Wortsman et al.'s LR sensitivity E_η[min(ℓ(η), ℓ_0) − ℓ*] per variant.
 Exit codes: 0 all runs finished (diverged runs count as finished) or a Slurm array was submitted /
 is still running; 1 some run failed or is unfinished; 2 bad input (before any training).
 """
@@ -36,6 +40,9 @@ def parse_args(argv):
                    help="comma-separated post-layer fractions for the mix variants (the alpha sweep)")
     p.add_argument("--post-ln-layers", type=int, default=None, help="k of the mix variants without a fraction sweep")
     p.add_argument("--seeds", default="1234", help="comma-separated seeds (init and data order)")
+    p.add_argument("--lr-sweep", default=None,
+                   help="comma-separated peak learning rates: train every variant at each and report the LR "
+                        "sensitivity (Wortsman et al. 2023, arXiv 2309.14322)")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     p.add_argument("--parallel", type=int, default=None, help="runs at a time (local: default 1; slurm: array %%K)")
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
     args, passthrough = parse_args(argv)
     try:
         sweep = build_sweep(args.positions, args.post_ln_fraction, args.seeds, args.post_ln_layers, passthrough,
-                            args.out)
+                            args.out, args.lr_sweep)
         common = validate(sweep)
         check_out_dir(sweep.out, common)
         if args.dry_run:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a checkpoint between parallel layouts (logic: megatron_mixln/parallel/checkpoint_convert.py).
+"""Convert a checkpoint between parallel layouts (logic: megatron_mixln/checkpoint/convert.py).
 
   # a DeepSpeed TP=2 x PP=2 run -> one plain state dict (model.safetensors + config.json)
   python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/x/plain --to plain
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_mixln.model import ModelConfig
-    from megatron_mixln.parallel.checkpoint_convert import convert
+    from megatron_mixln.checkpoint.convert import convert
 
     config = None
     try:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.to == "universal":
-            from megatron_mixln.parallel.universal import convert_to_universal
+            from megatron_mixln.checkpoint.universal import convert_to_universal
 
             summary = convert_to_universal(args.input, args.output, tag=args.tag, out_tag=args.out_tag)
             print(json.dumps(summary))

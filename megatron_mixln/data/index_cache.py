@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .fileio import atomic_open, atomic_write_json
+from megatron_mixln.fileio import atomic_open, atomic_write_json
 
 Arrays = dict[str, np.ndarray]
 

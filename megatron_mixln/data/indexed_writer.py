@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import IndexedDatasetError
-from .fileio import commit, fsync_dir, temp_path
+from megatron_mixln.fileio import commit, fsync_dir, temp_path
 from .indexed_dataset import (CHUNK, CODE_OF_DTYPE, MAGIC, VERSION, IndexedDataset, bin_path,
                               check_fits, idx_path, iter_chunks)
 

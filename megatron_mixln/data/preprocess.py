@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import DataError
-from .fileio import atomic_write_json
+from megatron_mixln.fileio import atomic_write_json
 from .hf_input import plan_hf_tasks
 from .indexed_dataset import IndexedDataset, bin_path, idx_path, optimal_dtype
 from .indexed_writer import merge_indexed_datasets

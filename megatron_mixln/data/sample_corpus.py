@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
-from .fileio import atomic_open
+from megatron_mixln.fileio import atomic_open
 
 _SKIP_DIRS = {"__pycache__", "test", "tests", "testing", "idle_test", "site-packages",
               "dist-packages", ".git"}

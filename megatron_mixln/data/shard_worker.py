@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import BadInputError, TokenizerError
-from .fileio import atomic_write_json
+from megatron_mixln.fileio import atomic_write_json
 from .hf_input import HFRecordReader
 from .indexed_writer import IndexedDatasetWriter
 from .inputs import PARQUET_SUFFIX, LineReader, ParquetReader, Task, count_newlines

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import DataError
-from .fileio import atomic_open, atomic_write_bytes
+from megatron_mixln.fileio import atomic_open, atomic_write_bytes
 from .inputs import expand_inputs
 
 

@@ -17,7 +17,7 @@ import shutil
 
 import torch
 
-from megatron_mixln.hf.checkpoint_source import read_training_checkpoint
+from megatron_mixln.checkpoint.reader import read_full_state_dict
 from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, stock_class
 from megatron_mixln.hf.mapping import to_hf_state_dict
 from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
@@ -75,7 +75,7 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
             max_shard_size = parse_size_to_int(max_shard_size)
         except ValueError as e:
             raise ValueError(f"--max-shard-size {max_shard_size}: {e}") from None
-    plain, config, meta, source = read_training_checkpoint(checkpoint, tag)
+    plain, config, meta, source = read_full_state_dict(checkpoint, tag)
     if config_path:
         config = _config_from_file(config_path)
     if config is None:

@@ -12,10 +12,12 @@ post_attention_layernorm), checked before anything is written.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+from dataclasses import asdict
 
+from megatron_mixln.checkpoint.layout import META, tag_for
+from megatron_mixln.checkpoint.meta import CLIENT_KEY, CheckpointMeta, TrainState, client_state
 from megatron_mixln.hf.hf_config import model_config_from_hf, read_hf_config
 from megatron_mixln.hf.hf_weights import check_weight_files, load_weights, weight_files
 from megatron_mixln.hf.mapping import FAMILY_OF_NORMS, family, from_hf_state_dict, layer_norm_family
@@ -65,8 +67,7 @@ def tokenizer_files(hf_dir: str) -> list[str]:
 def import_from_hf(hf_dir: str, output: str, norm_position: str | None = None, post_ln_layers: int | None = None,
                    iteration: int = 0, tp: int = 1, pp: int = 1, seed: int = 1234, overwrite: bool = False) -> dict:
     """Write a DeepSpeed checkpoint of the HF model into `output` (staged, renamed at the end)."""
-    from megatron_mixln.parallel.checkpoint_convert import SIDECARS, write_deepspeed_checkpoint
-    from megatron_mixln.training.checkpoint import META, tag_for
+    from megatron_mixln.checkpoint.convert import SIDECARS, write_deepspeed_checkpoint
 
     check_output(output, overwrite)
     if iteration < 0:
@@ -76,13 +77,12 @@ def import_from_hf(hf_dir: str, output: str, norm_position: str | None = None, p
     tok_dir = os.path.join(os.path.abspath(output), "tokenizer") if tok_names else None
     training = {"seed": seed, **({"tokenizer": tok_dir} if tok_dir else {})}
     tag = tag_for(iteration)
-    train_state = {"iteration": iteration, "consumed_samples": 0, "skipped_steps": 0, "bad_steps_in_a_row": 0}
-    meta = {"tag": tag, "train_state": train_state, "model_config": config.to_dict(), "world_size": tp * pp,
-            "data_parallel_size": 1, "zero_stage": 0, "bf16": None, "tensor_model_parallel_size": tp,
-            "pipeline_model_parallel_size": pp, "imported_from": os.path.abspath(hf_dir)}
-    metadata = {"mixln": {"format": 1, "train_state": train_state, "model_config": config.to_dict(),
-                          "training_config": training, "rng_states": []},
-                "global_steps": iteration, SIDECARS: {META: json.dumps(meta, indent=1)}}
+    train_state = TrainState(iteration=iteration)
+    meta = CheckpointMeta(tag=tag, train_state=asdict(train_state), model_config=config.to_dict(), world_size=tp * pp,
+                          data_parallel_size=1, zero_stage=0, bf16=None, tensor_model_parallel_size=tp,
+                          pipeline_model_parallel_size=pp, imported_from=os.path.abspath(hf_dir))
+    metadata = {CLIENT_KEY: client_state(train_state, config.to_dict(), training, []),
+                "global_steps": iteration, SIDECARS: {META: meta.to_json()}}
     with staged_directory(output) as tmp:
         write_deepspeed_checkpoint(plain, tmp, tag, tp, pp, "pipeline" if pp > 1 else "plain", metadata, config)
         if tok_names:

@@ -93,8 +93,11 @@ def collect_run(run_dir: str, variant, state: str, factor: float) -> dict:
     for p in profiles:
         p["cv"] = coefficient_of_variation(p["layers"])
     analysis = _json(os.path.join(run_dir, "layers", "layer_analysis.json"))
+    diagnostics = metrics["diagnostics"][-1] if metrics["diagnostics"] else None
     return {
         "name": variant.name, "setting": variant.setting, "position": variant.position,
+        "base_setting": getattr(variant, "base_setting", variant.setting), "lr": getattr(variant, "lr", None),
+        "vocab_size": model.get("vocab_size"),
         "fraction": variant.fraction, "post_ln_layers": variant.post_ln_layers, "seed": variant.seed,
         "positions": config.get("positions"), "state": state,
         "final_step": last_train.get("step"), "train_iters": training.get("train_iters"),
@@ -111,6 +114,8 @@ def collect_run(run_dir: str, variant, state: str, factor: float) -> dict:
         "train_curve": [[r["step"], r.get("loss")] for r in metrics["train"]],
         "valid_curve": [[r["step"], r.get("valid_ppl")] for r in metrics["valid"]],
         "layer_analysis": analysis,
+        # the last --diagnostics-interval record: {"step": ..., "act_rms_out/layer_01": ..., ...}
+        "diagnostics": {k: v for k, v in diagnostics.items() if k not in ("kind", "time")} if diagnostics else None,
     }
 
 
@@ -137,6 +142,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for r in runs:
         row = rows.setdefault(r["setting"], {"setting": r["setting"], "position": r["position"],
                                              "fraction": r["fraction"], "post_ln_layers": r["post_ln_layers"],
+                                             "lr": r.get("lr"),
                                              "positions": r["positions"], "seeds": [], "ppl": [], "diverged": [],
                                              "unfinished": [], "tokens": [], "cv": []})
         row["seeds"].append(r["seed"])

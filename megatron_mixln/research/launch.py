@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from megatron_mixln.checkpoint.layout import read_latest, tag_for
 from megatron_mixln.data import parse_data_path
 from megatron_mixln.research.sweep import Sweep, SweepError, Variant
 
@@ -31,11 +32,11 @@ CONTRACT = ("NORM_POSITION", "TRAIN_ITERS", "TRAIN_DATA", "VALID_DATA", "TOKENIZ
 def run_state(run_dir: str, train_iters: int) -> str:
     """'finished', 'diverged', 'partial' (a checkpoint to resume from) or 'new'."""
     ckpt = os.path.join(run_dir, "ckpt")
-    latest = _read(os.path.join(ckpt, "latest"))
+    latest = read_latest(ckpt)
     status = _read_json(os.path.join(run_dir, "status.json"))
     if (status or {}).get("exit_code") == DIVERGED_EXIT or _has_event(run_dir, "diverged"):
         return "diverged"
-    if latest == f"iter_{train_iters:07d}":
+    if latest == tag_for(train_iters):
         return "finished"
     return "partial" if latest else "new"
 
@@ -64,7 +65,7 @@ def _has_event(run_dir: str, event: str) -> bool:
 def local_command(sweep: Sweep, v: Variant, python: str = sys.executable, nproc: int = 1) -> list[str]:
     args = sweep.pretrain_args(v)
     ckpt = os.path.join(sweep.run_dir(v), "ckpt")
-    if _read(os.path.join(ckpt, "latest")):
+    if read_latest(ckpt):
         args += ["--load", ckpt]
     if nproc > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -95,7 +96,7 @@ def run_local(sweep: Sweep, todo: list[Variant], parallel: int = 1, nproc: int =
             logf.close()
             del running[name]
             codes[name] = rc
-            from megatron_mixln.data.fileio import atomic_write_json
+            from megatron_mixln.fileio import atomic_write_json
 
             run_dir = os.path.join(sweep.out, "runs", name)
             atomic_write_json(os.path.join(run_dir, "status.json"),
@@ -144,7 +145,7 @@ def slurm_env(sweep: Sweep, v: Variant, args_file: str, train_iters: int) -> dic
 
 def write_slurm_tasks(sweep: Sweep, todo: list[Variant]) -> str:
     """OUT/slurm/task_<i>.env for each run, and tasks.json naming them. Returns the directory."""
-    from megatron_mixln.data.fileio import atomic_write_json, atomic_write_text
+    from megatron_mixln.fileio import atomic_write_json, atomic_write_text
 
     d = os.path.join(sweep.out, "slurm")
     os.makedirs(d, exist_ok=True)
@@ -187,7 +188,7 @@ def slurm_job_active(out: str) -> str | None:
 
 def submit_slurm(sweep: Sweep, todo: list[Variant], parallel: int | None, sbatch_args: list[str], repo: str,
                  log=print) -> str:
-    from megatron_mixln.data.fileio import atomic_write_json
+    from megatron_mixln.fileio import atomic_write_json
 
     write_slurm_tasks(sweep, todo)
     cmd = sbatch_command(sweep, len(todo), parallel, sbatch_args, repo)

@@ -11,6 +11,8 @@ import importlib.util
 import io
 import os
 
+from megatron_mixln.checkpoint.layout import latest_path
+
 
 def _tool(repo: str):
     path = os.path.join(repo, "tools", "analyze_layers.py")
@@ -36,7 +38,7 @@ def analyze_run(repo: str, run_dir: str, data_prefix: str, seq_length: int, num_
     """-> the tool's exit code (0 ok); its console output goes to RUN/layers/analysis.log."""
     ckpt, out = os.path.join(run_dir, "ckpt"), os.path.join(run_dir, "layers")
     result = os.path.join(out, "layer_analysis.json")
-    latest = os.path.join(ckpt, "latest")
+    latest = latest_path(ckpt)
     if not os.path.isfile(latest):
         return 1
     if os.path.isfile(result) and os.path.getmtime(result) >= os.path.getmtime(latest):

@@ -8,6 +8,7 @@ import json
 import os
 
 from megatron_mixln.research.collect import aggregate
+from megatron_mixln.research.lr_sweep import lr_sensitivity, render_lr_section
 
 NAMES = {"pre": "Pre-LN", "post": "Post-LN", "mix": "Mix-LN", "peri": "Peri-LN", "lns": "LNS",
          "deepnorm": "DeepNorm", "deeppost": "DeepPost (reference DeepNorm)",
@@ -16,7 +17,9 @@ FIGURES = (("curves.png", "Training loss and validation perplexity"),
            ("grad_norm_profiles.png", "Per-layer gradient norms at several points of training"),
            ("angular_distance.png", "Angular distance between layers"),
            ("layer_removal.png", "Perplexity increase when one layer is removed"),
-           ("alpha.png", "Perplexity vs post-layer fraction (α)"))
+           ("alpha.png", "Perplexity vs post-layer fraction (α)"),
+           ("lr_sensitivity.png", "Final loss against the peak learning rate"),
+           ("diagnostics_profiles.png", "Instability diagnostics per layer at each setting's largest stable rate"))
 
 
 def label(row: dict) -> str:
@@ -44,11 +47,11 @@ def diverged_cell(row: dict) -> str:
 
 def results(sweep_record: dict, runs: list[dict]) -> dict:
     rows = aggregate(runs)
-    return {"sweep": sweep_record, "settings": rows, "runs": runs}
+    return {"sweep": sweep_record, "settings": rows, "runs": runs, "lr_sensitivity": lr_sensitivity(runs)}
 
 
 def write_report(out: str, sweep_record: dict, runs: list[dict], figures: list[str]) -> dict:
-    from megatron_mixln.data.fileio import atomic_write_json, atomic_write_text
+    from megatron_mixln.fileio import atomic_write_json, atomic_write_text
 
     res = results(sweep_record, runs)
     atomic_write_json(os.path.join(out, "results.json"), res)
@@ -89,6 +92,7 @@ def render(res: dict, figures: list[str]) -> str:
         out.append(f"| {label(r)} | {r['positions'] or '—'} | {ppl_cell(r)} | {len(r['ppl'])}/{len(r['seeds'])}"
                    f"{unfinished} | {tokens} | {diverged_cell(r)} |")
     out += ["", "Mean and sample standard deviation over the seeds that finished without diverging.", ""]
+    out += render_lr_section(res.get("lr_sensitivity") or [])
     out += ["## Divergence verdict", ""]
     any_note = False
     for run in runs:
@@ -114,6 +118,7 @@ def render(res: dict, figures: list[str]) -> str:
             out.append(f"| {run['name']} | " + " | ".join(cells) + " |")
     else:
         out.append("(no per-layer gradient norms logged: pass --grad-norm-interval N)")
+    out += _diagnostics_lines(runs)
     out += ["", "## Runs", "", "| run | state | final step | validation loss | validation perplexity | "
             "validation tokens | tokens trained |", "|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -128,6 +133,33 @@ def render(res: dict, figures: list[str]) -> str:
         for f in figures:
             out += [f"### {titles.get(f, f)}", "", f"![{titles.get(f, f)}]({f})", ""]
     return "\n".join(out) + "\n"
+
+
+def _diagnostics_lines(runs: list[dict]) -> list[str]:
+    """The --diagnostics-interval summary of each run's last probed step: the extreme layer of each metric."""
+    from megatron_mixln.research.plot_style import layer_values
+
+    rows = [r for r in runs if r.get("diagnostics")]
+    if not rows:
+        return []
+    cols = (("act_rms_out", max, "max residual RMS"), ("act_max_over_median", max, "max act max/median"),
+            ("act_kurtosis", max, "max kurtosis"), ("attn_logit_max", max, "max attention logit"),
+            ("attn_entropy", min, "min attention entropy"), ("update_ratio", max, "max update/weight"))
+    out = ["", "## Instability diagnostics (last probed step)", "",
+           "The extreme layer of each per-layer metric (value @ layer), and the output logits' largest logsumexp z.", "",
+           "| run | step | " + " | ".join(c[2] for c in cols) + " | z max |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        d, cells = r["diagnostics"], []
+        for metric, pick, _ in cols:
+            values = layer_values(d, metric)
+            if values:
+                layer = pick(values, key=values.get)
+                cells.append(f"{values[layer]:.4g} @ {layer}")
+            else:
+                cells.append("—")
+        z = f"{d['z_max']:.4g}" if d.get("z_max") is not None else "—"
+        out.append(f"| {r['name']} | {d.get('step')} | " + " | ".join(cells) + f" | {z} |")
+    return out
 
 
 def load_results(out: str) -> dict:

@@ -1,7 +1,7 @@
 """A sweep's variants and their pretraining command lines, validated before anything trains.
 
-A variant = one norm position (for `mix`: one post-layer fraction, or the k of the config/flags) and
-one seed. Every variant gets the same pass-through pretraining flags, so data order, initial seed,
+A variant = one norm position (for `mix`: one post-layer fraction, or the k of the config/flags), one
+seed and, with --lr-sweep, one peak learning rate. Every variant gets the same pass-through pretraining flags, so data order, initial seed,
 LR schedule, batch and evaluation set are identical for a given seed; only the swept setting
 differs. Flags that the sweep sets itself are refused in the pass-through list.
 
@@ -29,7 +29,8 @@ ZOO_VARIANTS = {
 }
 
 SWEPT_FIELDS = ("norm_position", "post_ln_layers", "post_ln_fraction", "seed")
-HARNESS_FIELDS = ("save", "load", "run_dir", "wandb_name")
+HARNESS_FIELDS = ("save", "load", "run_dir", "wandb_name", "tensorboard_dir")
+LR_FIELD = "lr"  # swept (and then owned by the sweep) only with --lr-sweep
 OWNED_FLAGS = tuple("--" + f.replace("_", "-") for f in SWEPT_FIELDS + HARNESS_FIELDS)
 # Fields that do not change what a run computes (interruption, bookkeeping): not part of the identity.
 NEUTRAL_FIELDS = ("exit_interval", "save_interval", "keep_last", "wandb_project", "wandb_mode", "data_cache_path",
@@ -48,15 +49,21 @@ class Variant:
     fraction: float | None  # mix: swept post-layer fraction (None: k from --post-ln-layers / the config)
     post_ln_layers: int | None  # mix without a fraction sweep
     seed: int
+    lr: float | None = None  # --lr-sweep: this run's peak learning rate
 
     @property
-    def setting(self) -> str:
-        """The swept setting without the seed: 'pre', 'mix', 'mix-a0.25'."""
+    def base_setting(self) -> str:
+        """The norm setting alone: 'pre', 'mix', 'mix-a0.25' (what an LR sweep compares)."""
         if self.position != "mix":
             return self.position
         if self.fraction is not None:
             return f"mix-a{self.fraction:g}"
         return "mix" if self.post_ln_layers is None else f"mix-k{self.post_ln_layers}"
+
+    @property
+    def setting(self) -> str:
+        """The swept setting without the seed: 'pre', 'mix-a0.25', 'mix-lr0.001' (with --lr-sweep)."""
+        return self.base_setting if self.lr is None else f"{self.base_setting}-lr{self.lr:g}"
 
     @property
     def name(self) -> str:
@@ -68,6 +75,8 @@ class Variant:
             out += ["--post-ln-fraction", repr(self.fraction)]
         elif self.post_ln_layers is not None:
             out += ["--post-ln-layers", str(self.post_ln_layers)]
+        if self.lr is not None:
+            out += ["--lr", repr(self.lr)]
         return out + ["--seed", str(self.seed)]
 
 
@@ -77,6 +86,7 @@ class Sweep:
     passthrough: list[str]  # pretraining flags for every run (a --config replaced by the sweep's copy)
     config_values: dict = field(default_factory=dict)  # the --config file's values minus the swept fields
     out: str = ""
+    lrs: list[float] | None = None  # --lr-sweep
 
     def run_dir(self, v: Variant) -> str:
         return os.path.join(self.out, "runs", v.name)
@@ -87,7 +97,8 @@ class Sweep:
         if self.config_values:
             args = ["--config", config_path or os.path.join(self.out, SWEEP_CONFIG)] + args
         run = self.run_dir(v)
-        return args + v.flags() + ["--save", os.path.join(run, "ckpt"), "--run-dir", run, "--wandb-name", v.name]
+        return args + v.flags() + ["--save", os.path.join(run, "ckpt"), "--run-dir", run, "--wandb-name", v.name,
+                                   "--tensorboard-dir", os.path.join(self.out, "tensorboard", v.name)]
 
 
 def parse_list(text: str, flag: str, kind):
@@ -126,14 +137,31 @@ def parse_fractions(text: str | None) -> list[float] | None:
     return values
 
 
+def parse_lrs(text: str | None) -> list[float] | None:
+    """--lr-sweep '3e-4,1e-3,3e-3' -> [3e-4, 1e-3, 3e-3]: two or more distinct positive rates."""
+    if text is None:
+        return None
+    values = parse_list(text, "--lr-sweep", float)
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise SweepError(f"--lr-sweep {text!r}: learning rates must be positive numbers")
+    if len(set(values)) != len(values):
+        raise SweepError(f"--lr-sweep {text!r}: a learning rate is given twice")
+    if len(values) < 2:
+        raise SweepError(f"--lr-sweep {text!r}: the LR sensitivity needs at least two learning rates "
+                         "(for one, pass --lr)")
+    return sorted(values)
+
+
 ZOO_FIELDS = ("qk_norm", "normalization", "z_loss_weight")  # set per run by the ZOO_VARIANTS
 ZOO_FLAGS = tuple("--" + f.replace("_", "-") for f in ZOO_FIELDS)
 
 
-def check_passthrough(args: list[str], positions=()) -> None:
+def check_passthrough(args: list[str], lr_swept: bool = False, positions=()) -> None:
     zoo = [p for p in positions if p in ZOO_VARIANTS]
     for a in args:
         name = a.split("=", 1)[0]
+        if lr_swept and name == "--lr":
+            raise SweepError("--lr: set per run by --lr-sweep; drop it from the pretraining flags")
         if zoo and name in ZOO_FLAGS:
             raise SweepError(f"{name}: set per run by the zoo variant(s) {', '.join(zoo)} in --positions; drop it "
                              "from the pretraining flags")
@@ -157,7 +185,7 @@ def extract_config(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layers: int | None,
-                passthrough: list[str], out: str) -> Sweep:
+                passthrough: list[str], out: str, lr_sweep: str | None = None) -> Sweep:
     """Parse and expand the sweep. A --config file's swept fields are taken out of it (its post_ln_layers
     becomes the k of Mix-LN variants unless a fraction sweep is given)."""
     pos = parse_positions(positions)
@@ -167,7 +195,8 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
         raise SweepError(f"--seeds {seeds!r}: a seed is given twice")
     if fracs is not None and "mix" not in pos:
         raise SweepError("--post-ln-fraction: a fraction sweep needs 'mix' in --positions")
-    check_passthrough(passthrough, pos)
+    lrs = parse_lrs(lr_sweep)
+    check_passthrough(passthrough, lrs is not None, pos)
     config_path, rest = extract_config(passthrough)
     values = {}
     if config_path:
@@ -180,7 +209,7 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
             raise SweepError(str(exc)) from None
         if post_ln_layers is None and values.get("post_ln_layers") is not None:
             post_ln_layers = int(values["post_ln_layers"])
-        for name in SWEPT_FIELDS + HARNESS_FIELDS:
+        for name in SWEPT_FIELDS + HARNESS_FIELDS + ((LR_FIELD,) if lrs else ()):
             values.pop(name, None)
         clash = [f for f in ZOO_FIELDS if f in values] if any(p in ZOO_VARIANTS for p in pos) else []
         if clash:
@@ -190,8 +219,8 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
     for p in pos:
         settings = [(f, None) for f in fracs] if p == "mix" and fracs is not None else \
             [(None, post_ln_layers if p == "mix" else None)]
-        variants += [Variant(p, f, k, s) for f, k in settings for s in seed_list]
-    return Sweep(variants, rest, values, os.path.abspath(out))
+        variants += [Variant(p, f, k, s, lr) for f, k in settings for lr in (lrs or [None]) for s in seed_list]
+    return Sweep(variants, rest, values, os.path.abspath(out), lrs)
 
 
 def validate(sweep: Sweep) -> dict:
@@ -216,8 +245,10 @@ def validate(sweep: Sweep) -> dict:
             except SystemExit:
                 raise SweepError(f"run {v.name}: the pretraining flags do not parse: "
                                  f"{shlex.join(sweep.pretrain_args(v, cfg_path))}") from None
-            zoo = ZOO_FIELDS if any(u.position in ZOO_VARIANTS for u in sweep.variants) else ()
-            this = {"model": _strip(model.to_dict(), zoo), "training": _strip(train.to_dict(), zoo)}
+            swept = (LR_FIELD, "min_lr") if sweep.lrs else ()  # min_lr defaults to 0.1 x lr
+            if any(u.position in ZOO_VARIANTS for u in sweep.variants):
+                swept += ZOO_FIELDS
+            this = {"model": _strip(model.to_dict(), swept), "training": _strip(train.to_dict(), swept)}
             if common is None:
                 common = this
                 try:
@@ -233,8 +264,8 @@ def validate(sweep: Sweep) -> dict:
     return common
 
 
-def _strip(d: dict, swept_too=()) -> dict:
-    return {k: v for k, v in d.items() if k not in SWEPT_FIELDS + HARNESS_FIELDS + NEUTRAL_FIELDS + tuple(swept_too)}
+def _strip(d: dict, swept: tuple = ()) -> dict:
+    return {k: v for k, v in d.items() if k not in SWEPT_FIELDS + HARNESS_FIELDS + NEUTRAL_FIELDS + swept}
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -262,7 +293,7 @@ def check_out_dir(out: str, common: dict) -> None:
 
 
 def write_sweep_files(sweep: Sweep, common: dict, argv: list[str]) -> None:
-    from megatron_mixln.data.fileio import atomic_write_json
+    from megatron_mixln.fileio import atomic_write_json
 
     os.makedirs(os.path.join(sweep.out, "runs"), exist_ok=True)
     if sweep.config_values:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from megatron_mixln.diagnostics.stability import parse_diagnostics
+from megatron_mixln.errors import UsageError
+
 OPTIMIZERS = ("adam", "adamw")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 SAMPLE_MODES = ("pack", "truncate-pad")
-
-
-class UsageError(ValueError):
-    """A bad flag, config file or input, detected before training starts. The message names it."""
 
 
 def _help(text: str, **kw):
@@ -118,6 +117,15 @@ class TrainingConfig:
     run_dir: str | None = _help("metrics.jsonl and config.json go here (default: --save)", default=None)
     log_interval: int = _help("console/metrics line every N steps", default=10)
     grad_norm_interval: int = _help("log per-layer gradient norms every N steps (0 disables)", default=100)
+    diagnostics_interval: int = _help(
+        "measure the instability diagnostics (--diagnostics) on one micro-batch every N steps (0 disables)",
+        default=0)
+    diagnostics: str = _help(
+        "comma-separated diagnostics for --diagnostics-interval: activations (residual RMS in/out, max, "
+        "max/median, kurtosis), attention (max logit, entropy per head), logits (output logsumexp z), "
+        "updates (||dw||/||w||, weight norms)", default="activations,attention,logits,updates")
+    tensorboard_dir: str | None = _help(
+        "also write the metrics as TensorBoard scalars here (rank 0 only, as Megatron-LM's flag)", default=None)
     peak_tflops: float | None = _help("per-device peak TFLOP/s for MFU (default: by device and dtype)", default=None)
     wandb_project: str | None = _help("log to Weights & Biases under this project", default=None)
     wandb_name: str | None = _help("wandb run name (default: the norm position)", default=None)
@@ -148,7 +156,8 @@ class TrainingConfig:
                      "distributed_timeout_minutes", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
                      "pipeline_model_parallel_size", "max_bad_steps"):
             positive(name)
-        for name in ("eval_iters", "grad_norm_interval", "keep_last", "clip_grad", "spike_factor", "adam_eps", "z_loss_weight"):
+        for name in ("eval_iters", "grad_norm_interval", "diagnostics_interval", "keep_last", "clip_grad", "spike_factor",
+                     "adam_eps", "z_loss_weight"):
             positive(name, allow_zero=True)
         for name in ("global_batch_size", "exit_interval", "save_interval", "lr_decay_iters", "peak_tflops",
                      "exit_duration_in_mins"):
@@ -211,6 +220,10 @@ class TrainingConfig:
                 f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size} with --zero-stage "
                 f"{self.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
             )
+        try:
+            parse_diagnostics(self.diagnostics)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
     def _check_paper_modes(self) -> None:
         if self.sample_mode not in SAMPLE_MODES:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_mixln.data.file_manifest import ALGORITHM, file_checksum
+from megatron_mixln.manifest import ALGORITHM, file_checksum
 from megatron_mixln.training.config import TrainingConfig, UsageError
 
 

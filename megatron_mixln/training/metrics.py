@@ -1,5 +1,6 @@
 """Where numbers go: the console, RUN_DIR/metrics.jsonl (one JSON object per line, `kind` = train,
-valid, grad_norms or event) and, optionally, Weights & Biases. Only rank 0 writes.
+valid, grad_norms, diagnostics or event) and, optionally, Weights & Biases and TensorBoard
+(--tensorboard-dir). Only rank 0 writes.
 
 Nothing from the environment is ever logged: the configs are the only run metadata, and wandb
 reads its key from its own login, never from us.
@@ -13,14 +14,17 @@ import sys
 import time
 import warnings
 
+from megatron_mixln.training.tensorboard import scalar_tag, start_tensorboard
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str | None, enabled: bool, config: dict, wandb_project: str | None = None,
-                 wandb_name: str | None = None, wandb_mode: str = "offline"):
+                 wandb_name: str | None = None, wandb_mode: str = "offline", tensorboard_dir: str | None = None):
         self.enabled = enabled
         self.run_dir = run_dir
         self._file = None
         self._wandb = None
+        self._tensorboard = None
         if not enabled:
             return
         if run_dir:
@@ -30,6 +34,8 @@ class MetricsLogger:
             self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)  # line-buffered
         if wandb_project and wandb_mode != "disabled":
             self._wandb = _start_wandb(wandb_project, wandb_name, wandb_mode, run_dir, config)
+        if tensorboard_dir:
+            self._tensorboard = start_tensorboard(tensorboard_dir)
 
     def log(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -38,8 +44,10 @@ class MetricsLogger:
         if self._file:
             self._file.write(json.dumps(record, default=_jsonable) + "\n")
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{k}" if "/" not in k else k: v for k, v in values.items()
-                             if isinstance(v, (int, float))}, step=step)
+            self._wandb.log({scalar_tag(kind, k): v for k, v in values.items() if isinstance(v, (int, float))},
+                            step=step)
+        if self._tensorboard is not None:
+            self._tensorboard.log(kind, step, values)
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -52,6 +60,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 def _jsonable(value):
@@ -88,11 +99,12 @@ def format_train_line(step: int, train_iters: int, v: dict) -> str:
     return " | ".join(parts)
 
 
-METRIC_KINDS = ("train", "valid", "grad_norms")
+METRIC_KINDS = ("train", "valid", "grad_norms", "diagnostics")
 
 
 def read_metrics(path: str) -> dict[str, list[dict]]:
-    """A run's metrics.jsonl -> {"train", "valid", "grad_norms": records sorted by step, "events": in order}.
+    """A run's metrics.jsonl -> {"train", "valid", "grad_norms", "diagnostics": records sorted by step,
+    "events": in order}.
 
     The last record of a (kind, step) wins (a resumed or rolled-back run logs a step again); a torn last
     line (a run killed mid-write) is ignored; a missing file reads as empty. Raises ValueError naming

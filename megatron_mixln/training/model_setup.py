@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_mixln.model import ModelConfig, build_model, init_weights
 from megatron_mixln.model.block import Block
-from megatron_mixln.training.checkpoint_io import install_safe_checkpoint_engine
+from megatron_mixln.checkpoint.io import install_safe_checkpoint_engine
 from megatron_mixln.training.config import TrainingConfig
 from megatron_mixln.training.distributed import parallel_api
 from megatron_mixln.training.ds_config import zero_stage_of

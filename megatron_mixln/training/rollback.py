@@ -10,8 +10,8 @@ are held back while a spike is under way, so the good checkpoint is not pruned.
 from __future__ import annotations
 
 import math
-import os
 
+from megatron_mixln.checkpoint.layout import list_tags, parse_tag, read_latest
 from megatron_mixln.training.stability import SpikeDetector
 
 
@@ -44,16 +44,12 @@ class RollbackMonitor:
 
 def good_checkpoint_before(save_dir: str, step: int) -> str | None:
     """The newest complete tag (at or before `latest`) whose iteration is < step, or None."""
-    from megatron_mixln.training.checkpoint import TAG_RE, read_latest
-
-    latest = read_latest(save_dir)
-    if latest is None or not TAG_RE.match(latest):
+    newest = parse_tag(read_latest(save_dir))
+    if newest is None:
         return None
-    newest = int(TAG_RE.match(latest)[1])
-    iters = sorted((int(TAG_RE.match(t)[1]) for t in os.listdir(save_dir) if TAG_RE.match(t)), reverse=True)
-    for it in iters:
-        if it < step and it <= newest:
-            return f"iter_{it:07d}"
+    for tag in reversed(list_tags(save_dir)):
+        if parse_tag(tag) < step and parse_tag(tag) <= newest:
+            return tag
     return None
 
 

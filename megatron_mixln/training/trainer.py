@@ -7,25 +7,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_mixln.diagnostics import flatten_grad_norms, layer_grad_norms
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.training.checkpoint import (
-    TrainState, check_resume_layout, fallback_warning, inspect_checkpoint, load_checkpoint, save_checkpoint,
-)
+from megatron_mixln.checkpoint.compat import check_resume_layout
+from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint, load_checkpoint
+from megatron_mixln.checkpoint.meta import TrainState
+from megatron_mixln.checkpoint.rng import seed_everything
+from megatron_mixln.checkpoint.save import save_checkpoint
 from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
+from megatron_mixln.training.diagnostics import finish_probe, start_probe
 from megatron_mixln.training.distributed import (
     barrier, data_parallel_group, data_parallel_rank_and_size, init_distributed, is_rank0, setup_model_parallel,
 )
@@ -190,12 +191,6 @@ def _num_params(model, state=None) -> int:
     return global_num_parameters(model, state)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _minutes_since(start: float) -> float:
     """Wall-clock minutes since `start` (time.monotonic()); --exit-duration-in-mins compares it."""
     return (time.monotonic() - start) / 60.0
@@ -274,7 +269,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         budgets = eval_token_budgets(valid_ds, cfg.eval_tokens, model_config.seq_length, cfg.micro_batch_size * dp_size)
     n_valid = len(budgets) if budgets is not None else cfg.eval_iters * global_batch
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
     ts = load_checkpoint(engine, cfg.load, meta["tag"]) if meta else TrainState()
     watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
@@ -289,7 +284,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         "param_groups": groups, "compiled_blocks": compiled_blocks,
     }
     logger = MetricsLogger(cfg.run_directory, is_rank0(), run_config, cfg.wandb_project,
-                           cfg.wandb_name or model_config.norm_position, cfg.wandb_mode)
+                           cfg.wandb_name or model_config.norm_position, cfg.wandb_mode, cfg.tensorboard_dir)
     if meta:
         for tag, problem in meta["skipped"]:
             logger.log("event", ts.iteration, {"event": "checkpoint_skipped", "tag": tag, "problem": problem})
@@ -342,8 +337,10 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             t0 = time.perf_counter()
             if step > ts_start + 1:  # the first step keeps the start-up allowance
                 watchdog.progress(f"step {step}")
+            probe = start_probe(engine, cfg, state, model_config.seq_length, step)  # None unless a diagnostics step
             res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
                              time_up, pad_id, z_loss_fn)
+            diagnostics = finish_probe(probe) if probe is not None else None
             window_time += time.perf_counter() - t0
             window_steps += 1
             if cfg.compile and window_steps == 1 and not history:  # proof that compilation took effect
@@ -398,6 +395,8 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                 window_time, window_steps, window_losses = 0.0, 0, []
             if res.layer_norms is not None:
                 logger.log("grad_norms", step, flatten_grad_norms(res.layer_norms))
+            if diagnostics is not None:
+                logger.log("diagnostics", step, diagnostics)
 
             if cfg.evaluates and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
                 watchdog.progress(f"evaluation at step {step}")

@@ -41,7 +41,7 @@ def tiny_model(seed: int = 0, **overrides):
 
 
 def save_tiny(path, seed: int = 0, **overrides):
-    from megatron_mixln.parallel.checkpoint_convert import save_plain
+    from megatron_mixln.checkpoint.convert import save_plain
 
     config, model = tiny_model(seed, **overrides)
     save_plain(model.state_dict(), str(path), config)

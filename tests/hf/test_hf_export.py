@@ -178,7 +178,7 @@ def test_export_from_deepspeed_layouts_equals_plain(tmp_path):
     """A TP=2 x PP=2 pipeline checkpoint and a TP=2 plain-engine checkpoint export to the same tensors."""
     from safetensors.torch import load_file
 
-    from megatron_mixln.parallel.checkpoint_convert import write_deepspeed_checkpoint
+    from megatron_mixln.checkpoint.convert import write_deepspeed_checkpoint
 
     config, model = save_tiny(tmp_path / "plain", norm_position="mix", post_ln_layers=1, num_query_groups=2)
     meta = {"mixln": {"model_config": config.to_dict()}}  # what the trainer's client state records

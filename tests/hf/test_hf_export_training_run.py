@@ -1,11 +1,17 @@
 """Export straight from a real training run's --save directory: DeepSpeed ZeRO-3 (weights partitioned,
 reassembled with DeepSpeed's zero_to_fp32), the run's tokenizer, and the model card's training facts."""
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from hf_testlib import load_hf, run_tool
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Tokens:
@@ -56,6 +62,27 @@ def test_export_of_a_zero3_run(tmp_path, spm_model, single_rank):
     valid = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ppl = [r["valid_ppl"] for r in valid if "valid_ppl" in r][-1]
     assert f"| tokens trained | {3 * 2 * 16} |" in card and f"{ppl:.4g}" in card and "| iterations trained | 3 |" in card
+
+    # tools/analyze_layers.py reads the same ZeRO-3 run (checkpoint.reader.read_full_state_dict, as the export)
+    from megatron_mixln.data import IndexedDatasetWriter
+    from megatron_mixln.diagnostics import angular_distances
+
+    with IndexedDatasetWriter(str(tmp_path / "tokens"), dtype=np.uint16) as w:
+        for doc in Tokens(8, 384, 2).t:
+            w.add_document(doc)
+    code = subprocess.run([sys.executable, str(ROOT / "tools/analyze_layers.py"), "--checkpoint", str(tmp_path / "run"),
+                           "--data-path", str(tmp_path / "tokens"), "--seq-length", "8", "--num-samples", "4",
+                           "--micro-batch-size", "4", "--out", str(tmp_path / "layers")],
+                          capture_output=True, text=True, timeout=300)
+    assert code.returncode == 0, code.stderr
+    result = json.loads((tmp_path / "layers" / "layer_analysis.json").read_text())
+    assert result["positions"] == ["post", "pre"]
+    from megatron_mixln.data import build_train_valid_test_datasets
+
+    data, _, _ = build_train_valid_test_datasets([str(tmp_path / "tokens")], "1,0,0", 8, 1234, (4, 0, 0), None)
+    batch = torch.from_numpy(np.stack([data[i]["tokens"] for i in range(4)]))
+    d = angular_distances(model, [batch])
+    assert math.isclose(result["angular_distance"][0][1], d[0, 1].item(), rel_tol=1e-5)
 
 
 def test_export_of_a_tensor_parallel_zero3_checkpoint(tmp_path):

@@ -11,9 +11,9 @@ from hf_testlib import run_tool, save_tiny
 
 def _our_model(ckpt_dir):
     from megatron_mixln.model import build_model
-    from megatron_mixln.parallel.checkpoint_convert import read_checkpoint
+    from megatron_mixln.checkpoint.reader import read_full_state_dict
 
-    plain, config = read_checkpoint(str(ckpt_dir))
+    plain, config, _, _ = read_full_state_dict(str(ckpt_dir))
     model = build_model(config, device="meta")
     model.to_empty(device="cpu")
     model.load_state_dict(plain, strict=True)
@@ -89,7 +89,8 @@ def test_mixln_reference_layout_imports_with_equal_logits(tmp_path, kinds, flags
     dict(norm_position="siamese", num_layers=3),  # two residual streams, six norms per layer, three final norms
 ])
 def test_round_trip_is_bit_identical(tmp_path, overrides):
-    from megatron_mixln.parallel.checkpoint_convert import load_plain, read_checkpoint
+    from megatron_mixln.checkpoint.convert import load_plain
+    from megatron_mixln.checkpoint.reader import read_full_state_dict
 
     save_tiny(tmp_path / "plain", **overrides)
     assert run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"))[0] == 0
@@ -97,7 +98,7 @@ def test_round_trip_is_bit_identical(tmp_path, overrides):
                     "--iteration", "7")[0] == 0
     assert (tmp_path / "back" / "latest").read_text() == "iter_0000007"
     a, config_a, _ = load_plain(str(tmp_path / "plain"))
-    b, config_b = read_checkpoint(str(tmp_path / "back"))
+    b, config_b, _, _ = read_full_state_dict(str(tmp_path / "back"))
     assert config_a == config_b
     assert a.keys() == b.keys()
     for k in a:

@@ -225,6 +225,24 @@ def plain_train(engine, cfg, state, steps):
     return losses
 
 
+def load_converted_checkpoint(engine, ckpt_dir: str, tag: str | None = None):
+    """Resume a DeepSpeed engine from a converted checkpoint (no optimizer states in it).
+
+    `engine.load_checkpoint(..., load_optimizer_states=False)` restores weights, step counters, the
+    LR scheduler and client state, but the optimizer's param_groups keep the learning rate they were
+    built with (normally it comes back with the optimizer state). Schedulers only write the LR at
+    their next step(), so the first resumed step would use a stale LR: it is re-applied here (the
+    trainer needs none of this: it sets the LR from its schedule before every step).
+    """
+    result = engine.load_checkpoint(ckpt_dir, tag, load_optimizer_states=False)
+    sched = engine.lr_scheduler
+    if sched is not None:
+        lrs = sched.get_last_lr() if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) else sched.get_lr()
+        for group, lr in zip(engine.optimizer.param_groups, lrs):
+            group["lr"] = lr
+    return result
+
+
 def deepspeed_layouts_job(rank, world_size, tmpdir):
     """PP=2 x DP=2; TP=2 x PP=2 (+SP, ZeRO-1), saved, converted, resumed at TP=1 x PP=1 and back at
     TP=2 x PP=2; DP=2 x TP=2 with ZeRO-1, and with SP + accumulation under ZeRO-2/3. Every loss is compared
@@ -235,7 +253,7 @@ def deepspeed_layouts_job(rank, world_size, tmpdir):
 
     from megatron_mixln.model import init_weights
     from megatron_mixln.parallel import gather_plain_tensors
-    from megatron_mixln.parallel.checkpoint_convert import convert, load_converted_checkpoint
+    from megatron_mixln.checkpoint.convert import convert
 
     deepspeed = _deepspeed()
     cfg = tiny_config(**DS_CASE)

@@ -9,7 +9,7 @@ import torch
 
 from megatron_mixln.model import build_model
 from megatron_mixln.parallel import merge_tp, split_tp, tp_partition_dim
-from megatron_mixln.parallel.checkpoint_convert import (
+from megatron_mixln.checkpoint.convert import (
     convert, load_plain, read_deepspeed_checkpoint, save_plain, write_deepspeed_checkpoint,
 )
 from parallel_jobs import tiny_config
@@ -162,7 +162,7 @@ def test_trainer_sidecars_and_nested_model_config_are_carried(tmp_path):
 
 
 def test_trainer_resume_layout_check_points_to_the_converter():
-    from megatron_mixln.training.checkpoint import check_resume_layout
+    from megatron_mixln.checkpoint.compat import check_resume_layout
     from megatron_mixln.training.config import UsageError
 
     meta = {"tag": "iter_0000003", "data_parallel_size": 1, "zero_stage": 1,

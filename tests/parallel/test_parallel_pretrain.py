@@ -63,7 +63,7 @@ LAYOUTS = {
 def pretrain_layouts_job(rank, world_size, tmpdir):
     import torch.distributed as dist
 
-    from megatron_mixln.parallel.checkpoint_convert import convert
+    from megatron_mixln.checkpoint.convert import convert
     from megatron_mixln.training.main import main
 
     prefix = os.path.join(tmpdir, "data", "tokens")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _setup(tmp_path):
     from megatron_mixln.data import IndexedDatasetWriter
     from megatron_mixln.model import ModelConfig, build_model
-    from megatron_mixln.parallel.checkpoint_convert import save_plain
+    from megatron_mixln.checkpoint.convert import save_plain
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, hidden_size=32, ffn_hidden_size=48, num_layers=3, num_attention_heads=4,

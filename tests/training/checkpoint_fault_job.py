@@ -23,7 +23,7 @@ def install(point: str) -> None:
     import torch
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from megatron_mixln.training import checkpoint
+    from megatron_mixln.checkpoint import save as checkpoint
 
     real_save = TorchCheckpointEngine.save
     if point == "model_states":

@@ -12,8 +12,8 @@ import pytest
 
 from training_testlib import PYTHON, REPO, entry_env, run_and_destroy, tiny_cli_args, tiny_model, tiny_train, write_token_dataset
 
-from megatron_mixln.data.file_manifest import MANIFEST, file_checksum
-from megatron_mixln.training import checkpoint as ckpt
+from megatron_mixln.manifest import MANIFEST, file_checksum
+from megatron_mixln import checkpoint as ckpt
 from megatron_mixln.training.config import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,7 +96,7 @@ def test_corrupt_newest_checkpoint_falls_back(base, tmp_path, capsys, kind):
 def test_converted_checkpoint_with_another_tag_resumes_that_tag(base, tmp_path):
     """The converter writes a manifest too, and the copied mixln_meta.json naming the source tag does
     not redirect the load (the tag `latest` names is loaded)."""
-    from megatron_mixln.parallel.checkpoint_convert import convert
+    from megatron_mixln.checkpoint.convert import convert
 
     dst = str(tmp_path / "converted")
     convert(base["save"], dst, to="deepspeed", tag="iter_0000004", out_tag="moved")
@@ -176,7 +176,7 @@ def test_flags_parse():
 
 
 def test_universal_conversion_refuses_a_damaged_source(base, tmp_path):
-    from megatron_mixln.parallel.universal import convert_to_universal
+    from megatron_mixln.checkpoint.universal import convert_to_universal
 
     save = str(tmp_path / "ckpt")
     shutil.copytree(base["save"], save)

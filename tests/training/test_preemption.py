@@ -9,7 +9,7 @@ import pytest
 
 from training_testlib import PYTHON, REPO, entry_env, tiny_cli_args, tiny_datasets, tiny_model, tiny_train, write_token_dataset
 
-from megatron_mixln.training import checkpoint as ckpt
+from megatron_mixln import checkpoint as ckpt
 
 
 def _last_step(metrics_path):

@@ -1,5 +1,5 @@
 """Resume on another cluster shape with the optimizer states kept (DeepSpeed universal checkpoints,
-megatron_mixln.parallel.universal): 2 ranks ZeRO-2 -> 1 rank ZeRO-1, 1 rank ZeRO-1 -> 2 ranks ZeRO-2,
+megatron_mixln.checkpoint.universal): 2 ranks ZeRO-2 -> 1 rank ZeRO-1, 1 rank ZeRO-1 -> 2 ranks ZeRO-2,
 2 ranks ZeRO-3 -> 1 rank ZeRO-3, and TP=2 -> TP=1; each resumed loss curve equals the uninterrupted 1-rank run's within fp32
 tolerance (ZeRO-3: with each param group's own weight decay and Adam step). The 2-rank ZeRO-2 run is
 stopped by --exit-duration-in-mins, which only rank 1's clock says has passed: both ranks stop, and
@@ -11,8 +11,8 @@ import pytest
 
 from training_testlib import run_and_destroy, run_spawned, tiny_datasets, tiny_model, tiny_train
 
-from megatron_mixln.parallel.universal import convert_to_universal
-from megatron_mixln.training import checkpoint as ckpt
+from megatron_mixln.checkpoint.universal import convert_to_universal
+from megatron_mixln import checkpoint as ckpt
 from megatron_mixln.training.config import UsageError
 
 RUN = dict(train_iters=6, eval_iters=0, lr_warmup_iters=1)
@@ -63,7 +63,7 @@ def runs(single_rank, tmp_path_factory):
     ref = run_and_destroy(tiny_model(), tiny_train(zero_stage=1, save=ref_ckpt, save_interval=STOP, keep_last=0, **RUN),
                           tiny_datasets())
     two = run_spawned(_two_rank_job, 2, ref_ckpt)
-    from megatron_mixln.parallel.checkpoint_convert import convert
+    from megatron_mixln.checkpoint.convert import convert
 
     convert(ref_ckpt, ref_ckpt + "_from_weights", to="deepspeed", tag=ckpt.tag_for(STOP))  # optimizer states dropped
     resumed = {name: run_and_destroy(tiny_model(), tiny_train(zero_stage=1, load=ref_ckpt + "_from_" + name, **RUN),
@@ -125,7 +125,7 @@ def test_two_ranks_zero3_resume_on_one_rank_zero3(runs):
 @pytest.mark.slow
 def test_zero3_resume_keeps_each_param_groups_decay_and_step(runs):
     """DeepSpeed's ZeRO-3 universal loader gives every param group the first group's hyper-parameters and
-    one shared Adam step tensor (megatron_mixln.parallel.universal.repair_zero3_universal_load): the norm
+    one shared Adam step tensor (megatron_mixln.checkpoint.universal.repair_zero3_universal_load): the norm
     gains' group must keep no weight decay, and 3 saved + 3 resumed updates are step 6 in each group."""
     assert runs["zero3_groups"] == {"weight_decay": [tiny_train().weight_decay, 0.0], "step": [6.0, 6.0]}
 

@@ -7,7 +7,7 @@ import torch
 
 from training_testlib import run_spawned, tiny_datasets, tiny_model, tiny_train
 
-from megatron_mixln.training import checkpoint as ckpt
+from megatron_mixln import checkpoint as ckpt
 from megatron_mixln.training import trainer
 from megatron_mixln.training.loss import token_losses
 from megatron_mixln.training.stability import SpikeDetector, innermost_optimizer

@@ -13,7 +13,8 @@ import torch
 
 from training_testlib import run_and_destroy, tiny_datasets, tiny_model, tiny_train
 
-from megatron_mixln.training import checkpoint as ckpt
+from megatron_mixln import checkpoint as ckpt
+from megatron_mixln.checkpoint import save as ckpt_save
 from megatron_mixln.training.config import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +55,7 @@ def test_rng_states_round_trip(single_rank, tmp_path):
 
 def test_crash_before_pointer_move_keeps_previous_checkpoint(single_rank, tmp_path, monkeypatch):
     save = str(tmp_path / "ckpt")
-    real_write_latest = ckpt._write_latest
+    real_write_latest = ckpt.write_latest
     calls = []
 
     def dies_on_second_save(save_dir, tag):
@@ -63,10 +64,10 @@ def test_crash_before_pointer_move_keeps_previous_checkpoint(single_rank, tmp_pa
             raise KeyboardInterrupt("simulated kill between save and pointer move")
         real_write_latest(save_dir, tag)
 
-    monkeypatch.setattr(ckpt, "_write_latest", dies_on_second_save)
+    monkeypatch.setattr(ckpt_save, "write_latest", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         run_and_destroy(tiny_model(), tiny_train(save=save, save_interval=2, keep_last=0, **RUN), tiny_datasets())
-    monkeypatch.setattr(ckpt, "_write_latest", real_write_latest)
+    monkeypatch.setattr(ckpt_save, "write_latest", real_write_latest)
     assert calls == ["iter_0000002", "iter_0000004"]
     assert os.path.isdir(os.path.join(save, "iter_0000004"))  # the torn one exists...
     assert ckpt.read_latest(save) == "iter_0000002"  # ...but is not pointed at

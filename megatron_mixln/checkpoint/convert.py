@@ -30,14 +30,14 @@ import re
 
 import torch
 
-from megatron_mixln.data.file_manifest import MANIFEST, describe, list_files, write_manifest
-from megatron_mixln.data.fileio import atomic_open, atomic_write_json, atomic_write_with
+from megatron_mixln.checkpoint.io import load_to_cpu
+from megatron_mixln.checkpoint.layout import (CONVERTED, MANIFEST, PLAIN_CONFIG, PLAIN_TRAINER_STATE, PLAIN_WEIGHTS,
+                                              UNIVERSAL, is_plain_dir, resolve_tag, write_latest)
+from megatron_mixln.fileio import atomic_open, atomic_write_json, atomic_write_text, atomic_write_with
+from megatron_mixln.manifest import describe, list_files, write_manifest
 from megatron_mixln.parallel.sharding import merge_tp, split_tp
 from megatron_mixln.parallel.state_dicts import pipeline_layer_prefix
-from megatron_mixln.training.checkpoint_io import safe_load
 
-PLAIN_WEIGHTS, PLAIN_CONFIG, PLAIN_TRAINER_STATE = "model.safetensors", "config.json", "trainer_state.pt"
-CONVERTED = "converted.json"  # marks a converted DeepSpeed checkpoint: load it with load_optimizer_states=False
 SIDECARS = "sidecar_files"  # metadata key: {file name: text} of JSON files found next to DeepSpeed's
 _LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
@@ -46,38 +46,6 @@ _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 _LAYOUT_KEYS = ("module", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
                 "frozen_param_fragments", "buffer_names", "mp_world_size", "dp_world_size",
                 "checkpoint_parallel_dimensions")
-
-
-def _load(path):
-    try:
-        return safe_load(path, map_location="cpu")
-    except Exception as exc:  # e.g. a client_state holding arbitrary Python objects
-        raise RuntimeError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({exc}). Keep client_state to "
-            "tensors, numbers, strings, lists and dicts."
-        ) from exc
-
-
-def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
-    """The DeepSpeed tag to read: `tag`, else the one `ckpt_dir/latest` names.
-    Raises FileNotFoundError naming what is missing (the directory itself, or `latest`)."""
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(
-            f"{ckpt_dir}: no such directory (expected a DeepSpeed checkpoint directory written by --save, "
-            f"or a plain one holding {PLAIN_WEIGHTS})")
-    if tag is not None:
-        return tag
-    latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(latest):
-        raise FileNotFoundError(
-            f"{ckpt_dir}: neither a plain checkpoint (no {PLAIN_WEIGHTS}) nor a DeepSpeed one with a 'latest' "
-            f"file; if it holds DeepSpeed tag directories, name one with --tag")
-    with open(latest) as f:
-        return f.read().strip()
-
-
-def is_plain_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, PLAIN_WEIGHTS))
 
 
 # ---------------------------------------------------------------- reading DeepSpeed layouts
@@ -96,7 +64,7 @@ def _read_sidecars(path: str) -> dict:
     """Small JSON files next to DeepSpeed's (e.g. the trainer's mixln_meta.json), carried over verbatim."""
     out = {}
     for name in sorted(os.listdir(path)):
-        if name.endswith(".json") and name not in (CONVERTED, MANIFEST, "universal.json") and os.path.getsize(os.path.join(path, name)) < 1 << 20:
+        if name.endswith(".json") and name not in (CONVERTED, MANIFEST, UNIVERSAL) and os.path.getsize(os.path.join(path, name)) < 1 << 20:
             with open(os.path.join(path, name)) as f:
                 out[name] = f.read()
     return out
@@ -109,7 +77,7 @@ def read_deepspeed_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[di
     mp_files = sorted(f for f in os.listdir(path) if _MP_FILE.match(f)) if os.path.isdir(path) else []
     if not mp_files:
         raise FileNotFoundError(f"{path}: no DeepSpeed mp_rank_*_model_states.pt files")
-    meta_file = _load(os.path.join(path, mp_files[0]))
+    meta_file = load_to_cpu(os.path.join(path, mp_files[0]))
     meta = _metadata(meta_file)
     meta[SIDECARS] = _read_sidecars(path)
     layer_files = [f for f in os.listdir(path) if _LAYER_FILE.match(f)]
@@ -125,11 +93,11 @@ def read_deepspeed_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[di
             raise ValueError(f"{path}: incomplete set of pipeline layer files")
         plain = {}
         for idx in range(num_layers + 2):
-            merged = merge_tp([_load(os.path.join(path, by_layer[idx][r])) for r in range(tp)])
+            merged = merge_tp([load_to_cpu(os.path.join(path, by_layer[idx][r])) for r in range(tp)])
             prefix = pipeline_layer_prefix(idx, num_layers)
             plain.update({prefix + k: v for k, v in merged.items()})
         return plain, meta, {"engine": "pipeline", "tp": tp, "pp": len(mp_files) // tp}
-    modules = [meta_file["module"]] + [_load(os.path.join(path, f))["module"] for f in mp_files[1:]]
+    modules = [meta_file["module"]] + [load_to_cpu(os.path.join(path, f))["module"] for f in mp_files[1:]]
     if any(m is None for m in modules):
         raise ValueError(f"{path}: mp_rank files hold no module and there are no layer files")
     return merge_tp(modules), meta, {"engine": "plain", "tp": len(mp_files), "pp": 1}
@@ -188,14 +156,11 @@ def write_deepspeed_checkpoint(plain: dict, out_dir: str, tag: str, tp: int, pp:
         for mp_rank in range(tp * pp):
             torch.save(dict(common, module=None), os.path.join(path, f"mp_rank_{mp_rank:02d}_model_states.pt"))
     for name, text in sidecars.items():
-        with open(os.path.join(path, name), "w") as f:
-            f.write(text)
-    with open(os.path.join(path, CONVERTED), "w") as f:
-        json.dump({"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "engine": engine,
-                   "optimizer_states": False}, f, indent=1)
+        atomic_write_text(os.path.join(path, name), text)
+    atomic_write_json(os.path.join(path, CONVERTED), {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                                                      "engine": engine, "optimizer_states": False})
     write_manifest(path, describe(path, list_files(path)))  # last: the trainer verifies it on load
-    with open(os.path.join(out_dir, "latest"), "w") as f:
-        f.write(tag)
+    write_latest(out_dir, tag)
 
 
 def _layer_entries(shard: dict, prefix: str, idx: int, num_layers: int) -> dict:
@@ -231,15 +196,6 @@ def save_plain(plain: dict, out_dir: str, config=None, metadata: dict | None = N
             torch.save(metadata, fh)
 
 
-def read_checkpoint(path: str, tag: str | None = None) -> tuple[dict, object]:
-    """A plain dir or a DeepSpeed checkpoint of any TP/PP layout -> (full state dict, ModelConfig or None)."""
-    if is_plain_dir(path):
-        plain, config, _ = load_plain(path)
-        return plain, config
-    plain, metadata, _ = read_deepspeed_checkpoint(path, resolve_tag(path, tag))
-    return plain, config_from_metadata(metadata)
-
-
 def load_plain(in_dir: str) -> tuple[dict, object, dict]:
     """-> (state dict, ModelConfig or None, metadata)."""
     from safetensors.torch import load_file
@@ -255,7 +211,7 @@ def load_plain(in_dir: str) -> tuple[dict, object, dict]:
         if config.tie_embeddings and "lm_head.weight" not in plain:
             plain["lm_head.weight"] = plain["embed.weight"]
     state_path = os.path.join(in_dir, PLAIN_TRAINER_STATE)
-    metadata = _load(state_path) if os.path.isfile(state_path) else {}
+    metadata = load_to_cpu(state_path) if os.path.isfile(state_path) else {}
     return plain, config, metadata
 
 
@@ -269,11 +225,6 @@ def config_from_metadata(metadata: dict):
         if isinstance(cfg, dict):
             return ModelConfig(**cfg)
     return None
-
-
-def is_converted_checkpoint(ckpt_dir: str, tag: str) -> bool:
-    """True for a checkpoint written by this converter (it holds no optimizer states)."""
-    return os.path.isfile(os.path.join(ckpt_dir, tag, CONVERTED))
 
 
 # ---------------------------------------------------------------- one call
@@ -302,24 +253,3 @@ def convert(src: str, dst: str, to: str = "plain", tp: int = 1, pp: int = 1, eng
         raise ValueError(f"to: unknown {to!r}; allowed: plain, deepspeed")
     return {"source": source, "target": {"format": to, "tp": tp, "pp": pp, "engine": engine},
             "tensors": len(plain), "parameters": sum(v.numel() for k, v in plain.items())}
-
-
-# ---------------------------------------------------------------- resuming
-
-
-def load_converted_checkpoint(engine, ckpt_dir: str, tag: str | None = None):
-    """Resume a DeepSpeed engine from a converted checkpoint (no optimizer states in it).
-
-    `engine.load_checkpoint(..., load_optimizer_states=False)` restores weights, step counters, the
-    LR scheduler and client state, but the optimizer's param_groups keep the learning rate they were
-    built with (normally it comes back with the optimizer state). Schedulers only write the LR at
-    their next step(), so the first resumed step would use a stale LR: it is re-applied here.
-    Returns DeepSpeed's (load_path, client_state).
-    """
-    result = engine.load_checkpoint(ckpt_dir, tag, load_optimizer_states=False)
-    sched = engine.lr_scheduler
-    if sched is not None:
-        lrs = sched.get_last_lr() if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) else sched.get_lr()
-        for group, lr in zip(engine.optimizer.param_groups, lrs):
-            group["lr"] = lr
-    return result

@@ -1,6 +1,6 @@
 """File manifests: every file of a directory with its size in bytes and an xxh3-128 checksum.
 
-Used for checkpoints (megatron_mixln.training.checkpoint writes one last, into each tag) and for the
+Used for checkpoints (megatron_mixln.checkpoint.save writes one last, into each tag) and for the
 data fingerprint (the `.idx` hash). xxh3-128 (the `xxhash` package) was chosen over sha256 because
 it is ~20x faster on the CPUs this was measured on (1.1 GB/s vs 0.05 GB/s single-threaded,
 256 MiB in memory; see docs/checkpoints.md#failure-handling), and the aim is detecting torn or flipped bytes,
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_mixln.data.fileio import atomic_write_json
+from megatron_mixln.fileio import atomic_write_json
 
 MANIFEST = "manifest.json"
 ALGORITHM = "xxh3_128"

@@ -20,7 +20,6 @@ and head are plain dim-0 splits here.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,12 @@ from argparse import Namespace
 
 import torch
 
-UNIVERSAL = "universal.json"  # marker in a converted tag: {"source_tag", "source_layout", ...}
+from megatron_mixln.checkpoint.io import load_to_cpu
+from megatron_mixln.checkpoint.layout import META, UNIVERSAL, resolve_tag, write_latest
+from megatron_mixln.checkpoint.meta import CheckpointMeta
+from megatron_mixln.fileio import atomic_write_json
+from megatron_mixln.manifest import check_files, describe, list_files, read_manifest, write_manifest
+
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"
 
 
@@ -54,18 +58,14 @@ def universal_checkpoint_info(module) -> dict:
 
 def _zero_stage_of_files(tag_dir: str) -> int | None:
     """The ZeRO stage a checkpoint was written with (the trainer's sidecar, else DeepSpeed's optimizer file)."""
-    meta_path = os.path.join(tag_dir, "mixln_meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            stage = json.load(fh).get("zero_stage")
+    if os.path.isfile(os.path.join(tag_dir, META)):
+        stage = CheckpointMeta.read(tag_dir).zero_stage
         if stage is not None:
             return int(stage)
     files = sorted(f for f in os.listdir(tag_dir) if f.endswith("optim_states.pt"))
     if not files:
         return None
-    from megatron_mixln.parallel.checkpoint_convert import _load
-
-    stage = (_load(os.path.join(tag_dir, files[0])).get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+    stage = (load_to_cpu(os.path.join(tag_dir, files[0])).get("ds_config") or {}).get("zero_optimization", {}).get("stage")
     return int(stage) if stage is not None else None
 
 
@@ -76,10 +76,6 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
     manifest and dst/latest. The source is first checked against its manifest (sizes, checksums).
     Raises ValueError for what it cannot convert (ZeRO-0, pipeline, a used tag, a damaged source)."""
     from deepspeed.checkpoint import ds_to_universal
-
-    from megatron_mixln.data.file_manifest import check_files, describe, list_files, read_manifest, write_manifest
-    from megatron_mixln.data.fileio import atomic_write_json, atomic_write_text
-    from megatron_mixln.parallel.checkpoint_convert import resolve_tag
 
     tag = resolve_tag(src, tag)
     out_tag = out_tag or tag
@@ -104,14 +100,13 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
     args = Namespace(input_folder=src_dir, output_folder=tmp_dir, num_extract_workers=workers,
                      num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True)
     ds_to_universal.main(args)
-    meta_path = os.path.join(src_dir, "mixln_meta.json")
+    meta_path = os.path.join(src_dir, META)
     layout = {}
     if os.path.isfile(meta_path):
-        shutil.copy2(meta_path, os.path.join(tmp_dir, "mixln_meta.json"))
-        with open(meta_path) as fh:
-            saved = json.load(fh)
-        layout = {k: saved.get(k) for k in ("data_parallel_size", "zero_stage", "tensor_model_parallel_size",
-                                            "pipeline_model_parallel_size", "bf16")}
+        shutil.copy2(meta_path, os.path.join(tmp_dir, META))
+        saved = CheckpointMeta.read(src_dir)
+        layout = {k: getattr(saved, k) for k in ("data_parallel_size", "zero_stage", "tensor_model_parallel_size",
+                                                 "pipeline_model_parallel_size", "bf16")}
     atomic_write_json(os.path.join(tmp_dir, UNIVERSAL), {"source": src, "source_tag": tag, "source_layout": layout,
                                                          "optimizer_states": True})
     write_manifest(tmp_dir, describe(tmp_dir, list_files(tmp_dir)))
@@ -119,7 +114,7 @@ def convert_to_universal(src: str, dst: str, tag: str | None = None, out_tag: st
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp_dir, out_dir)
-    atomic_write_text(os.path.join(dst, "latest"), out_tag)
+    write_latest(dst, out_tag)
     return {"source": {"format": "deepspeed", "tag": tag, **layout},
             "target": {"format": "universal", "tag": out_tag, "dir": dst}}
 
@@ -149,12 +144,10 @@ def repair_zero3_universal_load(optimizer, tag_dir: str, own: list[dict]) -> Non
 
     `optimizer` is the ZeRO-3 optimizer (`engine.optimizer`). Raises FileNotFoundError when
     optimizer_state.pt is missing."""
-    from megatron_mixln.parallel.checkpoint_convert import _load
-
     path = os.path.join(tag_dir, "zero", "optimizer_state.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (a ZeRO-3 universal checkpoint keeps its param groups there)")
-    saved = _load(path).get("param_groups") or []
+    saved = load_to_cpu(path).get("param_groups") or []
     groups = optimizer.param_groups
     source = saved if len(saved) == len(groups) else own
     for group, values in zip(groups, source):

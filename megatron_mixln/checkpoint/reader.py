@@ -1,7 +1,7 @@
 """Read any training checkpoint into one full state dict: plain dirs, DeepSpeed TP/PP layouts, ZeRO 0-3.
 
 ZeRO 0-2 and pipeline checkpoints hold whole (TP-sharded) weights in their model-states files and are read by
-`parallel.checkpoint_convert`. ZeRO-3 partitions every weight over the data-parallel ranks; DeepSpeed's own
+`checkpoint.convert`. ZeRO-3 partitions every weight over the data-parallel ranks; DeepSpeed's own
 `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` reassembles them (fp32), once per tensor-parallel
 rank (it knows nothing of TP, so each TP rank's files are shown to it alone), then TP shards are merged.
 """
@@ -13,11 +13,11 @@ import os
 import re
 import sys
 import tempfile
+from typing import NamedTuple
 
-from megatron_mixln.parallel.checkpoint_convert import (
-    config_from_metadata, is_plain_dir, load_plain, read_deepspeed_checkpoint, resolve_tag,
-)
-from megatron_mixln.training.checkpoint_io import safe_load
+from megatron_mixln.checkpoint.convert import config_from_metadata, load_plain, read_deepspeed_checkpoint
+from megatron_mixln.checkpoint.io import safe_load
+from megatron_mixln.checkpoint.layout import PLAIN_CONFIG, is_plain_dir, resolve_tag
 
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
@@ -60,17 +60,25 @@ def read_zero3_checkpoint(ckpt_dir: str, tag: str) -> tuple[dict, dict]:
     return {k: v.contiguous() for k, v in plain.items()}, meta
 
 
-def read_training_checkpoint(path: str, tag: str | None = None) -> tuple[dict, object, dict, dict]:
-    """A plain dir or a training --save dir (any TP/PP layout, ZeRO 0-3) ->
-    (full state dict, ModelConfig or None, client metadata, {"format", "tag", ...})."""
+class FullCheckpoint(NamedTuple):
+    state_dict: dict  # the Transformer's own keys, full (unsharded) tensors
+    config: object  # the ModelConfig the trainer recorded (None when it recorded none)
+    metadata: dict  # DeepSpeed's client metadata (counters, the trainer's client state), or a plain dir's
+    source: dict  # {"format": "plain"} or {"format": "deepspeed", "tag", "tp", "pp"|"zero_stage", ...}
+
+
+def read_full_state_dict(path: str, tag: str | None = None) -> FullCheckpoint:
+    """A plain dir or a training --save dir (any TP/PP layout, ZeRO 0-3) -> one full state dict with its
+    config. `tag`: default the one `latest` names. Raises FileNotFoundError naming the missing directory
+    or `latest`, ValueError naming the file whose config or layout is bad."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
     if is_plain_dir(path):
         try:
             plain, config, meta = load_plain(path)
         except (TypeError, ValueError) as e:  # ModelConfig(**config.json): an unknown field or value
-            raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
-        return plain, config, meta, {"format": "plain"}
+            raise ValueError(f"{os.path.join(path, PLAIN_CONFIG)}: {e}") from None
+        return FullCheckpoint(plain, config, meta, {"format": "plain"})
     tag = resolve_tag(path, tag)
     tag_dir = os.path.join(path, tag)
     if not os.path.isdir(tag_dir):
@@ -85,4 +93,4 @@ def read_training_checkpoint(path: str, tag: str | None = None) -> tuple[dict, o
         config = config_from_metadata(meta)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{tag_dir}: the recorded model_config: {e}") from None
-    return plain, config, meta, source
+    return FullCheckpoint(plain, config, meta, source)
