@@ -1,12 +1,11 @@
 """Pretraining entry point: `python -m megatron_mixln.pretrain --help` (also under deepspeed/torchrun)."""
-import sys
 
 if __name__ == "__main__":  # first thing: a preemption signal during start-up must not kill the process
     from megatron_mixln.training.signals import install_early_handlers
 
     install_early_handlers()
 
-from megatron_mixln.training.main import main  # noqa: E402
+from megatron_mixln.training.main import main, run_and_exit  # noqa: E402,F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

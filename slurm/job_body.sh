@@ -24,14 +24,18 @@
 #   sweeps     NORM_POSITIONS (comma list; with `sbatch --array=0-N`, task i trains position i and
 #              saves to $CKPT/<position>)
 #   checking   DRY_RUN=1: do every check, print the trainer's command line, exit 0 without training
+#   hangs      MAX_HANG_REQUEUES (3): requeues after the trainers' hang watchdog (exit 124), per job
 #
 # Preemption: `#SBATCH --signal=B:USR1@120` sends SIGUSR1 to this script 120 s before the time limit
 # (`scancel --signal=USR1 --batch JOB` does it at once). The trap is installed first thing. The signal
 # is forwarded to the trainers (only them), which finish the step, save and exit 0; the job then
 # requeues itself and resumes from that checkpoint. A signal before the trainers started requeues
 # without starting them; a trainer that dies of one anyway still leads to the requeue, with a line
-# saying so. Trainers that fail otherwise fail the job (srun --kill-on-bad-exit: at once, no hang);
-# resubmitting resumes from the newest checkpoint in CKPT.
+# saying so. A hang (the trainers' watchdog, --hang-timeout, dumps stacks and exits 124) requeues too,
+# resuming from the newest checkpoint, at most MAX_HANG_REQUEUES times per job (counted in
+# $CKPT/.hang_requeues.<job id>; each requeue's line says which of how many). Trainers that fail
+# otherwise fail the job (srun --kill-on-bad-exit: at once, no hang); resubmitting resumes from the
+# newest checkpoint in CKPT.
 set -euo pipefail
 usr1=0 TRAIN_PID=""
 ts() { date -u +%H:%M:%S; }
@@ -192,5 +196,16 @@ if [ "$usr1" = 1 ]; then
     requeue "preempted"
 fi
 if [ "$status" = 0 ]; then requeue "stopped early (--exit-interval?)"; fi
+if [ "$status" = 124 ]; then  # the hang watchdog's exit (megatron_mixln.training.watchdog): a requeue may clear it
+    max_hangs="${MAX_HANG_REQUEUES:-3}" hang_file="$CKPT/.hang_requeues.$SLURM_JOB_ID"
+    hangs="$(cat "$hang_file" 2>/dev/null || echo 0)"
+    if [ "$hangs" -lt "$max_hangs" ]; then
+        echo "$((hangs + 1))" > "$hang_file"
+        requeue "the trainers hung (exit 124, stacks above): hang requeue $((hangs + 1)) of MAX_HANG_REQUEUES=$max_hangs"
+    fi
+    echo "error: the trainers hung (exit 124, stacks above) after $hangs hang requeues (MAX_HANG_REQUEUES=$max_hangs);" \
+         "not requeueing again: find the stuck call in the stacks, then resubmit to resume from $CKPT ($(latest))" >&2
+    exit 124
+fi
 echo "error: the trainers failed (status $status); resubmit to resume from $CKPT ($(latest))" >&2
 exit "$status"

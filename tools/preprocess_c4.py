@@ -41,11 +41,25 @@ def parse_args(argv=None) -> PreprocessOptions:
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
                      help="sentencepiece .model, tokenizer.json (or its directory), or null:N")
+    tok.add_argument("--tokenizer-backend", choices=["auto", "sentencepiece", "hf", "gigatoken"],
+                     default="auto",
+                     help="library that encodes (ids never change): sentencepiece for a .model, hf "
+                     "(tokenizers) for a tokenizer.json, gigatoken where it is shown exact for the "
+                     "tokenizer's kind; auto: gigatoken where exact and installed, else the "
+                     "tokenizer's own library (default)")
+    tok.add_argument("--verify-fraction", type=float, default=0.005,
+                     help="fraction of documents a fast backend encodes that are re-encoded by the "
+                     "tokenizer's own library; a difference stops the run (default 0.005)")
     tok.add_argument("--append-eod", action="store_true",
                      help="append the end-of-document token to every document")
     out = p.add_argument_group("output")
     out.add_argument("--output-prefix", required=True,
                      help="writes <prefix>_<key>_document.bin/.idx/.summary.json")
+    out.add_argument("--shard-index", type=int, default=0,
+                     help="this job's part (0-based) of the sorted input files; see --num-shards")
+    out.add_argument("--num-shards", type=int, default=1,
+                     help="split the input files into this many contiguous parts, one per job; "
+                     "tools/merge_datasets.py joins the outputs in index order into what one job writes")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     out.add_argument("--chunk-mb", type=float, default=256.0,
                      help="split plain (uncompressed UTF-8) files larger than this into parallel "
@@ -59,7 +73,8 @@ def parse_args(argv=None) -> PreprocessOptions:
         json_keys=a.json_keys, append_eod=a.append_eod, workers=a.workers, strict=a.strict,
         max_docs=a.max_docs, chunk_mb=a.chunk_mb, hf_dataset=a.hf_dataset,
         hf_config=a.hf_config, hf_split=a.hf_split, keep_shards=a.keep_shards,
-        progress=not a.no_progress)
+        progress=not a.no_progress, tokenizer_backend=a.tokenizer_backend,
+        verify_fraction=a.verify_fraction, shard_index=a.shard_index, num_shards=a.num_shards)
 
 
 def main(argv=None) -> int:

@@ -102,6 +102,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")
+    if saved.get("vocab_size") != current["vocab_size"] and len(diffs) == 1:  # only the padding differs?
+        diffs.append(f"the checkpoint's padded vocabulary travels with it: give --vocab-size {saved['vocab_size']} "
+                     "(or drop --vocab-size when --tokenizer is given)")
     if diffs:
         raise UsageError(f"--load {load_dir} ({candidate}) holds a different model: " + "; ".join(diffs))
     for marker, key in ((CONVERTED, "converted"), (UNIVERSAL, "universal")):
@@ -128,9 +131,11 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
     # DeepSpeed's ZeRO-3 universal loader assumes one param group (checkpoint.universal.repair_zero3_universal_load)
     zero3_universal = engine.zero_optimization_stage() == 3 and os.path.isfile(os.path.join(load_dir, tag, UNIVERSAL))
     own_groups = group_hyperparameters(engine.optimizer) if zero3_universal else None
-    path, client_state = engine.load_checkpoint(
-        load_dir, tag=tag, load_optimizer_states=not converted, load_lr_scheduler_states=False
-    )
+    if converted:
+        path, client_state = load_weights_only(engine, load_dir, tag)
+    else:
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
     if path is None or not client_state or CLIENT_KEY not in client_state:
         raise UsageError(f"--load {load_dir}: DeepSpeed could not load checkpoint {tag!r}")
     if zero3_universal:
@@ -143,3 +148,50 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
     else:  # another world size: nothing to match rank to rank; reseed reproducibly instead
         seed_everything(state["training_config"]["seed"] + state["train_state"]["iteration"] + rank)
     return TrainState(**state["train_state"])
+
+
+def load_weights_only(engine, load_dir: str, tag: str) -> tuple[str, dict]:
+    """A checkpoint with weights and client state but no optimizer states (tools/convert_checkpoint.py
+    --to deepspeed, tools/convert_from_hf.py), loaded the same way at every precision and ZeRO stage:
+    this TP rank's module weights are copied into the module (under ZeRO-3 into the gathered, then
+    re-partitioned parameters), then DeepSpeed's fp32 master weights / partitions are refreshed from
+    them (`refresh_fp32_params`; in a bf16 run the masters are the loaded weights rounded to bf16).
+
+    DeepSpeed's own load leaves the bf16 optimizer's fp32 masters (ZeRO-0) at the initialisation, which
+    the first step copies back over the loaded weights, and under ZeRO-3 looks for per-partition files a
+    weights-only checkpoint does not have (a bare AssertionError in its state_dict_factory). Pipeline
+    engines (per-layer files) load through DeepSpeed, then refresh the same way. Returns (checkpoint
+    path, client state). Raises UsageError when the file is missing or its weights do not fit the model."""
+    import contextlib
+
+    import deepspeed
+    import torch
+
+    from megatron_mixln.checkpoint.io import safe_load
+
+    tag_dir = os.path.join(load_dir, tag)
+    if any(name.startswith("layer_") for name in os.listdir(tag_dir)):  # the pipeline engine's layout
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=False,
+                                                    load_lr_scheduler_states=False)
+    else:
+        mpu = getattr(engine, "mpu", None)
+        tp_rank = mpu.get_model_parallel_rank() if mpu is not None else 0
+        path = os.path.join(tag_dir, f"mp_rank_{tp_rank:02d}_model_states.pt")
+        if not os.path.isfile(path):
+            raise UsageError(f"--load {load_dir} ({tag}): {os.path.basename(path)} missing (tensor-parallel rank "
+                             f"{tp_rank}'s weights)")
+        checkpoint = safe_load(path, map_location="cpu")
+        params = list(engine.module.parameters())
+        gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+                    if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+        with gathered, torch.no_grad():
+            try:
+                engine.module.load_state_dict(checkpoint["module"], strict=True)
+            except RuntimeError as exc:
+                raise UsageError(f"--load {load_dir} ({tag}): its weights do not fit this model: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        client_state = {k: v for k, v in checkpoint.items() if k != "module"}
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:  # BF16_Optimizer (ZeRO-0), ZeRO-1/2 and ZeRO-3: masters <- the loaded weights
+        refresh()
+    return path, client_state

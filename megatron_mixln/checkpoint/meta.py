@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from megatron_mixln.checkpoint.layout import META
 from megatron_mixln.fileio import atomic_write_text
@@ -27,6 +27,7 @@ class TrainState:
     consumed_tokens: int = 0  # target tokens trained on (padding excluded), over all data-parallel ranks
     rollbacks: int = 0  # --rollback-on-spike reloads so far
     lr_scale: float = 1.0  # product of --rollback-lr-factor over the rollbacks
+    monitors: dict = field(default_factory=dict)  # the loss monitors' state (spike detector, rollback streak)
 
 
 @dataclass

@@ -28,9 +28,10 @@ from .errors import DataError
 from .index_cache import cached_arrays
 from .indexed_dataset import IndexedDataset
 
-_CHUNK = 1 << 24  # document positions per vectorized step of the sample-index build
+_CHUNK = 1 << 20  # document positions per vectorized step of the sample-index build
 _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 MANY_EPOCHS = 100  # more epochs than this of one split: almost surely a mistaken sample count
+_DOC_AND_LENGTH = np.dtype([("document", np.int32), ("length", np.int32)])
 
 
 def num_epochs_for(num_samples: int | None, tokens_per_epoch: int, seq_length: int) -> int:
@@ -43,35 +44,63 @@ def num_epochs_for(num_samples: int | None, tokens_per_epoch: int, seq_length: i
 
 def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState,
                          separate_final_epoch: bool) -> np.ndarray:
+    """int32 ``[num_epochs * len(documents)]``: ``documents`` tiled per epoch and shuffled, as
+    megatron-core's ``gpt_dataset._build_document_index`` (same draws from ``rng``)."""
+    index = np.tile(np.asarray(documents, np.int32), num_epochs)
+    _shuffle_epochs(index, len(documents), num_epochs, rng, separate_final_epoch)
+    return index
+
+
+def _shuffle_epochs(index: np.ndarray, per_epoch: int, num_epochs: int,
+                    rng: np.random.RandomState, separate_final_epoch: bool) -> None:
+    """Shuffle ``index`` in place as megatron-core shuffles its document index: all epochs as one,
+    or the first ``num_epochs - 1`` and then the last. ``RandomState.shuffle`` draws the same swaps
+    whatever the item size, so a record array of (document, length) is permuted exactly as the
+    int32 document index alone would be."""
     if not separate_final_epoch or num_epochs == 1:
-        index = np.tile(np.asarray(documents, np.int32), num_epochs)
         rng.shuffle(index)
-        return index
-    first = build_document_index(documents, num_epochs - 1, rng, False)
-    last = build_document_index(documents, 1, rng, False)
-    return np.concatenate((first, last))
+        return
+    rng.shuffle(index[:(num_epochs - 1) * per_epoch])
+    rng.shuffle(index[(num_epochs - 1) * per_epoch:])
 
 
-def build_sample_index(sequence_lengths: np.ndarray, document_index: np.ndarray,
-                       seq_length: int, num_samples: int) -> np.ndarray:
+def sample_index_dtype(document_positions: int, sequence_lengths: np.ndarray) -> np.dtype:
+    """megatron-core's choice (``datasets/helpers.py:build_sample_idx``): int32 when both the
+    document-index length and the longest sequence of the whole dataset fit in int32, else int64."""
+    largest = max(document_positions, int(sequence_lengths.max()))
+    return np.dtype(np.int32 if largest <= np.iinfo(np.int32).max else np.int64)
+
+
+def build_sample_index(lengths_in_order: np.ndarray, seq_length: int, num_samples: int,
+                       dtype: np.dtype = np.dtype(np.int64)) -> np.ndarray:
     """``(num_samples + 1, 2)`` array of (document position, offset) where sample k starts.
 
-    Sample k starts at token ``k * seq_length`` of the concatenation of the documents in
-    ``document_index`` order; found by binary search over the documents' cumulative ends, in
-    chunks so memory does not grow with the number of epochs.
+    ``lengths_in_order[p]`` is the length of the document at position p of the document index.
+    Sample k starts at token ``k * seq_length`` of the documents' concatenation (consecutive
+    samples of ``seq_length + 1`` tokens share one), as megatron-core's C++
+    ``helpers.cpp:build_sample_idx`` walks it. Here the last sample starting in each document,
+    ``(end - 1) // seq_length``, gives each document's count of sample starts, which is repeated
+    out, in chunks of documents: linear in documents + samples, streaming memory access only.
     """
-    out = np.empty((num_samples + 1, 2), np.int64)
+    out = np.empty((num_samples + 1, 2), dtype)
     k, first_token = 0, 0
-    for c0 in range(0, len(document_index), _CHUNK):
-        lengths = sequence_lengths[document_index[c0:c0 + _CHUNK]].astype(np.int64)
-        ends = first_token + np.cumsum(lengths)
-        # Samples starting inside this chunk: positions k * seq_length < ends[-1].
-        k_end = min(num_samples + 1, -(-int(ends[-1]) // seq_length))
-        positions = np.arange(k, k_end, dtype=np.int64) * seq_length
-        doc = np.searchsorted(ends, positions, side="right")  # first document ending after it
-        out[k:k_end, 0] = c0 + doc
-        out[k:k_end, 1] = positions - (ends[doc] - lengths[doc])
-        k, first_token = k_end, int(ends[-1])
+    for c0 in range(0, len(lengths_in_order), _CHUNK):
+        lengths = lengths_in_order[c0:c0 + _CHUNK].astype(np.int64)
+        ends = np.cumsum(lengths)
+        ends += first_token
+        last_k = (ends - 1) // seq_length  # the last sample starting at or before each end
+        counts = np.diff(last_k, prepend=k - 1)
+        n = min(int(last_k[-1]) + 1, num_samples + 1) - k
+        if n > 0:
+            block = out[k:k + n]
+            block[:, 0] = np.repeat(np.arange(c0, c0 + len(lengths), dtype=dtype), counts)[:n]
+            starts = ends - lengths  # of each document, relative to sample k's start
+            starts -= k * seq_length
+            offsets = np.repeat(starts, counts)[:n]
+            np.subtract(np.arange(0, n * seq_length, seq_length, dtype=np.int64), offsets, out=offsets)
+            block[:, 1] = offsets
+            k += n
+        first_token = int(ends[-1])
         if k > num_samples:
             break
     assert k == num_samples + 1, (k, num_samples)
@@ -80,20 +109,28 @@ def build_sample_index(sequence_lengths: np.ndarray, document_index: np.ndarray,
 
 def build_shuffle_index(num_samples: int, total_size: int,
                         rng: np.random.RandomState) -> np.ndarray:
+    """Permutation of ``[0, total_size)``: ``[0, num_samples)`` and the rest shuffled separately,
+    uint32 unless ``total_size`` needs int64 (megatron-core's ``_build_shuffle_index``)."""
     dtype = np.uint32 if total_size < np.iinfo(np.uint32).max - 1 else np.int64
-    first = np.arange(num_samples, dtype=dtype)
-    rng.shuffle(first)
-    if num_samples == total_size:
-        return first
-    last = np.arange(num_samples, total_size, dtype=dtype)
-    rng.shuffle(last)
-    return np.concatenate((first, last))
+    index = np.arange(total_size, dtype=dtype)
+    rng.shuffle(index[:num_samples])
+    if num_samples < total_size:
+        rng.shuffle(index[num_samples:])
+    return index
 
 
-def build_gpt_indices(sequence_lengths: np.ndarray, documents: np.ndarray, seq_length: int,
+def build_gpt_indices(sequence_lengths: np.ndarray, document_range: tuple[int, int], seq_length: int,
                       seed: int, num_samples: int | None) -> dict[str, np.ndarray]:
-    """The three index arrays, exactly as megatron-core's ``GPTDataset`` builds them."""
-    tokens_per_epoch = int(sequence_lengths[documents].sum(dtype=np.int64))
+    """The three index arrays of documents ``[begin, end)``, equal (values and dtypes) to those of
+    megatron-core's ``GPTDataset`` with ``random_seed=seed``.
+
+    Peak memory is the three outputs plus one 8-byte record per document position: documents and
+    their lengths are shuffled together, so the sample index reads lengths in order instead of
+    gathering them at random from ``sequence_lengths``.
+    """
+    begin, end = document_range
+    per_epoch_docs = end - begin
+    tokens_per_epoch = int(np.sum(sequence_lengths[begin:end], dtype=np.int64))
     num_epochs = num_epochs_for(num_samples, tokens_per_epoch, seq_length)
     per_epoch = (tokens_per_epoch - 1) // seq_length
     separate_final_epoch = False
@@ -102,9 +139,19 @@ def build_gpt_indices(sequence_lengths: np.ndarray, documents: np.ndarray, seq_l
         from_final = num_samples - sans_final
         separate_final_epoch = from_final < int(_SEPARATE_FINAL_EPOCH_THRESHOLD * per_epoch)
     rng = np.random.RandomState(seed)
-    document_index = build_document_index(documents, num_epochs, rng, separate_final_epoch)
+    records = np.empty(num_epochs * per_epoch_docs, _DOC_AND_LENGTH)
+    for c0 in range(0, per_epoch_docs, _CHUNK):  # epoch 0 in chunks (no full-size temporaries)
+        c1 = min(c0 + _CHUNK, per_epoch_docs)
+        records["document"][c0:c1] = np.arange(begin + c0, begin + c1, dtype=np.int32)
+        records["length"][c0:c1] = sequence_lengths[begin + c0:begin + c1]
+    for e in range(1, num_epochs):
+        records[e * per_epoch_docs:(e + 1) * per_epoch_docs] = records[:per_epoch_docs]
+    _shuffle_epochs(records, per_epoch_docs, num_epochs, rng, separate_final_epoch)
     total = (num_epochs * tokens_per_epoch - 1) // seq_length
-    sample_index = build_sample_index(sequence_lengths, document_index, seq_length, total)
+    dtype = sample_index_dtype(len(records), sequence_lengths)
+    sample_index = build_sample_index(records["length"], seq_length, total, dtype)
+    document_index = np.ascontiguousarray(records["document"])
+    del records
     first = sans_final if separate_final_epoch else total
     shuffle_index = build_shuffle_index(first, total, rng)
     return {"document_index": document_index, "sample_index": sample_index,
@@ -143,7 +190,6 @@ class GPTDataset(torch.utils.data.Dataset):
                             f"or outside its {len(indexed)} documents")
         self.indexed = indexed
         self.seq_length, self.seed, self.split_name = seq_length, seed, split_name
-        documents = np.arange(begin, end, dtype=np.int32)
         tokens = int(indexed.sequence_lengths[begin:end].sum(dtype=np.int64))
         if tokens <= seq_length:
             raise DataError(f"{indexed.path_prefix}: the {split_name} split (documents "
@@ -152,7 +198,7 @@ class GPTDataset(torch.utils.data.Dataset):
         _warn_if_many_epochs(indexed.path_prefix, split_name, num_samples, tokens, end - begin, seq_length)
         idx = indexed.path_prefix + ".idx"
         description = {
-            "class": "GPTDataset", "version": 1, "prefix": os.path.abspath(indexed.path_prefix),
+            "class": "GPTDataset", "version": 2, "prefix": os.path.abspath(indexed.path_prefix),
             "idx_bytes": os.path.getsize(idx), "sequences": len(indexed), "tokens": tokens,
             # The indices depend on these lengths alone: a re-made dataset with the same counts
             # and sizes (e.g. the same documents in another order) must not reuse a stale cache.
@@ -163,7 +209,7 @@ class GPTDataset(torch.utils.data.Dataset):
         arrays = cached_arrays(
             cache_dir, f"GPTDataset-{split_name}", description,
             ["document_index", "sample_index", "shuffle_index"],
-            lambda: build_gpt_indices(indexed.sequence_lengths, documents, seq_length, seed,
+            lambda: build_gpt_indices(indexed.sequence_lengths, (begin, end), seq_length, seed,
                                       num_samples))
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]

@@ -94,7 +94,7 @@ def open_stream(path: str, raw, buffer_bytes: int = 1 << 20) -> io.BufferedIOBas
     if compression == ".gz":  # GzipFile reads every member of a multi-member file
         stream = gzip.GzipFile(fileobj=raw, mode="rb")
     elif compression == ".zst":
-        stream = _ZstdFrames(raw)
+        stream = _ZstdFrames(raw, path)
     elif compression == ".xz":  # every stream of a multi-stream file
         stream = lzma.LZMAFile(raw)
     elif compression == ".bz2":
@@ -108,15 +108,23 @@ class _ZstdFrames(io.RawIOBase):
     """zstd frames one after another (pzstd and zstd -T write several), as one byte stream.
 
     zstandard's own ``stream_reader`` ends silently at a cut frame; this one raises ZstdError so a
-    truncated download is never taken for a complete file.
+    truncated download is never taken for a complete file. Each frame is decoded with the window its
+    header declares (``zstd --long=31`` writes 2 GiB windows; the library's default limit is 128 MiB)
+    up to zstd's own maximum, 2**WINDOWLOG_MAX bytes; a frame declaring more is refused with a
+    DataError naming the file, the frame's byte offset and its window.
     """
 
-    def __init__(self, raw) -> None:
+    def __init__(self, raw, path: str = "<zstd stream>") -> None:
         import zstandard
 
-        self._zstd, self._raw = zstandard, raw
-        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._zstd, self._raw, self._path = zstandard, raw, path
+        self._max_window = 1 << zstandard.WINDOWLOG_MAX
+        self._frame = self._new_frame()
         self._pending, self._in_frame = b"", False
+        self._frame_start, self._frame_head, self._offset = 0, b"", 0
+
+    def _new_frame(self):
+        return self._zstd.ZstdDecompressor(max_window_size=self._max_window).decompressobj()
 
     def readable(self) -> bool:
         return True
@@ -129,17 +137,47 @@ class _ZstdFrames(io.RawIOBase):
                     raise self._zstd.ZstdError("the last frame is cut short (truncated file)")
                 return 0
             while chunk:
+                if not self._in_frame:
+                    self._frame_start, self._frame_head = self._offset, b""
                 self._in_frame = True
-                self._pending += self._frame.decompress(chunk)
+                self._frame_head = (self._frame_head + chunk[:18])[:18]  # the longest frame header
+                self._offset += len(chunk)
+                try:
+                    self._pending += self._frame.decompress(chunk)
+                except self._zstd.ZstdError:
+                    self._refuse_window()
+                    raise
                 chunk = b""
                 if self._frame.eof:  # frame done: the rest of the chunk starts the next one
                     chunk = self._frame.unused_data
-                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                    self._offset -= len(chunk)
+                    self._frame = self._new_frame()
                     self._in_frame = False
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+    def _refuse_window(self) -> None:
+        """Raise DataError when the failing frame declares a window larger than zstd decodes."""
+        window = zstd_window_size(self._frame_head)
+        if window is not None and window > self._max_window:
+            log = window.bit_length() - 1
+            raise DataError(
+                f"{self._path}: the zstd frame at byte {self._frame_start} declares a {window / 2**30:g} GiB window "
+                f"(zstd --long={log}); zstd decodes windows up to {self._max_window / 2**30:g} GiB "
+                f"(--long={self._zstd.WINDOWLOG_MAX}): recompress it with zstd --long={self._zstd.WINDOWLOG_MAX} or less")
+
+
+def zstd_window_size(header: bytes) -> int | None:
+    """The window a zstd frame declares, in bytes, from its first bytes (RFC 8878 section 3.1.1.1.2:
+    Window_Descriptor, windowLog = 10 + Exponent, plus Mantissa eighths), or None when ``header`` is
+    no zstd frame or declares no window (a single-segment frame: the window is its content)."""
+    if len(header) < 6 or header[:4] != b"\x28\xb5\x2f\xfd" or header[4] & 0x20:
+        return None
+    exponent, mantissa = header[5] >> 3, header[5] & 7
+    base = 1 << (10 + exponent)
+    return base + (base // 8) * mantissa
 
 
 def decompression_errors() -> tuple[type[BaseException], ...]:

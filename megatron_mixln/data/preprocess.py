@@ -20,10 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
+from itertools import chain, islice
 
 from .errors import DataError
 from megatron_mixln.fileio import atomic_write_json
@@ -31,8 +34,11 @@ from .hf_input import plan_hf_tasks
 from .indexed_dataset import IndexedDataset, bin_path, idx_path, optimal_dtype
 from .indexed_writer import merge_indexed_datasets
 from .inputs import Task, check_input, compression_of, expand_inputs, plan_file_tasks
-from .shard_worker import ShardSettings, init_worker, manifest_path, process_task, shard_prefix
+from .multinode import check_partition, partition_files
+from .shard_worker import (ShardSettings, init_worker, manifest_path, process_task, shard_prefix,
+                           task_texts)
 from .tokenizer import build_tokenizer
+from .tokenizer_backends import BACKENDS, select_backend
 from .worker_pool import run_in_workers
 
 FORMAT_VERSION = 2  # bump when the shard contents for the same settings would change
@@ -55,6 +61,11 @@ class PreprocessOptions:
     keep_shards: bool = False
     progress: bool = True
     batch_docs: int = 1024
+    tokenizer_backend: str = "auto"
+    verify_fraction: float = 0.005  # of the fast backend's documents, re-encoded by the reference
+    cross_check_docs: int = 256  # first N and random N documents cross-checked at start
+    shard_index: int = 0  # this job's part of the input files (multinode.partition_files)
+    num_shards: int = 1
 
 
 def output_prefix_for(prefix: str, key: str) -> str:
@@ -84,11 +95,21 @@ def _validate(opts: PreprocessOptions):
         raise DataError(f"--max-docs must be >= 1, got {opts.max_docs}")
     if opts.chunk_mb <= 0:
         raise DataError(f"--chunk-mb must be > 0, got {opts.chunk_mb}")
+    if opts.tokenizer_backend not in BACKENDS:
+        raise DataError(f"--tokenizer-backend {opts.tokenizer_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not 0.0 <= opts.verify_fraction <= 1.0:
+        raise DataError(f"--verify-fraction must be in [0, 1], got {opts.verify_fraction}")
     if not opts.json_keys or any(not re.fullmatch(r"[\w.\-]+", k) for k in opts.json_keys):
         raise DataError(f"--json-keys {opts.json_keys}: need one or more plain key names "
                         f"(they become part of the output file names)")
     if bool(opts.inputs) == bool(opts.hf_dataset):
         raise DataError("give either --input (files/globs) or --hf-dataset, exactly one of them")
+    check_partition(opts.shard_index, opts.num_shards)
+    if opts.num_shards > 1 and opts.hf_dataset:
+        raise DataError("--num-shards: partitions --input files; not available with --hf-dataset")
+    if opts.num_shards > 1 and opts.max_docs is not None:
+        raise DataError("--max-docs: cannot be combined with --num-shards > 1 (each part would keep "
+                        "its own first documents); cut the merged dataset instead")
     _check_output_dir(opts.output_prefix)
     tokenizer = build_tokenizer(opts.tokenizer)
     if opts.append_eod and tokenizer.eod is None:
@@ -101,8 +122,27 @@ def _validate(opts: PreprocessOptions):
     if opts.hf_dataset:
         return tokenizer, plan_hf_tasks(opts.hf_dataset, opts.hf_config, opts.hf_split), []
     files = expand_inputs(opts.inputs)
+    if opts.num_shards != 1 or opts.shard_index != 0:
+        files = partition_files(files, opts.shard_index, opts.num_shards)
     encodings = {path: check_input(path, opts.json_keys) for path in files}
     return tokenizer, plan_file_tasks(files, max(int(opts.chunk_mb * 2**20), 1), encodings), files
+
+
+def _start_sample(tasks: list[Task], key: str, n: int, seed: str) -> list[str]:
+    """The first ``n`` documents of the input and ``n`` drawn at random (reservoir sampling) from
+    the first ``20 n`` documents of up to three randomly chosen tasks."""
+    first = list(islice(chain.from_iterable(task_texts(t, key) for t in tasks), n))
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    seen = 0
+    for task in rng.sample(tasks, min(3, len(tasks))):
+        for text in islice(task_texts(task, key), 20 * n):
+            seen += 1
+            if len(reservoir) < n:
+                reservoir.append(text)
+            elif (j := rng.randrange(seen)) < n:
+                reservoir[j] = text
+    return first + reservoir
 
 
 def _settings_hash(opts: PreprocessOptions, tokenizer, dtype: str) -> str:
@@ -179,12 +219,12 @@ def _run_tasks(todo: list[Task], tasks: list[Task], manifests: dict[int, dict],
         return task.ordinal < _needed_tasks(tasks, manifests, opts.max_docs, opts.json_keys)
 
     if opts.workers == 1:
-        init_worker(opts.tokenizer, lambda r: bar.update(*r))
+        init_worker(settings, lambda r: bar.update(*r))
         for task in todo:
             if still_needed(task):
                 manifests[task.ordinal] = process_task(task, settings)
         return
-    run_in_workers(todo, settings, opts.tokenizer, opts.workers,
+    run_in_workers(todo, settings, opts.workers,
                    on_progress=lambda r: bar.update(*r),
                    on_done=manifests.__setitem__, still_needed=still_needed)
 
@@ -231,12 +271,19 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
     tokenizer, tasks, files = _validate(opts)
     dtype = optimal_dtype(tokenizer.vocab_size).name
     settings_hash = _settings_hash(opts, tokenizer, dtype)
+    _, backend = select_backend(tokenizer, opts.tokenizer_backend,
+                                lambda: _start_sample(tasks, opts.json_keys[0], opts.cross_check_docs,
+                                                      settings_hash), opts.verify_fraction)
+    if backend["fell_back"]:
+        print(f"preprocess: --tokenizer-backend {opts.tokenizer_backend}: using {backend['used']}: "
+              f"{backend['reason']}", file=sys.stderr)
     shard_dir = os.path.abspath(opts.output_prefix) + ".shards"
     os.makedirs(shard_dir, exist_ok=True)
     settings = ShardSettings(tokenizer=opts.tokenizer, json_keys=tuple(opts.json_keys),
                              append_eod=opts.append_eod, strict=opts.strict, dtype=dtype,
                              max_docs=opts.max_docs, shard_dir=shard_dir,
-                             settings_hash=settings_hash, batch_docs=opts.batch_docs)
+                             settings_hash=settings_hash, batch_docs=opts.batch_docs,
+                             tokenizer_backend=backend["used"], verify_fraction=opts.verify_fraction)
 
     manifests = {t.ordinal: m for t in tasks if (m := _load_manifest(settings, t)) is not None}
     reused = sorted(manifests)
@@ -295,6 +342,14 @@ def run_preprocess(opts: PreprocessOptions) -> dict[str, dict]:
             "shards": {"total": len(tasks), "used": used,
                        "reused": len([o for o in reused if o < used]),
                        "processed": len([o for o in manifests if o not in reused])},
+            "tokenizer_backend": dict(
+                backend, verify_fraction=opts.verify_fraction if backend["used"] == "gigatoken" else 0.0,
+                verified_while_running=sum(manifests[t.ordinal].get("verified_documents", 0)
+                                           for t in tasks[:used]),
+                routed_to_reference=sum(manifests[t.ordinal].get("routed_documents", 0)
+                                        for t in tasks[:used])),
+            "partition": ({"shard_index": opts.shard_index, "num_shards": opts.num_shards}
+                          if opts.num_shards > 1 else None),
             "workers": opts.workers,
             "max_docs": opts.max_docs,
             "settings_hash": settings_hash,

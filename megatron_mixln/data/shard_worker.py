@@ -13,8 +13,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -23,7 +22,8 @@ from megatron_mixln.fileio import atomic_write_json
 from .hf_input import HFRecordReader
 from .indexed_writer import IndexedDatasetWriter
 from .inputs import PARQUET_SUFFIX, LineReader, ParquetReader, Task, count_newlines
-from .tokenizer import Tokenizer, build_tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_backends import TokenizerMismatchError, build_encoder
 
 MAX_EXAMPLES = 5  # skipped-line examples kept per reason
 _BATCH_CHARS = 2 << 20  # encode when a key's pending text reaches this many characters
@@ -41,6 +41,8 @@ class ShardSettings:
     shard_dir: str
     settings_hash: str
     batch_docs: int = 1024
+    tokenizer_backend: str = "sentencepiece"  # as select_backend resolved it: never "auto" here
+    verify_fraction: float = 0.0
 
 
 def shard_prefix(shard_dir: str, task_id: str, key: str) -> str:
@@ -52,11 +54,14 @@ def manifest_path(shard_dir: str, task_id: str) -> str:
 
 
 _STATE: dict[str, Any] = {}
+_DECODER = json.JSONDecoder(strict=False)  # one decoder: json.loads(..., strict=False) builds one per call
 
 
-def init_worker(tokenizer_spec: str, progress: Callable[[tuple], None] | None) -> None:
-    """Per-process setup: load the tokenizer once; ``progress`` receives (bytes, docs, tokens)."""
-    _STATE["tokenizer"] = build_tokenizer(tokenizer_spec)
+def init_worker(settings: ShardSettings, progress: Callable[[tuple], None] | None) -> None:
+    """Per-process setup: load the tokenizer (with its backend) once; ``progress`` receives
+    (bytes, docs, tokens)."""
+    _STATE["tokenizer"] = build_encoder(settings.tokenizer, settings.tokenizer_backend,
+                                        settings.verify_fraction)
     _STATE["progress"] = progress
 
 
@@ -104,7 +109,7 @@ def _parse(record, offset: int = 0) -> tuple[dict | None, str, str]:
     if not text.strip():
         return None, "blank_line", ""
     try:
-        obj = json.loads(text, strict=False)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as err:
         return None, "malformed_json", (err.msg + f" (column {err.colno})"
                                         + _control_characters(record, offset))
@@ -150,38 +155,43 @@ class _KeyOutput:
         if len(self.texts) >= self.settings.batch_docs or self.chars >= _BATCH_CHARS:
             self.flush()
 
-    def _encode(self) -> list[list[int] | None]:
+    def _encode(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(ids, lengths, line numbers) of the pending texts that encode; the others are skipped."""
         try:
-            return self.tok.encode_batch(self.texts)
+            return (*self.tok.encode_flat(self.texts), self.linenos)
+        except TokenizerMismatchError as err:
+            raise TokenizerError(f"{self.where(self.linenos[err.index])}: {err}") from None
         except Exception:  # noqa: BLE001 -- find the culprit(s) one by one, below
             pass
-        out: list[list[int] | None] = []
+        parts, lengths, linenos = [], [], []
         for text, lineno in zip(self.texts, self.linenos):
             try:
-                out.append(self.tok.encode_batch([text])[0])
+                flat, length = self.tok.encode_flat([text])
+            except TokenizerMismatchError as err:
+                raise TokenizerError(f"{self.where(lineno)}: {err}") from None
             except Exception as err:  # noqa: BLE001 -- e.g. lone surrogates from "\udc80" escapes
                 self.skip("unencodable_text", lineno, f"{type(err).__name__}: {err}")
-                out.append(None)
-        return out
+                continue
+            parts.append(flat)
+            lengths.append(length)
+            linenos.append(lineno)
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), []
+        return np.concatenate(parts), np.concatenate(lengths), linenos
 
     def flush(self) -> None:
         if not self.texts:
             return
-        encoded = self._encode()
-        ids, linenos = [], []
-        for doc, lineno in zip(encoded, self.linenos):
-            if doc is None:
-                continue
-            if not doc:
-                self.skip("no_tokens", lineno, "the text encodes to zero tokens")
-                continue
-            ids.append(doc)
-            linenos.append(lineno)
+        flat, lengths, linenos = self._encode()
         self.texts, self.linenos, self.chars = [], [], 0
-        if not ids:
+        empty = np.flatnonzero(lengths == 0)
+        for i in empty:
+            self.skip("no_tokens", linenos[i], "the text encodes to zero tokens")
+        if len(empty):
+            keep = lengths > 0
+            lengths, linenos = lengths[keep], [n for n, k in zip(linenos, keep) if k]
+        if not len(lengths):
             return
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        flat = np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum()))
         self._check_ids(flat, lengths, linenos)
         if self.settings.append_eod:
             flat, lengths = _append_eod(flat, lengths, self.tok.eod)
@@ -222,23 +232,36 @@ def _append_eod(flat: np.ndarray, lengths: np.ndarray, eod: int) -> tuple[np.nda
 _MISSING = object()
 
 
+def _open_reader(task: Task, json_keys: tuple[str, ...]):
+    if task.hf is not None:
+        return HFRecordReader(task)
+    if task.path.endswith(PARQUET_SUFFIX):
+        return ParquetReader(task, json_keys)
+    return LineReader(task)
+
+
+def task_texts(task: Task, key: str) -> Iterator[str]:
+    """The texts of ``key`` that ``process_task`` would encode, in order (bad lines dropped)."""
+    for _, record in _open_reader(task, (key,)):
+        obj = _parse(record)[0]
+        value = obj.get(key) if obj is not None else None
+        if isinstance(value, str) and value.strip():
+            yield value
+
+
 def process_task(task: Task, settings: ShardSettings) -> dict:
     """Tokenize ``task`` into its shard files and return (and write) its manifest."""
     started = time.time()
     tok: Tokenizer = _STATE["tokenizer"]
     progress = _STATE.get("progress")
     task_id = task.identity(settings.settings_hash)
-    if task.hf is not None:
-        reader = HFRecordReader(task)
-    elif task.path.endswith(PARQUET_SUFFIX):
-        reader = ParquetReader(task, settings.json_keys)
-    else:
-        reader = LineReader(task)
+    reader = _open_reader(task, settings.json_keys)
     where = _Location(task, reader)
     outputs = {key: _KeyOutput(key, IndexedDatasetWriter(
         shard_prefix(settings.shard_dir, task_id, key), settings.dtype), settings, tok, where)
         for key in settings.json_keys}
     lines, reported = 0, [task.start, 0, 0]
+    checks_before = (getattr(tok, "verified", 0), getattr(tok, "routed", 0))
 
     def report() -> None:
         if progress is not None:
@@ -277,6 +300,8 @@ def process_task(task: Task, settings: ShardSettings) -> dict:
         "lines": lines,
         "utf8_boms": getattr(reader, "boms", 0),
         "elapsed_s": round(time.time() - started, 3),
+        "verified_documents": getattr(tok, "verified", 0) - checks_before[0],
+        "routed_documents": getattr(tok, "routed", 0) - checks_before[1],
         "keys": {key: {"documents": o.docs, "tokens": o.tokens, "skipped": dict(o.skipped),
                        "examples": o.examples} for key, o in outputs.items()},
     }

@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from itertools import chain
 from typing import Sequence
+
+import numpy as np
 
 from .errors import TokenizerError
 
@@ -45,6 +48,13 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         raise NotImplementedError
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of ``texts`` concatenated (int64 ``[sum(lengths)]``) and each one's length
+        (int64 ``[len(texts)]``): what the preprocessor writes, without a list per document."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError

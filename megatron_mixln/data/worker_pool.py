@@ -46,10 +46,10 @@ def _next_task(tasks) -> Task | None:
             pass
 
 
-def _worker_main(tokenizer_spec: str, settings: ShardSettings, tasks, results,
+def _worker_main(settings: ShardSettings, tasks, results,
                  parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    init_worker(tokenizer_spec, lambda r: results.put(("progress", r)))
+    init_worker(settings, lambda r: results.put(("progress", r)))
     while True:
         task = _next_task(tasks)
         if task is None:
@@ -63,7 +63,7 @@ def _worker_main(tokenizer_spec: str, settings: ShardSettings, tasks, results,
             return
 
 
-def run_in_workers(todo: list[Task], settings: ShardSettings, tokenizer_spec: str, workers: int,
+def run_in_workers(todo: list[Task], settings: ShardSettings, workers: int,
                    on_progress: Callable[[tuple], None], on_done: Callable[[int, dict], None],
                    still_needed: Callable[[Task], bool]) -> None:
     """Run ``todo`` on ``workers`` processes; tasks are handed out in order, at most two per
@@ -71,7 +71,7 @@ def run_in_workers(todo: list[Task], settings: ShardSettings, tokenizer_spec: st
     ctx = multiprocessing.get_context()
     tasks, results = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=_worker_main,
-                         args=(tokenizer_spec, settings, tasks, results, os.getpid()),
+                         args=(settings, tasks, results, os.getpid()),
                          daemon=True) for _ in range(workers)]
     for proc in procs:
         proc.start()

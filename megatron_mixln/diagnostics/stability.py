@@ -22,8 +22,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_mixln.model.positions import TWO_STREAM
+
 DIAGNOSTICS = ("activations", "attention", "logits", "updates")
-# Query rows per chunk of the explicit attention logits: at most this many elements per chunk.
+# The explicit attention logits are computed a chunk of query rows at a time, at most this many logits per chunk.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -53,10 +55,12 @@ class Layout:
         return 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
 
 
-def _stream(x) -> torch.Tensor:
-    """A block's input/output as one tensor: a handed-off pair (h, d) stands for h + d."""
+def _stream(x, two_stream: bool = False) -> torch.Tensor:
+    """A block's input/output as one tensor: a handed-off pair (h, d) stands for h + d; the pair of a
+    two-stream layer (SiameseNorm (x, y), ResiDual (x, d)) gives its second, un-normalised stream, the
+    one that grows with depth (the first is renormalised at every sublayer)."""
     if isinstance(x, tuple):
-        return x[0] + x[1]
+        return x[1] if two_stream else x[0] + x[1]
     return x
 
 
@@ -160,8 +164,9 @@ class StabilityProbe:
         row = self.rows[block.layer_number]
         if "rms_in" in row:  # first micro-batch only (and not activation recomputation)
             return
-        x_in = self._full_sequence(_stream(args[0]).detach())
-        y = self._full_sequence(_stream(out).detach())
+        two_stream = block.position in TWO_STREAM
+        x_in = self._full_sequence(_stream(args[0], two_stream).detach())
+        y = self._full_sequence(_stream(out, two_stream).detach())
         row.update(activation_stats(x_in, y))
 
     def _q_hook(self, block):

@@ -95,7 +95,8 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         hf = MixLNLlamaConfig(
             **common, norm_positions=list(config.positions), residual_scales=residual, output_scales=output,
             layer_numbers=list(range(1, config.num_layers + 1)), normalization=config.normalization,
-            final_norm=config.final_norm, real_vocab_size=real_vocab_size, mixln_model_config=config.to_dict(),
+            final_norm=config.final_norm, real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
+            mixln_model_config=config.to_dict(),
             qk_norm=config.qk_norm, qk_norm_per_head_gain=config.qk_norm_per_head_gain,
             hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias)
         hf.architectures = ["MixLNLlamaForCausalLM"]

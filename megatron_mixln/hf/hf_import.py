@@ -29,7 +29,7 @@ def check_norm_layout(keys, config, where: str, position_given: bool) -> None:
     for i, pos in enumerate(config.positions):
         found = layer_norm_family(keys, i)
         found_family = FAMILY_OF_NORMS.get(found)
-        if found_family != family(pos):
+        if found_family != family(pos, config.siamese_variant):
             hint = ("" if position_given else "; pass --norm-position (for the Mix-LN reference code: "
                     "'mix --post-ln-layers POST_NUM' for NORM_TYPE=post_pre, 'post', 'deeppost', 'sandwich')")
             raise ValueError(f"{where}: layer {i} has norms {sorted(found) or 'none'} "

@@ -16,7 +16,7 @@ residual add in a post layer (docs/paper.md#the-naming-trap).
 from __future__ import annotations
 
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
-from megatron_mixln.model.two_stream import FINAL_NORMS
+from megatron_mixln.model.two_stream import FINAL_NORMS, layer_form
 
 PRE_LIKE, POST_LIKE = ("pre", "lns", "hybrid-first"), ("post", "deepnorm", "deeppost", "residual-dual")
 NORM_NAMES = {
@@ -26,35 +26,42 @@ NORM_NAMES = {
              "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
     "siamese": {"attn_x_norm": "attn_x_layernorm", "attn_y_norm": "attn_y_layernorm", "attn_norm": "input_layernorm",
                 "mlp_x_norm": "mlp_x_layernorm", "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "siamese-hybrid_pre": {"attn_y_norm": "attn_y_layernorm", "mlp_x_norm": "mlp_x_layernorm",
+                           "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm"},
     "hybrid": {"mlp_norm": "post_attention_layernorm"},  # HybridNorm's one residual-stream norm, after the attention add
 }
+SCALE_NAMES = {"siamese-hybrid_pre": {"attn_x_scale.weight": "attn_x_scale.weight"}}  # its c1
 NORM_PARAMS = ("weight", "bias", "alpha", "shift")  # RMSNorm/LayerNorm: weight (bias); DyT/Derf add alpha (shift)
 ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
                 "attn_x_layernorm", "attn_y_layernorm", "mlp_x_layernorm", "mlp_y_layernorm")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers (and the reference code) saved
 
 
-def family(position: str) -> str:
-    """The NORM_NAMES row of a position (residual-dual's two norms sit where post's do; reordered (OLMo 2) names
-    its two norms as Olmo2 does, the post row's names)."""
-    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE + ("reordered",) else position
+def family(position: str, siamese_variant: str = "post_pre") -> str:
+    """The NORM_NAMES row of a position (residual-dual's two norms sit where post's do, and reordered's (OLMo 2)
+    as Olmo2 names them; SiameseNorm's hybrid_pre has its own)."""
+    if position in POST_LIKE + ("reordered",):
+        return "post"
+    return "pre" if position in PRE_LIKE else layer_form(position, siamese_variant)
 
 
-def layer_name_map(position: str) -> dict[str, str]:
+def layer_name_map(position: str, siamese_variant: str = "post_pre") -> dict[str, str]:
     """Suffix map of one layer, ours -> HF (without the "layers.i." / "model.layers.i." prefixes)."""
     out = {f"attn.{p}.weight": f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     out.update({f"mlp.{p}.weight": f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")})
     out.update({f"attn.{n}.{p}": f"self_attn.{n}.{p}" for n in ("q_norm", "k_norm", "v_norm") for p in NORM_PARAMS})
-    for ours, hf in NORM_NAMES[family(position)].items():
+    for ours, hf in NORM_NAMES[family(position, siamese_variant)].items():
         out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
+    out.update(SCALE_NAMES.get(family(position, siamese_variant), {}))
     return out
 
 
-def full_name_map(positions, final_norm: bool = True, tied: bool = False) -> dict[str, str]:
+def full_name_map(positions, final_norm: bool = True, tied: bool = False,
+                  siamese_variant: str = "post_pre") -> dict[str, str]:
     """Every possible key ours -> HF for a model with these per-layer positions (biases included)."""
     out = {"embed.weight": "model.embed_tokens.weight"}
     for i, pos in enumerate(positions):
-        out.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in layer_name_map(pos).items()})
+        out.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in layer_name_map(pos, siamese_variant).items()})
     if final_norm:
         for sub in FINAL_NORMS.get(positions[0], ("",)):  # a two-stream model's final norms: model.norm.<sub>
             ours, hf = ("final_norm", "model.norm") if not sub else (f"final_norm.{sub}", f"model.norm.{sub}")
@@ -68,7 +75,7 @@ def to_hf_state_dict(plain: dict, config, fold_lns: bool = False) -> dict:
     """Our full state dict -> HF names (tied head dropped). Tensors are the same objects, except with
     `fold_lns` (export of lns layers to a stock Pre-LN class): an lns layer's norm gains are multiplied by
     its 1/sqrt(l), which is exact (RMSNorm(x)*g*s = RMSNorm(x)*(g*s); the final norm is not scaled)."""
-    names = full_name_map(config.positions, config.final_norm, config.tie_embeddings)
+    names = full_name_map(config.positions, config.final_norm, config.tie_embeddings, config.siamese_variant)
     out = {}
     for key, value in plain.items():
         if key == "lm_head.weight" and config.tie_embeddings:
@@ -88,7 +95,7 @@ def from_hf_state_dict(hf: dict, config, where: str) -> dict:
     from megatron_mixln.model import build_model
 
     expected = build_model(config, device="meta").state_dict()
-    names = full_name_map(config.positions, config.final_norm, config.tie_embeddings)
+    names = full_name_map(config.positions, config.final_norm, config.tie_embeddings, config.siamese_variant)
     inverse = {v: k for k, v in names.items()}
     out = {}
     for key, value in hf.items():

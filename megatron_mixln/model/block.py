@@ -9,7 +9,8 @@ from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.mlp import SwiGLU
 from megatron_mixln.model.norms import Norm, QKNorm, make_norm
 from megatron_mixln.model.positions import QKV_NORM_POSITIONS, deepnorm_alpha, lns_scale
-from megatron_mixln.model.two_stream import EXTRA_NORMS, FORWARDS, TwoStreamFinalNorm
+from megatron_mixln.model.two_stream import (LAYER_NORMS, LAYER_SCALES, FORWARDS, ChannelScale, TwoStreamFinalNorm,
+                                              layer_form)
 
 PRE_LIKE = ("pre", "lns", "hybrid-first")  # norm before each sublayer, residual stream un-normalised
 POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
@@ -17,22 +18,21 @@ POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
 # one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
 ENDS_WITH_ADD = ("pre", "lns", "peri", "reordered", "hybrid", "hybrid-first")
 STARTS_WITH_NORM = ("pre", "lns", "peri", "hybrid-first")
-# norms a layer has besides attn_norm and mlp_norm (those two make the sublayers' inputs or follow their adds)
-EXTRA_NORMS_OF = {"peri": ("attn_out_norm", "mlp_out_norm"), **EXTRA_NORMS}
-# ... and of those two, the ones a position lacks: HybridNorm's attention has no input norm (q/k/v norms instead,
-# see qkv_norms)
-MISSING_NORMS_OF = {"hybrid": ("attn_norm",)}
+# every norm of a layer, by form (default: attn_norm and mlp_norm, which make the sublayers' inputs or
+# follow their adds); a form is the position, or the SiameseNorm variant (two_stream.layer_form).
+# HybridNorm's attention has no input norm (q/k/v norms instead, see qkv_norms).
+BLOCK_NORMS = {"peri": ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm"), "hybrid": ("mlp_norm",),
+               **LAYER_NORMS}
 
 
-def layer_norm_names(position: str) -> tuple[str, ...]:
-    """The residual-stream norm modules of one layer at `position`, by attribute name."""
-    base = tuple(n for n in ("attn_norm", "mlp_norm") if n not in MISSING_NORMS_OF.get(position, ()))
-    return base + EXTRA_NORMS_OF.get(position, ())
+def norms_per_layer(position: str, siamese_variant: str = "post_pre") -> int:
+    """Norm modules of one layer at `position` (2; 4 for peri; 6 for siamese post_pre, 4 for hybrid_pre; 1 for hybrid)."""
+    return len(BLOCK_NORMS.get(layer_form(position, siamese_variant), ("attn_norm", "mlp_norm")))
 
 
-def norms_per_layer(position: str) -> int:
-    """Norm modules of one layer at `position` (2, 4 for peri, 6 for siamese, 1 for hybrid)."""
-    return len(layer_norm_names(position))
+def scales_per_layer(position: str, siamese_variant: str = "post_pre") -> int:
+    """ChannelScale modules (hidden-size gains) of one layer: 1 for SiameseNorm hybrid_pre's c1, else 0."""
+    return len(LAYER_SCALES.get(layer_form(position, siamese_variant), ()))
 
 
 class Block(nn.Module):
@@ -97,8 +97,11 @@ class Block(nn.Module):
         self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups,
                               config.rotary_base, **qkv_norms(config, self.position))
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
-        for name in layer_norm_names(self.position):
+        self.form = layer_form(self.position, config.siamese_variant)
+        for name in BLOCK_NORMS.get(self.form, ("attn_norm", "mlp_norm")):
             setattr(self, name, make_norm(config, "attn" if name.startswith("attn") else "ffn"))
+        for name in LAYER_SCALES.get(self.form, ()):
+            setattr(self, name, ChannelScale(config.hidden_size))
         self.gated = layer_number in config.gated_layers
         if self.gated:  # 0-dim fp32 scalars; init_weights sets them to config.residual_gate_init
             self.attn_gate = nn.Parameter(torch.full((), config.residual_gate_init))
@@ -109,7 +112,7 @@ class Block(nn.Module):
         Returns y (batch, seq, hidden), or the pair (h, d) with y = h + d when `hand_off_residual`.
         Two-stream positions: x is the embedding or the pair of streams; returns the pair."""
         if self.position in FORWARDS:
-            return FORWARDS[self.position](self, x)
+            return FORWARDS[self.form](self, x)
         x, pending = x if isinstance(x, tuple) else (x, None)
         if self.position in PRE_LIKE:
             attn_in, x = first_norm(self.attn_norm, x, pending, self.out_scale)
@@ -151,7 +154,8 @@ class Block(nn.Module):
     def extra_repr(self):
         handoff = ", hands off its last add" if self.hand_off_residual else ""
         gated = ", gated" if self.gated else ""
-        return f"layer_number={self.layer_number}, position={self.position}{handoff}{gated}"
+        form = f", form={self.form}" if self.form != self.position else ""
+        return f"layer_number={self.layer_number}, position={self.position}{form}{handoff}{gated}"
 
 
 def qkv_norms(config: ModelConfig, position: str) -> dict:

@@ -7,6 +7,7 @@ from megatron_mixln.kernels.add_norm import POINTWISE_IMPLS, POINTWISE_KINDS
 from megatron_mixln.model.positions import (POSITIONS, QKV_NORM_POSITIONS, TWO_STREAM, ZOO_POSITIONS, format_positions,
                                             resolve_positions, select_layers)
 from megatron_mixln.model.presets import preset
+from megatron_mixln.model.two_stream import SIAMESE_VARIANTS
 
 NORMALIZATIONS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm", "dyt": "DyT", "derf": "Derf"}  # kind -> flag value
 QK_NORMS = ("none", "head", "full")
@@ -50,6 +51,10 @@ class ModelConfig:
                                 "(DyT's LLaMA code)", default=DYT_ALPHA_INIT)
     dyt_bias: bool = _help("DyT: add the bias beta (the paper's general form; its LLaMA code has none)",
                            default=False)
+    siamese_variant: str = _help(
+        "SiameseNorm block, as the official code's MODEL_TYPE: post_pre (x normed before each sublayer, which "
+        "sees N_in(x + N_y(y)); the DeiT/DiT code) or hybrid_pre (the attention sees c1*x + N_y(y), c1 a "
+        "learnable gain; the OLMo code); see docs/two-stream.md", default="post_pre")
     # --- embedding, initialisation and per-layer options ---
     tie_embeddings: bool = _help("share the embedding and LM-head weights", default=False)
     init_method_std: float = _help("std of the normal init of linear and embedding weights", default=0.02)
@@ -110,6 +115,11 @@ class ModelConfig:
         if not self.final_norm and self.positions[0] in TWO_STREAM:
             raise ValueError(f"--no-final-norm: norm position {self.positions[0]} needs its final norms (they "
                              "combine its two residual streams into the LM head's input); drop --no-final-norm")
+        if self.siamese_variant not in SIAMESE_VARIANTS:
+            raise ValueError(f"--siamese-variant: unknown {self.siamese_variant!r}; allowed: {', '.join(SIAMESE_VARIANTS)}")
+        if self.siamese_variant != SIAMESE_VARIANTS[0] and self.positions[0] != "siamese":
+            raise ValueError(f"--siamese-variant {self.siamese_variant}: only applies to --norm-position siamese "
+                             f"(positions {self.positions_str}); drop it or use --norm-position siamese")
         self._check_zoo_options()
         self._resolve_layer_options()
 

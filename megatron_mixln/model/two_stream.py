@@ -5,13 +5,18 @@ layer's input/output: a layer takes the pair (x, y) and returns the next pair; t
 the embedding as a plain tensor and starts both streams from it (x = y = embedding, as both official
 codes do). The final norms (`TwoStreamFinalNorm`) turn the last pair into the LM head's input.
 
-SiameseNorm, arXiv 2602.08064, as its official code (Qwen-Applications/SiameseNorm, the post-pre
-block of `deit-model-siamesenorm.py` / `dit-model-siamesenorm.py`; `OLMo_model_hybrid_pre.py` keeps
-the same 1/sqrt(2l), the y = x start and the three final norms). For each sublayer F of layer l
-(1-based, global), with c = sqrt(2l):
+SiameseNorm, arXiv 2602.08064, as its official code (Qwen-Applications/SiameseNorm), in one of two
+variants named as that code's MODEL_TYPE (--siamese-variant; docs/two-stream.md says which is the
+default and why). For each sublayer F of layer l (1-based, global), with c = sqrt(2l):
 
+  post_pre (the post-pre block of `deit-model-siamesenorm.py` / `dit-model-siamesenorm.py`):
     x <- N_x(x)                    (post-norm stream: normalised before every sublayer)
     u  = N_in(x + N_y(y))          (the sublayer sees both streams; y is normalised, never overwritten)
+  hybrid_pre (`OLMo_model_hybrid_pre.py`, `OLMoSequentialBlock`, with attn_norm off and ffn_norm on,
+  residual after the norm): the attention sublayer has no norm on x, a learnable gain c1 (init 1) instead
+    attention: u = c1 * x + N_y(y)
+    MLP:       x <- N_x(x) ;  u = N_in(x + N_y(y))       (as post_pre)
+  both:
     z  = F(u)
     x <- x + z / c ;  y <- y + z   (y: the pre-norm-like raw stream)
     head input = N_f(N_fx(x) + N_fy(y))
@@ -38,7 +43,7 @@ def start_streams(h):
 
 
 def siamese_forward(block, h):
-    """SiameseNorm layer. h: (batch, seq, hidden) embedding or the pair (x, y); returns the pair (x, y).
+    """SiameseNorm post_pre layer. h: (batch, seq, hidden) embedding or the pair (x, y); returns the pair (x, y).
 
         x ── N_x ──┬──────────────(+ z/c)── N_x' ──┬──────────────(+ z/c)─── x
                    └─(+)─ N_in ─ Attn ─ z             └─(+)─ N_in' ─ MLP ─ z
@@ -48,10 +53,31 @@ def siamese_forward(block, h):
     Each add that a norm follows runs as one fused add_norm: N_x'(x + z/c), N_y'(y + z), N_in(x + N_y(y)).
     """
     x, y = start_streams(h)
-    inv_c = 1.0 / math.sqrt(2 * block.layer_number)
     x = block.attn_x_norm(x)
     attn_in, _ = block.attn_norm(block.attn_y_norm(y), residual=x)  # N_in(x + N_y(y))
-    z = block.attn(attn_in)
+    return _siamese_mlp(block, x, y, block.attn(attn_in))
+
+
+def siamese_hybrid_pre_forward(block, h):
+    """SiameseNorm hybrid_pre layer. h: (batch, seq, hidden) embedding or the pair (x, y); returns the pair.
+
+        x ──── ·c1 ─┬──────────────(+ z/c)── N_x' ──┬──────────────(+ z/c)─── x
+                    └─(+)─ Attn ─ z                    └─(+)─ N_in' ─ MLP ─ z
+        y ─┬─ N_y ───┘        ┌─(+ z)─┬─ N_y' ──────────┘                 ┌─(+ z)── y
+           └─────────────────┘       └──────────────────────────────────┘
+
+    The attention sees c1 * x + N_y(y) with no norm on x (the official code's attn_norm=False branch);
+    the MLP half is post_pre's.
+    """
+    x, y = start_streams(h)
+    attn_in = torch.addcmul(block.attn_y_norm(y), block.attn_x_scale.weight, x)  # c1 * x + N_y(y)
+    return _siamese_mlp(block, x, y, block.attn(attn_in))
+
+
+def _siamese_mlp(block, x, y, z):
+    """The attention's adds and the MLP sublayer, the same in both SiameseNorm variants:
+    x <- N_x'(x + z/c); y <- y + z; z = MLP(N_in'(x + N_y'(y))); returns (x + z/c, y + z)."""
+    inv_c = 1.0 / math.sqrt(2 * block.layer_number)
     x, _ = block.mlp_x_norm(z * inv_c, residual=x)  # N_x'(x + z/c)
     y_normed, y = block.mlp_y_norm(z, residual=y)  # (N_y'(y + z), y + z)
     mlp_in, _ = block.mlp_norm(y_normed, residual=x)  # N_in'(x + N_y'(y))
@@ -75,11 +101,40 @@ def residual_dual_forward(block, h):
     return x, d + z
 
 
-FORWARDS = {"siamese": siamese_forward, "residual-dual": residual_dual_forward}
-# norms a layer has besides attn_norm / mlp_norm (the norms whose outputs feed attention / the MLP)
-EXTRA_NORMS = {"siamese": ("attn_x_norm", "attn_y_norm", "mlp_x_norm", "mlp_y_norm"), "residual-dual": ()}
+# A two-stream layer's form: its position, or "siamese-<variant>" for a non-default SiameseNorm variant.
+SIAMESE_VARIANTS = ("post_pre", "hybrid_pre")  # the official code's MODEL_TYPE names; the first is the default
+FORWARDS = {"siamese": siamese_forward, "siamese-hybrid_pre": siamese_hybrid_pre_forward,
+            "residual-dual": residual_dual_forward}
+# every norm of a layer of that form (a one-stream layer has attn_norm and mlp_norm, plus peri's two)
+LAYER_NORMS = {"siamese": ("attn_x_norm", "attn_y_norm", "attn_norm", "mlp_x_norm", "mlp_y_norm", "mlp_norm"),
+               "siamese-hybrid_pre": ("attn_y_norm", "mlp_x_norm", "mlp_y_norm", "mlp_norm"),
+               "residual-dual": ("attn_norm", "mlp_norm")}
+# learnable per-channel gains (ChannelScale) of a layer of that form: hybrid_pre's c1
+LAYER_SCALES = {"siamese-hybrid_pre": ("attn_x_scale",)}
 # the final norms that combine the last pair: SiameseNorm N_f(N_fx(x) + N_fy(y)); ResiDual x + N_d(d)
 FINAL_NORMS = {"siamese": ("x_norm", "y_norm", "out_norm"), "residual-dual": ("d_norm",)}
+
+
+def layer_form(position: str, siamese_variant: str = "post_pre") -> str:
+    """The key of FORWARDS / LAYER_NORMS for a layer: the position, or 'siamese-hybrid_pre'."""
+    if position == "siamese" and siamese_variant != SIAMESE_VARIANTS[0]:
+        return f"siamese-{siamese_variant}"
+    return position
+
+
+class ChannelScale(nn.Module):
+    """A learnable gain per channel, y = weight * x (hidden,), weight initialised to 1 (SiameseNorm
+    hybrid_pre's c1). Replicated over TP like a norm gain, so sequence parallelism sums its gradient."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}"
 
 
 class TwoStreamFinalNorm(nn.Module):

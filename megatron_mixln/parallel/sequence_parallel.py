@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.two_stream import ChannelScale
+
+# modules whose parameters are replicated over TP and applied token by token (norm gains, SiameseNorm's c1)
+TOKENWISE = (Norm, ChannelScale)
 from megatron_mixln.parallel.mappings import all_reduce_sum
 
 
@@ -34,14 +38,15 @@ def _sum_over_tp_hook(group):
 
 
 def mark_sequence_parallel_params(module: nn.Module, state, hooks: bool = True) -> list[nn.Parameter]:
-    """Mark (and optionally hook) the parameters of every `Norm` in `module`: `param.sequence_parallel = True`.
+    """Mark (and optionally hook) the parameters of every `Norm` (and `ChannelScale`) in `module`:
+    `param.sequence_parallel = True`.
 
     Raises if any other parameter is neither TP-sharded nor a norm's: it would run on sequence shards
     with nobody summing its gradient.
     """
     marked = {}
     for m in module.modules():
-        if isinstance(m, Norm):
+        if isinstance(m, TOKENWISE):
             for p in m.parameters(recurse=False):
                 marked[id(p)] = p
     for name, p in module.named_parameters():

@@ -20,7 +20,8 @@ g = key/value heads, d = head dim, e = bytes of an activation (2 in bf16, 4 in f
                        a for q, g for k and v; the whole sequence under SP
 
 pre, lns, post, deepnorm, deeppost, residual-dual, reordered and hybrid-first layers have two residual-stream
-norms; peri layers four, siamese six, hybrid one (model.block.norms_per_layer); hybrid layers norm q, k and v. Post-like layers save
+norms; peri layers four, siamese six (--siamese-variant hybrid_pre: four, and its c1 * x saves x, e*b*s*h,
+counted with the norms), hybrid one (model.block.norms_per_layer); hybrid layers norm q, k and v. Post-like layers save
 different tensors from pre layers (the raw layer input feeds attention and the normalised sums feed the
 next sublayer, where a pre layer keeps its normalised copies) but the same number of bytes; peri layers
 keep two more normalised tensors. Scalars (LNS's 1/sqrt(l), DeepNorm's a) are Python numbers and save
@@ -44,7 +45,7 @@ tensors, its input and the fp32 log-softmax of the logits (4*b*s*V/t), plus int6
 from __future__ import annotations
 
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.model.block import norms_per_layer
+from megatron_mixln.model.block import norms_per_layer, scales_per_layer
 from megatron_mixln.model.two_stream import final_norm_count, stream_count
 
 
@@ -84,15 +85,18 @@ def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, 
                            first: bool = False) -> dict[str, int]:
     """Saved-for-backward bytes of one block, by part: {'norms', 'linear_inputs', 'attention', 'mlp'}.
     `first`: the model's first layer (a siamese first layer starts both streams from the embedding, so
-    its x and y norms save the same tensor when a norm saves its input as it is: Triton, or fp32 torch)."""
+    its x and y norms -- hybrid_pre: c1 * x and the y norm -- save the same tensor when a norm saves its
+    input as it is: Triton, or fp32 torch). 'norms' includes hybrid_pre's c1 * x, which saves x."""
     e = 2 if bf16 else 4
     tokens, h, f = micro_batch * seq, model.hidden_size, model.ffn_hidden_size
     a, g, d = model.num_attention_heads, model.num_query_groups, model.head_dim
     sp = tp if sequence_parallel else 1
     shared = e * tokens * h // sp if first and position == "siamese" and (impl != "torch" or e == 4) else 0
+    variant = model.siamese_variant
     return {
-        "norms": norms_per_layer(position) * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp) - shared
-        + _qkv_norm_bytes(model, position, tokens, e, tp),
+        "norms": norms_per_layer(position, variant) * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp)
+                 + scales_per_layer(position, variant) * e * tokens * h // sp - shared
+                 + _qkv_norm_bytes(model, position, tokens, e, tp),
         "linear_inputs": 2 * e * tokens * h,
         "attention": e * tokens * h * (2 * a + 2 * g) // (a * tp) + 4 * micro_batch * (a // tp) * seq + 8 * seq * d,
         "mlp": 4 * e * tokens * f // tp,

@@ -38,8 +38,12 @@ class Layout:
         return replace(self, **changes)
 
 
-def check_layout(layout: Layout, model: ModelConfig) -> None:
-    """Raise LayoutError (one line naming the flag) for a layout that cannot be built."""
+def check_layout(layout: Layout, model: ModelConfig, global_batch_size: int | None = None) -> None:
+    """Raise LayoutError (one line naming the flag) for a layout that cannot be built: the trainer's own
+    start-up checks (megatron_mixln.training.startup_checks), then what only a cluster shape decides."""
+    from megatron_mixln.training.config import UsageError
+    from megatron_mixln.training.startup_checks import check_startup_layout
+
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
     for flag, value in (("--nodes", layout.nodes), ("--gpus-per-node", layout.gpus_per_node),
                         ("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
@@ -48,28 +52,17 @@ def check_layout(layout: Layout, model: ModelConfig) -> None:
             raise LayoutError(f"{flag}: must be a positive integer, got {value!r}")
     if layout.zero_stage not in (0, 1, 2, 3):
         raise LayoutError(f"--zero-stage: must be 0, 1, 2 or 3, got {layout.zero_stage!r}")
-    if layout.world_size % (tp * pp):
-        raise LayoutError(
-            f"world size {layout.world_size} (--nodes {layout.nodes} x --gpus-per-node {layout.gpus_per_node}) is not "
-            f"divisible by --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}"
-        )
+    try:
+        check_startup_layout(model.replace(seq_length=layout.seq_length), layout.world_size,
+                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             sequence_parallel=layout.sequence_parallel, zero_stage=layout.zero_stage,
+                             micro_batch_size=layout.micro_batch_size, global_batch_size=global_batch_size)
+    except UsageError as exc:
+        raise LayoutError(f"{exc} (world size {layout.world_size} = --nodes {layout.nodes} x --gpus-per-node "
+                          f"{layout.gpus_per_node})") from None
     if tp > layout.gpus_per_node:
         raise LayoutError(f"--tensor-model-parallel-size {tp}: larger than --gpus-per-node {layout.gpus_per_node} "
                           "(tensor parallelism stays inside a node)")
-    if model.num_attention_heads % tp:
-        raise LayoutError(f"--tensor-model-parallel-size {tp}: num_attention_heads={model.num_attention_heads} "
-                          "is not divisible by it")
-    from megatron_mixln.parallel.tensor_parallel import check_tensor_parallel_config
-
-    try:
-        check_tensor_parallel_config(model.replace(seq_length=layout.seq_length), tp, layout.sequence_parallel)
-    except ValueError as exc:
-        raise LayoutError(str(exc)) from None
-    if model.num_layers % pp:
-        raise LayoutError(f"--pipeline-model-parallel-size {pp}: num_layers={model.num_layers} is not divisible by it")
-    if pp > 1 and layout.zero_stage > 1:
-        raise LayoutError(f"--zero-stage {layout.zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's "
-                          "pipeline engine supports ZeRO stage 0 or 1 only")
     if layout.offload_param and layout.zero_stage != 3:
         raise LayoutError(f"--offload-param: needs --zero-stage 3, got {layout.zero_stage}")
     if layout.offload_optimizer and layout.zero_stage == 0:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.model.block import norms_per_layer
+from megatron_mixln.model.block import norms_per_layer, scales_per_layer
 from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.layout import Layout
 
@@ -42,7 +42,7 @@ def layer_norm_param_count(model: ModelConfig, position: str) -> int:
     """All norm parameters of one layer (whole on every TP rank): its residual-stream norms and its q/k(/v) norms."""
     from megatron_mixln.model.positions import QKV_NORM_POSITIONS
 
-    n = norms_per_layer(position) * norm_param_count(model, model.hidden_size)
+    n = norms_per_layer(position, model.siamese_variant) * norm_param_count(model, model.hidden_size)
     hybrid = position in QKV_NORM_POSITIONS
     mode = "head" if hybrid else model.qk_norm
     if mode != "none":
@@ -68,7 +68,9 @@ def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]
     stage, and the largest single module there (DeepSpeed's "largest layer": the most parameters any
     module owns directly; under ZeRO-3 it is gathered whole)."""
     per_layer = layer_param_counts(model, tp)
-    layer_norm_params = [layer_norm_param_count(model, p) for p in model.positions]
+    v = model.siamese_variant  # norm parameters (q/k/v norms, DyT scalars too), plus hybrid_pre's c1 (hidden gains)
+    layer_norm_params = [layer_norm_param_count(model, p) + scales_per_layer(p, v) * model.hidden_size
+                         for p in model.positions]
     layer_params = [sum(v for k, v in per_layer.items() if k != "norm") + n for n in layer_norm_params]
     vocab = model.vocab_size * model.hidden_size // tp
     final = final_norm_count(model) * per_layer["norm"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_mixln.model import ModelConfig
-
+from megatron_mixln.model.block import scales_per_layer
 from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.activations import activation_bytes
 from megatron_mixln.planning.layout import Layout, check_layout
@@ -37,11 +37,12 @@ def zero_buffers(zero: dict, layout: Layout, model: ModelConfig) -> dict[str, in
     threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
     h = model.hidden_size
     small = 0
-    if h <= threshold:  # norm parameters (gains, biases, q/k/v norms, DyT scalars) are the only ones this small
+    if h <= threshold:  # norm parameters (gains, biases, q/k/v norms, DyT scalars, hybrid_pre's c1) are this small
         from megatron_mixln.planning.model_states import layer_norm_param_count, norm_param_count
 
         norms = sum(layer_norm_param_count(model, p) for p in model.positions)
         norms += final_norm_count(model) * norm_param_count(model, h)
+        norms += sum(scales_per_layer(p, model.siamese_variant) for p in model.positions) * h
         small = norms // layout.pipeline_model_parallel_size
     return {"reduce bucket": e * reduce, "prefetch bucket": e * prefetch, "persistent small params": e * small}
 
@@ -118,7 +119,7 @@ def plan_memory(model: ModelConfig, layout: Layout, zero: dict | None = None, gp
                 suggest: bool = True) -> MemoryPlan:
     """Plan one layout. `zero` is a filled zero_optimization section (None: DeepSpeed's defaults for the
     layout's stage). Raises LayoutError for an impossible layout."""
-    check_layout(layout, model)
+    check_layout(layout, model, global_batch_size)
     zero = dict(zero or {})
     states = model_states(model, layout)
     acts, flight = _activations(model, layout, global_batch_size)

@@ -81,6 +81,32 @@ def padded_vocab_size(tokenizer_vocab: int, divisible_by: int, tensor_parallel: 
     return int(math.ceil(tokenizer_vocab / multiple) * multiple)
 
 
+def checkpoint_vocab_size(train: TrainingConfig, tokenizer_vocab: int) -> int | None:
+    """The padded vocabulary of the checkpoint --load resumes (its `latest` or --tag), which travels with
+    it: a run at another --tensor-model-parallel-size keeps it when the new TP divides it (the padding
+    rows were trained as they are). None without --load or a readable mixln_meta.json (--load's own
+    checks then speak). Raises UsageError when the new TP cannot split those rows evenly."""
+    from megatron_mixln.checkpoint.layout import META, read_latest
+
+    if not train.load or not os.path.isdir(train.load):
+        return None
+    tag = train.tag or read_latest(train.load)
+    try:
+        with open(os.path.join(train.load, tag or "", META)) as fh:
+            saved = int(json.load(fh)["model_config"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    tp = train.tensor_model_parallel_size
+    if saved < tokenizer_vocab:
+        return None  # another tokenizer: --load's shape check names the mismatch
+    if saved % tp:
+        fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if saved % n == 0]
+        raise UsageError(
+            f"--load {train.load} ({tag}) holds a vocabulary padded to {saved} rows, which --tensor-model-parallel-size "
+            f"{tp} cannot split evenly: resume with --tensor-model-parallel-size {' or '.join(map(str, fits))}")
+    return saved
+
+
 def parse_configs(argv: list[str] | None = None) -> tuple[ModelConfig, TrainingConfig]:
     ns = build_parser().parse_args(argv)
     values = load_config_file(ns.config) if ns.config else {}
@@ -97,9 +123,10 @@ def make_configs(values: dict) -> tuple[ModelConfig, TrainingConfig]:
     train_kw = {k: v for k, v in values.items() if k in _TRAIN_FIELDS}
     train = TrainingConfig(**train_kw)
     if "vocab_size" not in model_kw and train.tokenizer:
-        model_kw["vocab_size"] = padded_vocab_size(
-            tokenizer_vocab_size(train.tokenizer), train.make_vocab_size_divisible_by, train.tensor_model_parallel_size
-        )
+        tokens = tokenizer_vocab_size(train.tokenizer)
+        model_kw["vocab_size"] = (checkpoint_vocab_size(train, tokens)
+                                  or padded_vocab_size(tokens, train.make_vocab_size_divisible_by,
+                                                       train.tensor_model_parallel_size))
     preset = values.get("preset")
     try:
         model = ModelConfig.from_preset(preset, **model_kw) if preset else ModelConfig(**model_kw)

@@ -75,3 +75,9 @@ class SpikeDetector:
         self.ema = self.beta * self.ema + (1 - self.beta) * loss
         self.count += 1
         return None
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.count = float(state["ema"]), int(state["count"])

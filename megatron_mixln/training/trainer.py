@@ -18,11 +18,12 @@ import torch.distributed as dist
 from megatron_mixln.diagnostics import flatten_grad_norms, layer_grad_norms
 from megatron_mixln.model import ModelConfig
 from megatron_mixln.checkpoint.compat import check_resume_layout
+from megatron_mixln.checkpoint.layout import write_latest
 from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint, load_checkpoint
 from megatron_mixln.checkpoint.meta import TrainState
 from megatron_mixln.checkpoint.rng import seed_everything
 from megatron_mixln.checkpoint.save import save_checkpoint
-from megatron_mixln.training.config import TrainingConfig, UsageError, gradient_accumulation_steps
+from megatron_mixln.training.config import TrainingConfig, UsageError
 from megatron_mixln.training.data import (build_datasets, check_data_path, eval_token_budgets, micro_batches,
                                           validation_batches)
 from megatron_mixln.training.data_fingerprint import check_data_fingerprint, data_fingerprint
@@ -39,11 +40,15 @@ from megatron_mixln.training.metrics import MetricsLogger, format_train_line
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
-from megatron_mixln.training.rollback import RollbackMonitor, good_checkpoint_before
+from megatron_mixln.training.rollback import RollbackMonitor, drop_abandoned, verified_rollback_target
 from megatron_mixln.training.schedule import lr_at, set_lr
-from megatron_mixln.training.signals import PreemptionFlag
+from megatron_mixln.training.signals import PREEMPTION_SIGNALS, PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
+from megatron_mixln.training.startup_checks import check_startup_layout
 from megatron_mixln.training.watchdog import STARTUP_MIN_S, HangWatchdog, grace_seconds, resolve_hang_timeout
+
+
+STOP_SIGNAL_NAMES = tuple(sig.name for sig in PREEMPTION_SIGNALS)
 
 
 @dataclass
@@ -51,10 +56,11 @@ class StepResult:
     loss: float  # mean NLL over the global batch
     grad_norm: float | None  # global gradient norm before clipping
     applied: bool  # False: non-finite gradients, update skipped
-    stop_requested: bool  # some rank got a preemption signal
+    stop_requested: bool  # some rank got a stop signal (SIGTERM, SIGUSR1, SIGINT)
     layer_norms: list[dict] | None  # per-layer gradient norms, when asked for
     time_up: bool = False  # some rank is past --exit-duration-in-mins
     tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
+    stop_signal: str | None = None  # which one (any rank's: every rank names the same one)
     z_loss: float | None = None  # mean z-loss over the global batch (--z-loss-weight), not part of `loss`
 
 
@@ -101,8 +107,10 @@ def _before_model_step(engine, fn):
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
                want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0,
                z_loss_fn=None) -> StepResult:
-    """`stop_requested()` is read after this rank's compute, right before the all_reduce, so a signal
-    that arrives during the step stops the run after this step, not after the next one. `time_up()`
+    """`stop_requested()` (the name of a stop signal this rank received, or None) is read after this rank's
+    compute, right before the all_reduce, so a signal that arrives during the step stops the run after this
+    step, not after the next one; the all_reduce carries one count per signal, so every rank (rank 0's log
+    line included) names the signal whichever rank received it. `time_up()`
     (past --exit-duration-in-mins on this rank's clock) rides on the same all_reduce, so every rank
     stops after the same step."""
     device = torch.device(engine.device)
@@ -165,19 +173,23 @@ def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop
     if grad_norm is None:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
-    # One all_reduce for the loss and the two stop flags. TP ranks hold replicas of their DP
+    # One all_reduce for the loss, the time limit and one count per stop signal. TP ranks hold replicas of their DP
     # rank's loss, so the world mean is the data-parallel mean.
-    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(stop_requested()), device=device),
-                         torch.tensor(float(time_up()), device=device), local_tokens.float(), local_z, z_ranks])
+    got = stop_requested()
+    signals = [float(got == name) for name in STOP_SIGNAL_NAMES]
+    stats = torch.stack([local_loss.reshape(()), torch.tensor(float(time_up()), device=device), local_tokens.float(),
+                         local_z, z_ranks, *(torch.tensor(flag, device=device) for flag in signals)])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
-    z_loss = stats[4].item() / max(stats[5].item(), 1.0) if z_loss_fn is not None else None
+    stop_signal = next((name for name, n in zip(STOP_SIGNAL_NAMES, stats[5:].tolist()) if n > 0), None)
+    z_loss = stats[3].item() / max(stats[4].item(), 1.0) if z_loss_fn is not None else None
     loss = stats[0].item() / world
     if z_loss is not None and is_pipeline_engine(engine):
         loss -= z_loss  # report the NLL alone, as without pipeline parallelism
-    return StepResult(loss, grad_norm, guard.applied, stats[1].item() > 0, layer_norms,
-                      time_up=stats[2].item() > 0, tokens=round(stats[3].item() / replicas), z_loss=z_loss)
+    return StepResult(loss, grad_norm, guard.applied, stop_signal is not None, layer_norms,
+                      time_up=stats[1].item() > 0, tokens=round(stats[2].item() / replicas), stop_signal=stop_signal,
+                      z_loss=z_loss)
 
 
 def _data_parallel_size(state, world: int) -> int:
@@ -237,11 +249,15 @@ def pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets=None) -> d
 
 
 def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog: HangWatchdog, start: float) -> dict:
+    # Bad layouts fail here, before any group or model is built (the memory planner runs the same checks).
+    batch = check_startup_layout(
+        model_config, dist.get_world_size(), tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size, sequence_parallel=cfg.sequence_parallel,
+        zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size)
     state = setup_model_parallel(cfg)
     dp_rank, dp_size = data_parallel_rank_and_size(state)
     dp_group = data_parallel_group(state)
-    global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp_size
-    ga = gradient_accumulation_steps(global_batch, cfg.micro_batch_size, dp_size)
+    global_batch, ga = batch.global_batch_size, batch.gradient_accumulation_steps
     ds_config = build_ds_config(cfg, global_batch, ga, model_config.hidden_size)
     # Bad inputs fail here, before the model is built.
     meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint) if cfg.load else None
@@ -254,7 +270,6 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         if bool(meta.get("bf16_pure", False)) != cfg.bf16_pure:
             raise UsageError(f"--load {cfg.load} ({meta['tag']}) was written {'with' if meta.get('bf16_pure') else 'without'}"
                              f" --bf16-pure; resume with the same precision")
-    _check_layer_options(model_config, cfg)
     if cfg.save:
         _check_writable(cfg.save, "--save")
     fingerprint = _data_fingerprint(cfg) if datasets is None else None
@@ -320,6 +335,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     guard = StepGuard(engine)
     spikes = SpikeDetector(cfg.spike_factor)
     rollback = RollbackMonitor(cfg.rollback_on_spike, cfg.rollback_patience) if cfg.rollback_on_spike else None
+    _restore_monitors(ts.monitors, spikes, rollback)  # a resumed run continues their running means and streak
     pad_id = model_config.pad_id
     preempt = PreemptionFlag()
     ts_start = ts.iteration
@@ -327,7 +343,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     time_up = (lambda: _minutes_since(start) > limit) if limit else (lambda: False)
     batches = micro_batches(train_ds, len(train_ds), ts.consumed_samples, cfg.micro_batch_size, dp_rank, dp_size)
     history, evals = [], []
-    stop_reason = None
+    stop_reason, stop_signal = None, None
     window_time, window_steps, window_losses = 0.0, 0, []
     try:
         while ts.iteration < cfg.train_iters:
@@ -338,7 +354,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
             if step > ts_start + 1:  # the first step keeps the start-up allowance
                 watchdog.progress(f"step {step}")
             probe = start_probe(engine, cfg, state, model_config.seq_length, step)  # None unless a diagnostics step
-            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.requested, want_layers, state,
+            res = train_step(engine, batches, lr, guard, token_loss_fn, lambda: preempt.signal_name, want_layers, state,
                              time_up, pad_id, z_loss_fn)
             diagnostics = finish_probe(probe) if probe is not None else None
             window_time += time.perf_counter() - t0
@@ -413,17 +429,21 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
                 logger.log("event", step, {"event": "diverged", "loss": res.loss})
             elif res.stop_requested:
                 stop_reason = "preempted"
+                stop_signal = res.stop_signal
             elif cfg.exit_interval and step % cfg.exit_interval == 0 and step < cfg.train_iters:
                 stop_reason = "exit_interval"
             elif res.time_up and step < cfg.train_iters:
                 stop_reason = "exit_duration"
                 logger.print(f"step {step}: --exit-duration-in-mins {limit:g} reached "
                              f"({_minutes_since(start):.2f} min on rank 0's clock); saving and exiting")
-            # While a spike is under way (rollback on), no periodic save: the good checkpoint must survive.
-            periodic = cfg.save_interval and step % cfg.save_interval == 0 and not (rollback and rollback.in_spike)
+            # While a spike is under way (rollback on), no periodic save, and a stop save prunes nothing:
+            # the good checkpoint must survive (the stop save carries the open streak in ts.monitors).
+            in_spike = rollback is not None and rollback.in_spike
+            periodic = cfg.save_interval and step % cfg.save_interval == 0 and not in_spike
             if cfg.save and (stop_reason or periodic or step == cfg.train_iters):
                 watchdog.progress(f"checkpoint save at step {step}")
-                tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, cfg.keep_last, dp_size,
+                ts.monitors = _monitor_states(spikes, rollback)
+                tag = save_checkpoint(engine, cfg.save, ts, model_config, cfg, 0 if in_spike else cfg.keep_last, dp_size,
                                       cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, fingerprint)
                 logger.print(f"step {step}: saved checkpoint {cfg.save}/{tag}")
             if stop_reason:
@@ -434,7 +454,7 @@ def _pretrain(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     if stop_reason == "preempted":
         where = f"checkpoint saved in {cfg.save}" if cfg.save else "no --save given, nothing saved"
         if is_rank0():
-            print(f"preemption signal ({preempt.signal_name or 'on another rank'}) at iteration {ts.iteration}: "
+            print(f"preemption signal ({stop_signal}) at iteration {ts.iteration}: "
                   f"{where}; exiting cleanly", flush=True)
     return {"history": history, "evals": evals, "train_state": asdict(ts), "stop_reason": stop_reason or "done",
             "engine": engine, "global_batch_size": global_batch, "gradient_accumulation_steps": ga}
@@ -449,16 +469,6 @@ def _check_writable(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot create the directory: {exc.strerror}") from None
     if not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: not writable")
-
-
-def _check_layer_options(model_config: ModelConfig, cfg: TrainingConfig) -> None:
-    """Model options the parallel layouts do not carry (checked before anything is built)."""
-    if model_config.freeze_pad_embedding and (cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1):
-        raise UsageError("--freeze-pad-embedding works with --tensor-model-parallel-size 1 and "
-                         "--pipeline-model-parallel-size 1 only (the vocab-parallel embedding has no padding row)")
-    if model_config.gated_layers and cfg.sequence_parallel:
-        raise UsageError("--residual-gate-layers with --sequence-parallel: the gates' gradients would cover one "
-                         "sequence shard; drop one of the two")
 
 
 def _paper_modes(model_config: ModelConfig, cfg: TrainingConfig) -> str:
@@ -478,14 +488,32 @@ def _paper_modes(model_config: ModelConfig, cfg: TrainingConfig) -> str:
     return ", ".join(parts)
 
 
+def _monitor_states(spikes: SpikeDetector, rollback: RollbackMonitor | None) -> dict:
+    """The loss monitors' state, saved with every checkpoint (TrainState.monitors)."""
+    return {"spikes": spikes.state_dict(), **({"rollback": rollback.state_dict()} if rollback is not None else {})}
+
+
+def _restore_monitors(states: dict, spikes: SpikeDetector, rollback: RollbackMonitor | None) -> None:
+    if "spikes" in states:
+        spikes.load_state_dict(states["spikes"])
+    if rollback is not None and "rollback" in states:
+        rollback.load_state_dict(states["rollback"])
+
+
 def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMonitor, step: int, logger) -> TrainState:
-    """Reload the newest checkpoint from before the spike; keep the data position (the window since that
-    checkpoint is skipped); scale the LR. Raises UsageError when no such checkpoint exists."""
-    first = monitor.first_spike_step
-    tag = good_checkpoint_before(cfg.save, first)
+    """Reload the newest verified checkpoint older than the first bad update (the one before the first
+    spiking step); keep the data position (the window since that checkpoint is skipped); scale the LR;
+    make that checkpoint `latest` (the resume point until the next save). Raises UsageError when no such
+    checkpoint exists or none passes verification."""
+    first, bad_update = monitor.first_spike_step, monitor.first_bad_update
+    tag, skipped = verified_rollback_target(cfg.save, bad_update, cfg.verify_checkpoint)
+    for bad_tag, problem in skipped:
+        logger.print(f"warning: --rollback-on-spike: {bad_tag} is unusable ({problem}); trying an older checkpoint")
+        logger.log("event", step, {"event": "checkpoint_skipped", "tag": bad_tag, "problem": problem})
     if tag is None:
-        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first} but {cfg.save} holds "
-                         "no checkpoint from before it; lower --save-interval")
+        raise UsageError(f"--rollback-on-spike: the loss spiked from step {first}, so the update of step {bad_update} "
+                         f"may be the bad one, but {cfg.save} holds no verified checkpoint from before it"
+                         + (f" ({len(skipped)} failed verification)" if skipped else "") + "; lower --save-interval")
     barrier()
     consumed_samples, consumed_tokens = ts.consumed_samples, ts.consumed_tokens
     restored = load_checkpoint(engine, cfg.save, tag)
@@ -494,11 +522,18 @@ def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMon
     restored.lr_scale = ts.lr_scale * cfg.rollback_lr_factor
     restored.bad_steps_in_a_row = 0
     monitor.reset()
+    dropped = []
+    if is_rank0():  # the resume point is the good checkpoint, not a newer one holding the spike
+        write_latest(cfg.save, tag)
+        dropped = drop_abandoned(cfg.save, tag)
+    barrier()
+    if dropped:
+        logger.print(f"step {step}: deleted {', '.join(dropped)} (saved after the rollback target: they hold the spike)")
     logger.print(f"step {step}: loss above {cfg.rollback_on_spike} x its running mean since step "
-                 f"{first}; rolled back to {tag} (iteration {restored.iteration}), skipping the data "
-                 f"up to sample {consumed_samples}, lr scale {restored.lr_scale:g} (rollback {restored.rollbacks})")
+                 f"{first}; rolled back to {tag} (iteration {restored.iteration}, before the update of step "
+                 f"{bad_update}), skipping the data up to sample {consumed_samples}, lr scale {restored.lr_scale:g} "
+                 f"(rollback {restored.rollbacks})")
     logger.log("event", step, {"event": "rollback", "first_spike_step": first, "to_iteration": restored.iteration, "tag": tag,
                                "resume_sample": consumed_samples, "lr_scale": restored.lr_scale,
                                "rollbacks": restored.rollbacks})
     return restored
-

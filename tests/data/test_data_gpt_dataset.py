@@ -57,43 +57,86 @@ def test_seeds(indexed):
     assert not np.array_equal(first(a), first(c))
 
 
-@pytest.mark.parametrize("epochs_wanted", [None, 0.5, 2.9, 3.05])
-def test_indices_equal_megatron_core(indexed, epochs_wanted):
-    """Document, sample and shuffle indices against megatron-core's own (C++) helpers,
-    including the case where the final epoch is shuffled separately (3.05 epochs)."""
+def _core_indices(lengths, documents, seq, seed, n):
+    """megatron-core's three arrays, built with its own functions and C++ helpers."""
     from megatron.core.datasets import helpers
     from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
 
-    documents = np.arange(50, 1550, dtype=np.int32)
-    lengths = indexed.sequence_lengths
     per_epoch_tokens = int(lengths[documents].sum())
-    per_epoch = (per_epoch_tokens - 1) // SEQ
-    n = None if epochs_wanted is None else int(epochs_wanted * per_epoch)
-    ours = gpt_module.build_gpt_indices(lengths, documents, SEQ, 1234, n)
-
-    epochs = 1 if n is None else -(-(n * SEQ + 1) // per_epoch_tokens)
-    sans_final = ((epochs - 1) * per_epoch_tokens - 1) // SEQ
+    per_epoch = (per_epoch_tokens - 1) // seq
+    epochs = 1 if n is None else -(-(n * seq + 1) // per_epoch_tokens)
+    sans_final = ((epochs - 1) * per_epoch_tokens - 1) // seq
     separate = epochs > 1 and n - sans_final < int(0.8 * per_epoch)
-    assert separate == (epochs_wanted == 3.05)
-    rng = np.random.RandomState(1234)
+    rng = np.random.RandomState(seed)
     doc_index = _build_document_index(documents, epochs, rng, separate)
-    sample_index = helpers.build_sample_idx(lengths, doc_index, SEQ, epochs, per_epoch_tokens,
+    sample_index = helpers.build_sample_idx(lengths, doc_index, seq, epochs, per_epoch_tokens,
                                             True, True)
     total = sample_index.shape[0] - 1
     shuffle_index = _build_shuffle_index(sans_final if separate else total, total, rng)
-    assert np.array_equal(ours["document_index"], doc_index)
-    assert np.array_equal(ours["sample_index"], sample_index)
-    assert np.array_equal(ours["shuffle_index"], shuffle_index)
-    assert n is None or total >= n
+    return {"document_index": doc_index, "sample_index": sample_index,
+            "shuffle_index": shuffle_index}, separate
+
+
+def _assert_same(ours, core):
+    for name in ("document_index", "sample_index", "shuffle_index"):
+        assert ours[name].dtype == core[name].dtype, (name, ours[name].dtype, core[name].dtype)
+        assert ours[name].shape == core[name].shape, name
+        assert np.array_equal(ours[name], core[name]), name
+
+
+@pytest.mark.parametrize("epochs_wanted", [None, 0.5, 2.9, 3.05, 7.5])
+def test_indices_equal_megatron_core(indexed, epochs_wanted):
+    """Document, sample and shuffle indices (values and dtypes) against megatron-core's own (C++)
+    helpers, including multi-epoch builds where the final epoch is shuffled separately (3.05, 7.5)."""
+    documents = np.arange(50, 1550, dtype=np.int32)
+    lengths = indexed.sequence_lengths
+    per_epoch = (int(lengths[documents].sum()) - 1) // SEQ
+    n = None if epochs_wanted is None else int(epochs_wanted * per_epoch)
+    ours = gpt_module.build_gpt_indices(lengths, (50, 1550), SEQ, 1234, n)
+    core, separate = _core_indices(lengths, documents, SEQ, 1234, n)
+    assert separate == (epochs_wanted in (3.05, 7.5))
+    _assert_same(ours, core)
+    assert ours["sample_index"].dtype == np.int32 and ours["shuffle_index"].dtype == np.uint32
+    assert n is None or len(ours["sample_index"]) - 1 >= n
+
+
+@pytest.mark.parametrize("seq", [2, 7, 300])
+def test_indices_equal_megatron_core_edge_lengths(tmp_path, seq):
+    """Documents of 1 token, documents longer than a sample, samples ending exactly on a document
+    boundary (all lengths a multiple of seq), a sample longer than most documents; several epochs."""
+    from megatron_mixln.data import IndexedDatasetWriter
+
+    rng = np.random.default_rng(seq)
+    sizes = np.concatenate([rng.integers(1, 3, 40), rng.integers(1, 4 * seq + 2, 300),
+                            np.full(30, seq), np.full(30, 2 * seq)])
+    rng.shuffle(sizes)
+    with IndexedDatasetWriter(str(tmp_path / "d"), np.uint16) as writer:
+        for n in sizes:
+            writer.add_document(rng.integers(0, 100, n))
+    lengths = IndexedDataset(str(tmp_path / "d")).sequence_lengths
+    for begin, end, n in ((0, 400, None), (10, 390, int(3.3 * lengths[10:390].sum()) // seq)):
+        ours = gpt_module.build_gpt_indices(lengths, (begin, end), seq, 17, n)
+        core, _ = _core_indices(lengths, np.arange(begin, end, dtype=np.int32), seq, 17, n)
+        _assert_same(ours, core)
+
+
+def test_sample_index_dtype_is_megatron_cores_choice():
+    """int64 exactly when the document-index length or the longest sequence passes int32."""
+    small, big = np.array([5, 7], np.int32), np.array([5, 2**31 - 1], np.int32)
+    assert gpt_module.sample_index_dtype(2**31 - 1, small) == np.int32
+    assert gpt_module.sample_index_dtype(2**31, small) == np.int64
+    assert gpt_module.sample_index_dtype(10, big) == np.int32
+    sample = gpt_module.build_sample_index(np.array([3, 4, 5], np.int32), 4, 2, np.dtype(np.int64))
+    assert sample.dtype == np.int64 and sample.tolist() == [[0, 0], [1, 1], [2, 1]]
 
 
 def test_sample_index_chunks_agree(indexed, monkeypatch):
     """The chunked sample-index build gives the same answer for any chunk size."""
-    documents = np.arange(0, 1000, dtype=np.int32)
-    whole = gpt_module.build_gpt_indices(indexed.sequence_lengths, documents, SEQ, 5, 3000)
+    whole = gpt_module.build_gpt_indices(indexed.sequence_lengths, (0, 1000), SEQ, 5, 3000)
     monkeypatch.setattr(gpt_module, "_CHUNK", 7)
-    chunked = gpt_module.build_gpt_indices(indexed.sequence_lengths, documents, SEQ, 5, 3000)
-    assert np.array_equal(whole["sample_index"], chunked["sample_index"])
+    chunked = gpt_module.build_gpt_indices(indexed.sequence_lengths, (0, 1000), SEQ, 5, 3000)
+    for name in whole:
+        assert np.array_equal(whole[name], chunked[name]), name
 
 
 def test_index_cache_is_reused(indexed, tmp_path, monkeypatch):

@@ -193,6 +193,46 @@ def test_truncated_compressed_file_names_the_file(tmp_path, texts, spm_model, su
         _run(tmp_path, "cut", [path], spm_model)
 
 
+def _zstd_long_window(data: bytes, window_log: int = 31) -> bytes:
+    """What `zstd --long=31` writes for a stream: long-distance matching, a 2 GiB window declared
+    in the frame header (no content size, so the window is not shrunk to fit the data)."""
+    import io
+
+    import zstandard
+
+    params = zstandard.ZstdCompressionParameters(window_log=window_log, enable_ldm=True)
+    out = io.BytesIO()
+    writer = zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False)
+    writer.write(data)
+    writer.flush(zstandard.FLUSH_FRAME)
+    return out.getvalue()
+
+
+def test_long_window_zstd_gives_the_plain_bytes(tmp_path, texts, spm_model, reference):
+    import zstandard
+
+    lines = _lines(texts)
+    half = len(lines) // 2
+    first, second = (b"\n".join(part) + b"\n" for part in (lines[:half], lines[half:]))
+    frames = _zstd_long_window(first) + _zstd_long_window(second)
+    assert zstandard.get_frame_parameters(frames).window_size == 2**31  # beyond the library's default limit
+    path = _write(tmp_path / "long.jsonl.zst", frames)
+    _same_as_reference(_run(tmp_path, "long", [path], spm_model), reference)
+
+
+def test_zstd_window_beyond_zstds_maximum_is_named(tmp_path, texts, spm_model):
+    first = _zstd(b"\n".join(_lines(texts[:3])) + b"\n")
+    second = bytearray(_zstd_long_window(b"\n".join(_lines(texts[3:6])) + b"\n"))
+    # Frame header: 4 magic bytes, the descriptor, then the window descriptor (exponent << 3):
+    # windowLog = 10 + exponent; 31 -> 32, one more than any zstd decodes.
+    assert second[5] >> 3 == 21
+    second[5] = 22 << 3
+    path = _write(tmp_path / "huge.jsonl.zst", first + bytes(second))
+    with pytest.raises(DataError, match=rf"huge.jsonl.zst: the zstd frame at byte {len(first)} declares a 4 GiB "
+                                        r"window \(zstd --long=32\); zstd decodes windows up to 2 GiB \(--long=31\)"):
+        _run(tmp_path, "huge", [path], spm_model)
+
+
 def test_parquet_input_streams_row_groups(tmp_path, texts, spm_model, reference):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -37,12 +37,15 @@ def _reference(model, tokens):
     ref = copy.deepcopy(model).double().requires_grad_(False)
     seen = {}
 
-    def resolve(x):
-        return x[0] + x[1] if isinstance(x, tuple) else x
+    def resolve(x, block):
+        if not isinstance(x, tuple):
+            return x
+        # two-stream layers: the second (un-normalised) stream; otherwise a handed-off pair h + d
+        return x[1] if block.position in ("siamese", "residual-dual") else x[0] + x[1]
 
     for block in ref.layers:
         block.register_forward_hook(lambda m, a, o: seen.__setitem__(("block", m.layer_number),
-                                                                     (resolve(a[0]), resolve(o))))
+                                                                     (resolve(a[0], m), resolve(o, m))))
         block.attn.register_forward_hook(lambda m, a, o, n=block.layer_number: seen.__setitem__(("attn", n), a[0]))
     ref.lm_head.register_forward_hook(lambda m, a, o: seen.__setitem__("logits", o))
     with torch.no_grad():
@@ -78,11 +81,13 @@ def _reference(model, tokens):
     return out
 
 
-def test_every_diagnostic_matches_a_float64_reference():
+@pytest.mark.parametrize("positions", ["post,peri,pre,lns", "siamese", "residual-dual"])
+def test_every_diagnostic_matches_a_float64_reference(positions):
     torch.manual_seed(0)
-    cfg = _config()
+    cfg = _config(norm_position=positions)
     model = build_model(cfg)
-    assert any(b.hand_off_residual for b in model.layers)  # pairs between layers are resolved
+    if positions.startswith("post"):
+        assert any(b.hand_off_residual for b in model.layers)  # pairs between layers are resolved
     before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(3)
     micro = [torch.randint(0, VOCAB, (2, SEQ + 1), generator=g) for _ in range(2)]

@@ -24,6 +24,7 @@ CASES = {  # id: (ModelConfig overrides, stock LlamaForCausalLM expected)
     "pre-no-final-norm": (dict(norm_position="pre", final_norm=False), False),
     "pre-layernorm": (dict(norm_position="pre", normalization="LayerNorm"), True),  # StableLmForCausalLM
     "siamese": (dict(norm_position="siamese"), False),
+    "siamese-hybrid_pre-layernorm": (dict(norm_position="siamese", siamese_variant="hybrid_pre", normalization="LayerNorm"), False),
     "residual-dual-layernorm-gqa": (dict(norm_position="residual-dual", normalization="LayerNorm", num_query_groups=2), False),
 }
 

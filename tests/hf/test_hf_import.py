@@ -87,6 +87,7 @@ def test_mixln_reference_layout_imports_with_equal_logits(tmp_path, kinds, flags
     dict(norm_position="mix", post_ln_layers=2, num_query_groups=2, tie_embeddings=True, final_norm=False),
     dict(norm_position="pre", scaled_embedding_init=True, rotary_base=500000.0),  # stock LlamaForCausalLM
     dict(norm_position="siamese", num_layers=3),  # two residual streams, six norms per layer, three final norms
+    dict(norm_position="siamese", siamese_variant="hybrid_pre", num_layers=2),  # four norms and c1 per layer
 ])
 def test_round_trip_is_bit_identical(tmp_path, overrides):
     from megatron_mixln.checkpoint.convert import load_plain

@@ -31,6 +31,7 @@ TP_CASES = {
     "peri_layernorm_gqa": dict(norm_position="peri", normalization="LayerNorm", num_query_groups=2),
     "post_gqa_tied": dict(norm_position="post", num_query_groups=2, tie_embeddings=True),
     "siamese": dict(norm_position="siamese", num_layers=3),
+    "siamese_hybrid_pre": dict(norm_position="siamese", siamese_variant="hybrid_pre"),
     "residual_dual_layernorm_gqa": dict(norm_position="residual-dual", normalization="LayerNorm", num_query_groups=2),
 }
 

@@ -22,7 +22,8 @@ def results():
 def _expected_norm_params(case):
     cfg = tiny_config(**TP_CASES[case])
     per_norm = 2 if cfg.normalization == "LayerNorm" else 1
-    per_layer = {"peri": 4, "siamese": 6}  # siamese: x, y and input norm per sublayer
+    # siamese post_pre: x, y and input norm per sublayer; hybrid_pre: no x or input norm before attention
+    per_layer = {"peri": 4, "siamese": 4 if cfg.siamese_variant == "hybrid_pre" else 6}
     final = {"siamese": 3}  # N_f(N_fx(x) + N_fy(y))
     norms = sum(per_layer.get(p, 2) for p in cfg.positions) + (final.get(cfg.positions[0], 1) if cfg.final_norm else 0)
     return norms * per_norm

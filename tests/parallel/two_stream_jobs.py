@@ -10,6 +10,7 @@ from megatron_mixln.parallel import initialize_model_parallel
 from parallel_jobs import _deepspeed, adamw, pipeline_engine, pipeline_train, reference_losses, sgd, tiny_config, warmup
 
 CASES = {"siamese": dict(norm_position="siamese", num_layers=4),
+         "siamese-hybrid_pre": dict(norm_position="siamese", siamese_variant="hybrid_pre", num_layers=2),
          "residual-dual": dict(norm_position="residual-dual", num_layers=4, normalization="LayerNorm")}
 
 

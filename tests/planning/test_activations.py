@@ -14,11 +14,14 @@ from megatron_mixln.model.positions import TWO_STREAM
 from megatron_mixln.planning import activation_bytes, block_activation_bytes
 from megatron_mixln.training.loss import token_losses
 
-POSITIONS = ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "mix", "post,peri,pre", "siamese", "residual-dual"]
+POSITIONS = ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "mix", "post,peri,pre", "siamese", "siamese-hybrid_pre",
+             "residual-dual"]
 B, S = 2, 16
 
 
 def _config(position, **kw):
+    if position == "siamese-hybrid_pre":  # SiameseNorm's OLMo block (--siamese-variant hybrid_pre)
+        position, kw = "siamese", {**kw, "siamese_variant": "hybrid_pre"}
     fields = dict(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_layers=3, num_attention_heads=4,
                   num_query_groups=2, seq_length=S, norm_position=position,
                   post_ln_layers=1 if position == "mix" else None, norm_impl="torch")
@@ -85,10 +88,12 @@ def test_zoo_model_activations_equal_saved_tensor_bytes(zoo, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("position", ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual"])
+@pytest.mark.parametrize("position", ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese",
+                                      "siamese-hybrid_pre", "residual-dual"])
 def test_one_block_equals_its_formula(position, dtype):
     """Each block on its own (this is also the transient peak of recomputing it in backward)."""
     cfg = _config(position)
+    position = cfg.positions[0]
     block = Block(cfg, 2).to(dtype)
     x = torch.randn(B, S, cfg.hidden_size, dtype=dtype, requires_grad=True)
     if position in TWO_STREAM:  # layer 2 of a two-stream model gets the pair of streams

@@ -64,15 +64,27 @@ def test_job_script_errors_name_the_script(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "7b", "--nodes", "3", "--tensor-model-parallel-size", "3"],
-     "--tensor-model-parallel-size 3: num_attention_heads=32 is not divisible by it"),
-    (["--preset", "7b", "--nodes", "3", "--pipeline-model-parallel-size", "3"],
-     "--pipeline-model-parallel-size 3: num_layers=32 is not divisible by it"),
+     "num_attention_heads=32 is not divisible by --tensor-model-parallel-size=3"),
+    (["--preset", "7b", "--nodes", "8", "--pipeline-model-parallel-size", "64"],
+     "num_layers=32 < --pipeline-model-parallel-size=64"),
     (["--preset", "7b", "--gpus-per-node", "6", "--tensor-model-parallel-size", "4"],
-     "world size 6 (--nodes 1 x --gpus-per-node 6) is not divisible by --tensor-model-parallel-size 4"),
+     "--tensor-model-parallel-size=4 x --pipeline-model-parallel-size=1 = 4 does not divide the world size 6 "
+     "(world size 6 = --nodes 1 x --gpus-per-node 6)"),
+    # the trainer's own start-up checks (megatron_mixln.training.startup_checks), not a copy of some of them
+    (["--preset", "7b", "--tie-embeddings", "--pipeline-model-parallel-size", "2"],
+     "--tie-embeddings with --pipeline-model-parallel-size > 1 is not supported"),
+    (["--preset", "7b", "--freeze-pad-embedding", "--tensor-model-parallel-size", "2"],
+     "--freeze-pad-embedding works with --tensor-model-parallel-size 1"),
+    (["--preset", "7b", "--residual-gate-layers", "1,2", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+     "--residual-gate-layers with --sequence-parallel"),
+    (["--preset", "7b", "--global-batch-size", "100", "--micro-batch-size", "8"],
+     "--global-batch-size 100 is not divisible by --micro-batch-size 8 x data-parallel size 8 (= 64)"),
     (["--preset", "7b", "--pipeline-model-parallel-size", "2", "--zero-stage", "3"],
      "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"),
     (["--preset", "7b", "--zero-stage", "2", "--offload-param"], "--offload-param: needs --zero-stage 3"),
     (["--preset", "7b", "--sequence-parallel"], "--sequence-parallel: needs --tensor-model-parallel-size > 1"),
+    (["--preset", "7b", "--sequence-parallel", "--tensor-model-parallel-size", "8", "--seq-length", "252"],
+     "seq_length=252 is not divisible by --tensor-model-parallel-size=8"),
     (["--preset", "7b", "--deepspeed-config", "ds_configs/zero3.json", "--zero-stage", "2"],
      '"zero_optimization.stage" is 3 but --zero-stage gives 2'),
 ])

@@ -88,7 +88,13 @@ def test_load_nothing_or_another_shape(capsys, data, tmp_path):
 
 def test_parallel_sizes_that_do_not_fit_the_world(capsys, data):
     _fails(capsys, tiny_cli_args(data, tensor_model_parallel_size=2),
-           "world size 1 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1")
+           "--tensor-model-parallel-size=2 x --pipeline-model-parallel-size=1 = 2 does not divide the world size 1")
+
+
+def test_layouts_the_planner_also_refuses(capsys, data):
+    """The same start-up checks tools/estimate_memory.py runs (megatron_mixln.training.startup_checks)."""
+    _fails(capsys, tiny_cli_args(data, global_batch_size=5), "--global-batch-size 5 is not divisible by "
+           "--micro-batch-size 2 x data-parallel size 1 (= 2)")
 
 
 def test_unknown_compile_backend(capsys, data):

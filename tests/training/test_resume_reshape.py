@@ -149,3 +149,65 @@ def test_universal_needs_zero_and_no_pipeline(runs):
     with pytest.raises(UsageError, match=r"ZeRO stage 1 on 1 data-parallel ranks; this run has ZeRO stage 2 on 2\. .*"
                                          r"convert_checkpoint\.py --input .* --tag iter_0000006 --output NEW_DIR --to universal"):
         ckpt.check_resume_layout(plain_meta, runs["ref_ckpt"], data_parallel_size=2, zero_stage=2)
+
+
+def _checkpoint_with_vocab(root, vocab: int) -> str:
+    import json
+
+    tag_dir = root / "iter_0000003"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mixln_meta.json").write_text(json.dumps({"model_config": tiny_model(vocab_size=vocab).to_dict()}))
+    (root / "latest").write_text("iter_0000003")
+    return str(root)
+
+
+def test_the_padded_vocabulary_travels_with_the_checkpoint(tmp_path):
+    """T5's 32,100 ids padded for TP=1 (multiple of 128: 32,128) stay 32,128 at TP=2, 4 and 8 (each divides it)
+    instead of becoming 32,256 / 32,512 / 33,792; a TP that cannot split the rows is refused naming the ones that can."""
+    from megatron_mixln.training.arguments import make_configs
+
+    load = _checkpoint_with_vocab(tmp_path / "ckpt", 32128)
+    from training_testlib import TINY_MODEL, TINY_TRAIN
+
+    flags = {k: v for k, v in {**TINY_MODEL, **TINY_TRAIN}.items() if k != "vocab_size"}
+    base = dict(flags, tokenizer="null:32099", load=load)
+    for tp in (1, 2, 4, 8):
+        model, _ = make_configs(dict(base, tensor_model_parallel_size=tp))
+        assert model.vocab_size == 32128, tp
+    with pytest.raises(UsageError, match=r"holds a vocabulary padded to 32128 rows, which "
+                                         r"--tensor-model-parallel-size 3 cannot split evenly: resume with "
+                                         r"--tensor-model-parallel-size 1 or 2 or 4 or 8 or 16"):
+        make_configs(dict(base, tensor_model_parallel_size=3))
+    # Without --load: the usual padding for this TP
+    model, _ = make_configs(dict(base, load=None, tensor_model_parallel_size=2))
+    assert model.vocab_size == 32256
+
+
+def _tokenizer_configs(**values):
+    """make_configs as the command line calls it: --tokenizer null:2100 (2,101 ids) and no --vocab-size."""
+    from training_testlib import TINY_MODEL, TINY_TRAIN
+
+    from megatron_mixln.training.arguments import make_configs
+
+    flags = {k: v for k, v in {**TINY_MODEL, **TINY_TRAIN}.items() if k != "vocab_size"}
+    return make_configs({**flags, **RUN, "tokenizer": "null:2100", "zero_stage": 1, **values})
+
+
+def _tp2_from_universal(rank, world_size, tmpdir, universal):
+    model, train = _tokenizer_configs(load=universal, tensor_model_parallel_size=2)
+    return {"vocab": model.vocab_size, "history": run_and_destroy(model, train, tiny_datasets())["history"]}
+
+
+@pytest.mark.slow
+def test_tp1_universal_resumes_at_tp2_with_the_checkpoints_vocabulary(single_rank, tmp_path):
+    """2,101 ids pad to 2,176 at TP 1 and to 2,304 at TP 2: the TP=2 resume keeps 2,176 (no --vocab-size by
+    hand) and continues the TP=1 curve."""
+    save = str(tmp_path / "tp1")
+    model, train = _tokenizer_configs(save=save, save_interval=STOP, keep_last=0)
+    assert model.vocab_size == 2176
+    ref = run_and_destroy(model, train, tiny_datasets())
+    universal = str(tmp_path / "universal")
+    convert_to_universal(save, universal, tag=ckpt.tag_for(STOP))
+    for result in run_spawned(_tp2_from_universal, 2, universal):
+        assert result["vocab"] == 2176
+        _same_curve(result["history"], ref["history"], range(STOP + 1, 7))

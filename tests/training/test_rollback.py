@@ -90,3 +90,95 @@ def test_monitor_and_checkpoint_choice(tmp_path):
     assert good_checkpoint_before(str(tmp_path), 11) == "iter_0000008"
     assert good_checkpoint_before(str(tmp_path), 13) == "iter_0000012"
     assert good_checkpoint_before(str(tmp_path), 4) is None
+
+
+def _events(save_dir, kind):
+    import json
+    import os
+
+    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
+        recs = [json.loads(ln) for ln in fh if ln.startswith("{")]
+    return [r for r in recs if r.get("kind") == "event" and r.get("event") == kind]
+
+
+ROLL = dict(rollback_on_spike=1.5, rollback_patience=2, rollback_lr_factor=0.5)
+
+
+def test_a_bad_update_on_a_save_step_is_rolled_past(single_rank, monkeypatch, tmp_path):
+    """LR x1000 at step 8, a save step: iter_8 holds the bad update (step 9 is the first to spike), so the
+    rollback goes to iter_4, once, and the run recovers instead of rolling back into the fault."""
+    _lr_jump(monkeypatch, at_step=8, factor=1000.0)
+    save = str(tmp_path / "a")
+    run = _run(tiny_train(**BASE, save=save, **ROLL))
+    assert [e["tag"] for e in _events(save, "rollback")] == ["iter_0000004"]
+    assert [h["step"] for h in run["history"]] == list(range(1, 11)) + list(range(5, 17))
+    assert run["stop_reason"] == "done" and run["train_state"]["rollbacks"] == 1
+    before = run["history"][6]["loss"]  # step 7, before the jump
+    assert all(h["loss"] < 1.5 * before for h in run["history"][10:]), run["history"]
+
+
+def test_preemption_mid_streak_resumes_the_streak_and_rolls_back_the_same(single_rank, monkeypatch, tmp_path):
+    """A stop save inside an open spike streak prunes nothing and carries the monitor's state: the resumed
+    run rolls back to the same checkpoint and lands on the uninterrupted run's curve."""
+    import signal
+
+    _lr_jump(monkeypatch, at_step=10, factor=1000.0)
+    whole = _run(tiny_train(**BASE, save=str(tmp_path / "whole"), **ROLL))
+    assert [e["tag"] for e in _events(str(tmp_path / "whole"), "rollback")] == ["iter_0000008"]
+
+    _lr_jump(monkeypatch, at_step=10, factor=1000.0)
+    real_step, calls = trainer.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:  # step 11: the first spiking step; the streak is open when the stop save runs
+            import os
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    save = str(tmp_path / "cut")
+    first = _run(tiny_train(**BASE, save=save, **ROLL))
+    assert first["stop_reason"] == "preempted" and [h["step"] for h in first["history"]] == list(range(1, 12))
+    import os
+
+    assert {"iter_0000004", "iter_0000008", "iter_0000011"} <= set(os.listdir(save))  # nothing pruned
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    resumed = _run(tiny_train(**BASE, save=save, load=save, **ROLL))
+    assert [e["tag"] for e in _events(save, "rollback")] == ["iter_0000008"]
+    assert [h["step"] for h in resumed["history"]] == [12] + list(range(9, 17))
+    # iter_11 (the stop save holding the spike) was deleted at the rollback; the run's own saves follow
+    assert sorted(t for t in os.listdir(save) if t.startswith("iter_")) == ["iter_0000012", "iter_0000016"]
+    assert resumed["train_state"] == whole["train_state"]
+    for got, want in zip(resumed["history"], whole["history"][11:]):
+        assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_a_damaged_rollback_target_is_passed_over(single_rank, monkeypatch, tmp_path):
+    """The rollback verifies its target like --load: iter_8 with one flipped bit is skipped (a warning
+    names it), iter_4 is used."""
+    import os
+
+    _lr_jump(monkeypatch, at_step=10, factor=1000.0)
+    save = str(tmp_path / "d")
+    real_step, calls = trainer.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:  # iter_8 exists; the rollback comes at step 12
+            tag_dir = os.path.join(save, "iter_0000008")
+            name = next(f for f in sorted(os.listdir(tag_dir)) if f.endswith("model_states.pt"))
+            with open(os.path.join(tag_dir, name), "r+b") as fh:
+                fh.seek(os.path.getsize(os.path.join(tag_dir, name)) // 2)
+                byte = fh.read(1)
+                fh.seek(-1, 1)
+                fh.write(bytes([byte[0] ^ 1]))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    run = _run(tiny_train(**BASE, save=save, **ROLL))
+    skipped = _events(save, "checkpoint_skipped")
+    assert [e["tag"] for e in skipped] == ["iter_0000008"] and "checksum" in skipped[0]["problem"], skipped
+    assert [e["tag"] for e in _events(save, "rollback")] == ["iter_0000004"]
+    assert [h["step"] for h in run["history"]] == list(range(1, 13)) + list(range(5, 17))

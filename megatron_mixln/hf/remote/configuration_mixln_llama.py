@@ -20,6 +20,8 @@ Two residual streams (every layer or none; both start as the embedding), per sub
 
     siamese        x <- Nx(x); o = F(Nin(x + Ny(y))); x <- x + o/sqrt(2l); y <- y + o   (SiameseNorm, arXiv 2602.08064)
                    LM-head input Nf(Nfx(x) + Nfy(y))
+                   siamese_variant "hybrid_pre": the attention's input is c1*x + Ny(y) instead (c1 a learnable
+                   per-channel gain, no Nx and no Nin before attention); the MLP as above
     residual-dual  o = F(x); x <- N(x + o); d <- d + o                                 (ResiDual, arXiv 2304.14802)
                    LM-head input x + Nd(d)
 
@@ -36,6 +38,7 @@ Fields beyond LlamaConfig's:
     hybrid_ffn_residual_after_norm  see hybrid above
     dyt_bias           DyT norms have a bias
     final_norm         whether a norm precedes the LM head
+    siamese_variant    SiameseNorm block: "post_pre" (default) or "hybrid_pre" (the official code's MODEL_TYPE)
     real_vocab_size    the tokenizer's vocabulary (vocab_size is the padded embedding size)
     mixln_model_config the training stack's full model config, verbatim (for the way back)
 """
@@ -49,6 +52,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual",
                   "reordered", "hybrid", "hybrid-first")
 TWO_STREAM = ("siamese", "residual-dual")
+SIAMESE_VARIANTS = ("post_pre", "hybrid_pre")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm", "DyT", "Derf")
 QK_NORMS = ("none", "head", "full")
 
@@ -77,6 +81,7 @@ class MixLNLlamaConfig(LlamaConfig):
     layer_numbers: list | None = None
     normalization: str = "RMSNorm"
     final_norm: bool = True
+    siamese_variant: str = "post_pre"
     qk_norm: str = "none"
     qk_norm_per_head_gain: bool = False
     hybrid_ffn_residual_after_norm: bool = True
@@ -112,6 +117,9 @@ class MixLNLlamaConfig(LlamaConfig):
                              "through the whole model; it must be the position of every layer")
         if streams and not self.final_norm:
             raise ValueError("config.json: final_norm: a two-stream model needs its final norms")
+        if self.siamese_variant not in SIAMESE_VARIANTS:
+            raise ValueError(f"config.json: siamese_variant: unknown {self.siamese_variant!r}; "
+                             f"allowed: {', '.join(SIAMESE_VARIANTS)}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
         if self.qk_norm not in QK_NORMS:

@@ -18,7 +18,8 @@ does not fix a role; the position does (the reference code's "post_attention_lay
     residual-dual        -                 after the attention add    -                          after the MLP add
 
 siamese layers name their six norms attn_x_layernorm, attn_y_layernorm, input_layernorm (attention input),
-mlp_x_layernorm, mlp_y_layernorm, post_attention_layernorm (MLP input). Two-stream layers (siamese,
+mlp_x_layernorm, mlp_y_layernorm, post_attention_layernorm (MLP input); with siamese_variant "hybrid_pre"
+the first and third are absent and attn_x_scale.weight (c1) multiplies x in the attention input. Two-stream layers (siamese,
 residual-dual) take and return the pair of residual streams (x, y) as `hidden_states` (the first layer
 gets the embedding and starts both from it); the final norm module (`model.norm`) combines the pair, and
 `output_hidden_states` reports the x stream.
@@ -52,8 +53,17 @@ from .configuration_mixln_llama import MixLNLlamaConfig
 PRE_LIKE = ("pre", "lns", "hybrid-first")
 POST_LIKE = ("post", "deepnorm", "deeppost", "residual-dual")
 QKV_NORM_POSITIONS = ("hybrid", "hybrid-first")
-SIAMESE_NORMS = ("attn_x_layernorm", "attn_y_layernorm", "input_layernorm",
-                 "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm")
+SIAMESE_NORMS = {"post_pre": ("attn_x_layernorm", "attn_y_layernorm", "input_layernorm",
+                              "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm"),
+                 "hybrid_pre": ("attn_y_layernorm", "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm")}
+
+
+class MixLNChannelScale(nn.Module):
+    """SiameseNorm hybrid_pre's c1: a learnable gain per channel, weight (hidden,)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
 FINAL_NORMS = {"siamese": ("x_norm", "y_norm", "out_norm"), "residual-dual": ("d_norm",)}
 
 
@@ -168,8 +178,11 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         elif self.position == "hybrid":
             self.post_attention_layernorm = norm()
         elif self.position == "siamese":
-            for name in SIAMESE_NORMS:
+            self.siamese_variant = config.siamese_variant
+            for name in SIAMESE_NORMS[self.siamese_variant]:
                 setattr(self, name, norm())
+            if self.siamese_variant == "hybrid_pre":
+                self.attn_x_scale = MixLNChannelScale(config.hidden_size)
         elif self.position in POST_LIKE + ("reordered",):
             self.post_attention_layernorm, self.post_feedforward_layernorm = norm(), norm()
         else:  # peri
@@ -188,8 +201,11 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         x, a, s = hidden_states, self.residual_scale, self.output_scale
         if self.position == "siamese":
             x, y = x if isinstance(x, tuple) else (x, x)
-            x = self.attn_x_layernorm(x)
-            o = attn(add_norm(self.attn_y_layernorm(y), x, self.input_layernorm)[0])  # Nin(x + Ny(y))
+            if self.siamese_variant == "hybrid_pre":
+                o = attn(torch.addcmul(self.attn_y_layernorm(y), self.attn_x_scale.weight, x))  # c1*x + Ny(y)
+            else:
+                x = self.attn_x_layernorm(x)
+                o = attn(add_norm(self.attn_y_layernorm(y), x, self.input_layernorm)[0])  # Nin(x + Ny(y))
             x = add_norm(o * self.stream_scale, x, self.mlp_x_layernorm)[0]  # Nx'(x + o/c)
             y_normed, y = add_norm(o, y, self.mlp_y_layernorm)  # (Ny'(y + o), y + o)
             o = self.mlp(add_norm(y_normed, x, self.post_attention_layernorm)[0])
