@@ -40,14 +40,20 @@ def summarize(cfg: ModelConfig) -> str:
         f"{cfg.num_attention_heads} (kv {cfg.num_query_groups}), vocab {cfg.vocab_size}, "
         f"{cfg.normalization}, tied={cfg.tie_embeddings}, final_norm={cfg.final_norm}",
         f"norm positions: {cfg.positions_str}",
+    ]
+    if cfg.zoo_options():  # docs/norm-zoo.md
+        pointwise = f", alpha init attn/ffn/final {cfg.dyt_alpha_init}" if cfg.norm_kind in ("dyt", "derf") else ""
+        lines.append(f"norm zoo: qk-norm {cfg.qk_norm}{' (per-head gain)' if cfg.qk_norm_per_head_gain else ''}"
+                     f"{pointwise}")
+    lines += [
         "",
-        f"{'layer':>5}  {'position':<9} {'residual a':>10} {'out scale':>9} {'params':>14}",
+        f"{'layer':>5}  {'position':<12} {'residual a':>10} {'out scale':>9} {'norm params':>11} {'params':>14}",
     ]
     for block in model.layers:
         n = sum(p.numel() for p in block.parameters())
-        lines.append(
-            f"{block.layer_number:>5}  {block.position:<9} {block.residual_scale:>10.4f} {block.out_scale:>9.4f} {n:>14,}"
-        )
+        norms = sum(p.numel() for name, p in block.named_parameters() if "norm" in name)  # residual and q/k/v norms
+        lines.append(f"{block.layer_number:>5}  {block.position:<12} {block.residual_scale:>10.4f} "
+                     f"{block.out_scale:>9.4f} {norms:>11,} {n:>14,}")
     lines += [
         "",
         f"parameters: {total:,} total, {no_embed:,} without embeddings",

@@ -25,6 +25,9 @@ from megatron_mixln.model import ModelConfig
 # What makes two models incompatible (the shapes of their parameters, or what the layers compute).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                 "num_query_groups", "normalization", "tie_embeddings", "final_norm")
+# The norm zoo's (docs/norm-zoo.md), with the value a checkpoint written before them implies.
+ZOO_FIELDS = {"qk_norm": "none", "qk_norm_per_head_gain": False, "dyt_bias": False,
+              "hybrid_ffn_residual_after_norm": True}
 
 
 def candidate_tags(load_dir: str) -> list[str]:
@@ -94,6 +97,8 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     meta["tag"], meta["skipped"] = candidate, skipped
     saved, current = meta["model_config"], model_config.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
+    diffs += [f"{k}: checkpoint {saved.get(k, d)!r} vs now {current[k]!r}" for k, d in ZOO_FIELDS.items()
+              if saved.get(k, d) != current[k]]
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")

@@ -18,7 +18,7 @@ import shutil
 import torch
 
 from megatron_mixln.checkpoint.reader import read_full_state_dict
-from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, is_stock_llama
+from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, stock_class
 from megatron_mixln.hf.mapping import to_hf_state_dict
 from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
 from megatron_mixln.hf.outdir import check_output, staged_directory
@@ -82,15 +82,17 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
         raise ValueError(f"{checkpoint}: no model config (neither config.json nor the trainer's "
                          "client_state['mixln']['model_config']); pass --config FILE")
     _checked_model_config(plain, config, checkpoint)
+    stock = stock_class(config)  # None: the custom modeling file (every position and norm-zoo option)
     summary = training_summary(meta)
     tok_spec = tokenizer or (summary.get("training_config") or {}).get("tokenizer")
     tok, ids = (None, {}) if not tok_spec or tok_spec.startswith("null:") else load_tokenizer(
         tok_spec, config.vocab_size, "--tokenizer" if tokenizer else f"{checkpoint} (training_config.tokenizer)")
     stored = {v: k for k, v in TORCH_DTYPES.items()}.get(plain["embed.weight"].dtype, "fp32")
     dtype = dtype or stored
-    custom = always_custom or not is_stock_llama(config)
-    hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom)
-    tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in to_hf_state_dict(plain, config).items()}
+    custom = always_custom or stock is None
+    hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom, stock or "")
+    hf_plain = to_hf_state_dict(plain, config, fold_lns=not custom)  # lns -> stock Llama: 1/sqrt(l) into the gains
+    tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in hf_plain.items()}
     training = summary.get("training_config") or {}
     ppl = last_validation_ppl(training.get("run_dir") or training.get("save") or checkpoint, summary.get("iteration"))
 

@@ -13,14 +13,36 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_mixln_llama.MixLNLlamaForCausalLM",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Stock transformers families that are norm-zoo models (docs/norm-zoo.md): model_type -> ModelConfig fields.
+STOCK_ZOO = {"olmo2": dict(norm_position="reordered", qk_norm="full"), "qwen3": dict(norm_position="pre", qk_norm="head"),
+             "stablelm": dict(norm_position="pre", normalization="LayerNorm")}
+# Stock fields that must hold these values for the class to be this stack's model.
+STOCK_REQUIRES = {"stablelm": dict(use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False)}
 
 
-def is_stock_llama(config) -> bool:
-    """All layers pre, RMSNorm, a final norm: exactly transformers' LlamaForCausalLM."""
-    return set(config.positions) == {"pre"} and config.normalization == "RMSNorm" and config.final_norm
+def stock_class(config) -> str | None:
+    """The transformers class that computes `config` (ModelConfig) exactly without remote code, or None:
+    pre (and lns, whose 1/sqrt(l) folds into the gains) -> LlamaForCausalLM; pre + --qk-norm head ->
+    Qwen3ForCausalLM; reordered + --qk-norm full -> Olmo2ForCausalLM (RMSNorm, a final norm, shared QK gains);
+    pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary)."""
+    if not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False):
+        return None
+    positions, qk = set(config.positions), getattr(config, "qk_norm", "none")
+    if config.normalization == "LayerNorm":
+        return "StableLmForCausalLM" if positions <= {"pre", "lns"} and qk == "none" else None
+    if config.normalization != "RMSNorm":
+        return None
+    if positions <= {"pre", "lns"} and qk == "none":
+        return "LlamaForCausalLM"
+    if positions == {"pre"} and qk == "head":
+        return "Qwen3ForCausalLM"
+    if positions == {"reordered"} and qk == "full":
+        return "Olmo2ForCausalLM"
+    return None
 
 
-def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int | None, custom: bool):
+def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int | None, custom: bool,
+                    stock: str = "LlamaForCausalLM"):
     """A transformers config object for `config` (ModelConfig). special_ids: bos/eos/pad token ids or None.
 
     Raises ValueError for a model with learnable residual gates (--residual-gate-layers): the exported
@@ -38,10 +60,33 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         attention_bias=False, mlp_bias=False,
         bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad"),
     )
-    if not custom:
+    if not custom and stock == "Olmo2ForCausalLM":
+        from transformers import Olmo2Config
+
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "mlp_bias")}  # Olmo2: head_dim = h/heads
+        hf = Olmo2Config(**common, mixln_model_config=config.to_dict())
+        hf.architectures = [stock]
+    elif not custom and stock == "StableLmForCausalLM":
+        from transformers import StableLmConfig
+
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "mlp_bias", "attention_bias", "rms_norm_eps")}
+        common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
+        recorded = config.replace(norm_position="pre") if "lns" in config.positions else config  # lns folded
+        hf = StableLmConfig(**common, layer_norm_eps=config.norm_epsilon, use_qkv_bias=False, qk_layernorm=False,
+                            use_parallel_residual=False, mixln_model_config=recorded.to_dict())
+        hf.architectures = [stock]
+    elif not custom and stock == "Qwen3ForCausalLM":
+        from transformers import Qwen3Config
+
+        common = {k: v for k, v in common.items() if k != "mlp_bias"}
+        hf = Qwen3Config(**common, use_sliding_window=False, mixln_model_config=config.to_dict())
+        hf.architectures = [stock]
+    elif not custom:
         from transformers import LlamaConfig
 
-        hf = LlamaConfig(**common, mixln_model_config=config.to_dict())  # extra field: kept, ignored by transformers
+        # lns layers are exported with 1/sqrt(l) folded into their gains: what the file holds is a pre model
+        recorded = config.replace(norm_position="pre") if "lns" in config.positions else config
+        hf = LlamaConfig(**common, mixln_model_config=recorded.to_dict())  # extra field: kept, ignored by transformers
         hf.architectures = ["LlamaForCausalLM"]
     else:
         from megatron_mixln.hf.remote.configuration_mixln_llama import MixLNLlamaConfig
@@ -51,7 +96,9 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
             **common, norm_positions=list(config.positions), residual_scales=residual, output_scales=output,
             layer_numbers=list(range(1, config.num_layers + 1)), normalization=config.normalization,
             final_norm=config.final_norm, real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
-            mixln_model_config=config.to_dict())
+            mixln_model_config=config.to_dict(),
+            qk_norm=config.qk_norm, qk_norm_per_head_gain=config.qk_norm_per_head_gain,
+            hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias)
         hf.architectures = ["MixLNLlamaForCausalLM"]
         hf.auto_map = dict(AUTO_MAP)
     hf.dtype = DTYPES[dtype]
@@ -80,9 +127,21 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
 
     where = os.path.join(path, "config.json")
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") not in ("llama", "mixln_llama") and "LlamaForCausalLM" not in archs:
+    zoo = STOCK_ZOO.get(cfg.get("model_type"), {})  # Olmo2 / Qwen3: a position and QK-norm of the norm zoo
+    if not zoo and cfg.get("model_type") not in ("llama", "mixln_llama") and "LlamaForCausalLM" not in archs:
         raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaMA-shaped "
-                         "(expected 'llama' or 'mixln_llama')")
+                         f"(expected 'llama', 'mixln_llama', {', '.join(repr(k) for k in STOCK_ZOO)})")
+    if zoo and norm_position is not None:
+        raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} fixes the norm position "
+                         f"({zoo['norm_position']}); drop --norm-position")
+    for field, want in STOCK_REQUIRES.get(cfg.get("model_type"), {}).items():
+        if cfg.get(field, want) != want:
+            raise ValueError(f"{where}: {field} is {cfg.get(field)!r}; only {want!r} is supported here")
+    if zoo and float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor must be 1.0 (RoPE on the whole head) here")
+    if cfg.get("use_sliding_window") or (cfg.get("model_type") == "qwen3" and cfg.get("sliding_window")
+                                         and cfg.get("use_sliding_window") is not False):
+        raise ValueError(f"{where}: use_sliding_window is set; only full causal attention is supported here")
     for field, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(field, want) != want:
             raise ValueError(f"{where}: {field} is {cfg.get(field)!r}; only {want!r} is LLaMA-shaped here")
@@ -98,6 +157,8 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
         raise ValueError(f"{where}: head_dim {head_dim} x num_attention_heads != hidden_size (not supported)")
     saved = cfg.get("mixln_model_config")
     L = cfg["num_hidden_layers"]
+    if zoo and not isinstance(saved, dict):
+        norm_position, post_ln_layers = zoo["norm_position"], None
     saved_positions = cfg.get("norm_positions")
     if norm_position is not None and saved_positions is not None:
         from megatron_mixln.model.positions import resolve_positions
@@ -131,10 +192,11 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
             num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             seq_length=int(cfg.get("max_position_embeddings") or 2048),
             rotary_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            normalization=cfg.get("normalization", "RMSNorm"),
-            norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+            normalization=zoo.get("normalization", cfg.get("normalization", "RMSNorm")),
+            norm_epsilon=float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6))),
             norm_position=norm_position or "pre", post_ln_layers=post_ln_layers,
             final_norm=bool(cfg.get("final_norm", True)),
+            qk_norm=zoo.get("qk_norm", "none"),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             init_method_std=float(cfg.get("initializer_range", 0.02)),
         )

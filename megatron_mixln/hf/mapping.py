@@ -18,7 +18,7 @@ from __future__ import annotations
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
 from megatron_mixln.model.two_stream import FINAL_NORMS, layer_form
 
-PRE_LIKE, POST_LIKE = ("pre", "lns"), ("post", "deepnorm", "deeppost", "residual-dual")
+PRE_LIKE, POST_LIKE = ("pre", "lns", "hybrid-first"), ("post", "deepnorm", "deeppost", "residual-dual")
 NORM_NAMES = {
     "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     "post": {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"},
@@ -28,25 +28,30 @@ NORM_NAMES = {
                 "mlp_x_norm": "mlp_x_layernorm", "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm"},
     "siamese-hybrid_pre": {"attn_y_norm": "attn_y_layernorm", "mlp_x_norm": "mlp_x_layernorm",
                            "mlp_y_norm": "mlp_y_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "hybrid": {"mlp_norm": "post_attention_layernorm"},  # HybridNorm's one residual-stream norm, after the attention add
 }
 SCALE_NAMES = {"siamese-hybrid_pre": {"attn_x_scale.weight": "attn_x_scale.weight"}}  # its c1
+NORM_PARAMS = ("weight", "bias", "alpha", "shift")  # RMSNorm/LayerNorm: weight (bias); DyT/Derf add alpha (shift)
 ALL_HF_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
                 "attn_x_layernorm", "attn_y_layernorm", "mlp_x_layernorm", "mlp_y_layernorm")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers (and the reference code) saved
 
 
 def family(position: str, siamese_variant: str = "post_pre") -> str:
-    """The NORM_NAMES row of a position (residual-dual's two norms sit where post's do; SiameseNorm's
-    hybrid_pre has its own)."""
-    return "pre" if position in PRE_LIKE else "post" if position in POST_LIKE else layer_form(position, siamese_variant)
+    """The NORM_NAMES row of a position (residual-dual's two norms sit where post's do, and reordered's (OLMo 2)
+    as Olmo2 names them; SiameseNorm's hybrid_pre has its own)."""
+    if position in POST_LIKE + ("reordered",):
+        return "post"
+    return "pre" if position in PRE_LIKE else layer_form(position, siamese_variant)
 
 
 def layer_name_map(position: str, siamese_variant: str = "post_pre") -> dict[str, str]:
     """Suffix map of one layer, ours -> HF (without the "layers.i." / "model.layers.i." prefixes)."""
     out = {f"attn.{p}.weight": f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     out.update({f"mlp.{p}.weight": f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")})
+    out.update({f"attn.{n}.{p}": f"self_attn.{n}.{p}" for n in ("q_norm", "k_norm", "v_norm") for p in NORM_PARAMS})
     for ours, hf in NORM_NAMES[family(position, siamese_variant)].items():
-        out[f"{ours}.weight"], out[f"{ours}.bias"] = f"{hf}.weight", f"{hf}.bias"
+        out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
     out.update(SCALE_NAMES.get(family(position, siamese_variant), {}))
     return out
 
@@ -60,14 +65,16 @@ def full_name_map(positions, final_norm: bool = True, tied: bool = False,
     if final_norm:
         for sub in FINAL_NORMS.get(positions[0], ("",)):  # a two-stream model's final norms: model.norm.<sub>
             ours, hf = ("final_norm", "model.norm") if not sub else (f"final_norm.{sub}", f"model.norm.{sub}")
-            out[f"{ours}.weight"], out[f"{ours}.bias"] = f"{hf}.weight", f"{hf}.bias"
+            out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
     if not tied:
         out["lm_head.weight"] = "lm_head.weight"
     return out
 
 
-def to_hf_state_dict(plain: dict, config) -> dict:
-    """Our full state dict -> HF names (tied head dropped). Tensors are the same objects."""
+def to_hf_state_dict(plain: dict, config, fold_lns: bool = False) -> dict:
+    """Our full state dict -> HF names (tied head dropped). Tensors are the same objects, except with
+    `fold_lns` (export of lns layers to a stock Pre-LN class): an lns layer's norm gains are multiplied by
+    its 1/sqrt(l), which is exact (RMSNorm(x)*g*s = RMSNorm(x)*(g*s); the final norm is not scaled)."""
     names = full_name_map(config.positions, config.final_norm, config.tie_embeddings, config.siamese_variant)
     out = {}
     for key, value in plain.items():
@@ -75,6 +82,9 @@ def to_hf_state_dict(plain: dict, config) -> dict:
             continue
         if key not in names:
             raise ValueError(f"state dict: unexpected key {key!r} for positions {config.positions_str}")
+        parts = key.split(".")
+        if fold_lns and parts[0] == "layers" and parts[2] in ("attn_norm", "mlp_norm"):
+            value = value * lns_scale(config.positions[int(parts[1])], int(parts[1]) + 1)
         out[names[key]] = value
     return out
 

@@ -28,10 +28,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     """q/k/v/o projections without bias. Head counts are read from the projection shapes in
-    forward, so tensor parallelism can swap in sharded linears without touching this code."""
+    forward, so tensor parallelism can swap in sharded linears without touching this code.
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rotary_base: float):
+    Optional `q_norm`, `k_norm`, `v_norm` (QKNorm modules, HF's names) normalise the projection
+    outputs before RoPE: QK-norm (Qwen3 per head, OLMo 2 over the whole projection) and HybridNorm's
+    QKV-norm."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rotary_base: float,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, v_norm: nn.Module | None = None):
         super().__init__()
+        self.q_norm, self.k_norm, self.v_norm = q_norm, k_norm, v_norm
         self.head_dim = hidden_size // num_heads
         self.rotary_base = rotary_base
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
@@ -41,6 +47,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         batch, seq = q.shape[0], q.shape[1]
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)

@@ -7,24 +7,26 @@ from torch import nn
 from megatron_mixln.model.attention import Attention
 from megatron_mixln.model.config import ModelConfig
 from megatron_mixln.model.mlp import SwiGLU
-from megatron_mixln.model.norms import Norm
-from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
+from megatron_mixln.model.norms import Norm, QKNorm, make_norm
+from megatron_mixln.model.positions import QKV_NORM_POSITIONS, deepnorm_alpha, lns_scale
 from megatron_mixln.model.two_stream import (LAYER_NORMS, LAYER_SCALES, FORWARDS, ChannelScale, TwoStreamFinalNorm,
                                               layer_form)
 
-PRE_LIKE = ("pre", "lns")  # norm before each sublayer, residual stream un-normalised
+PRE_LIKE = ("pre", "lns", "hybrid-first")  # norm before each sublayer, residual stream un-normalised
 POST_LIKE = ("post", "deepnorm", "deeppost")  # norm after each residual add
 # Cross-block fusion: a layer ending in `h + d` can leave that add to the next layer when the next
 # one starts with a norm of its (un-normalised) input -- add_norm(d, residual=h) does both at once.
-ENDS_WITH_ADD = ("pre", "lns", "peri")
-STARTS_WITH_NORM = ("pre", "lns", "peri")
+ENDS_WITH_ADD = ("pre", "lns", "peri", "reordered", "hybrid", "hybrid-first")
+STARTS_WITH_NORM = ("pre", "lns", "peri", "hybrid-first")
 # every norm of a layer, by form (default: attn_norm and mlp_norm, which make the sublayers' inputs or
-# follow their adds); a form is the position, or the SiameseNorm variant (two_stream.layer_form)
-BLOCK_NORMS = {"peri": ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm"), **LAYER_NORMS}
+# follow their adds); a form is the position, or the SiameseNorm variant (two_stream.layer_form).
+# HybridNorm's attention has no input norm (q/k/v norms instead, see qkv_norms).
+BLOCK_NORMS = {"peri": ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm"), "hybrid": ("mlp_norm",),
+               **LAYER_NORMS}
 
 
 def norms_per_layer(position: str, siamese_variant: str = "post_pre") -> int:
-    """Norm modules of one layer at `position` (2; 4 for peri; 6 for siamese post_pre, 4 for hybrid_pre)."""
+    """Norm modules of one layer at `position` (2; 4 for peri; 6 for siamese post_pre, 4 for hybrid_pre; 1 for hybrid)."""
     return len(BLOCK_NORMS.get(layer_form(position, siamese_variant), ("attn_norm", "mlp_norm")))
 
 
@@ -61,6 +63,18 @@ class Block(nn.Module):
     and never hands off (its output is already normalised), so every boundary -- pre->pre, pre->post,
     post->pre, peri, lns, a pipeline stage's edge -- computes exactly the unfused sums.
 
+    Zoo positions (docs/norm-zoo.md):
+
+        reordered (OLMo 2):             hybrid (HybridNorm):                  hybrid-first (HybridNorm*'s
+          x ──┬── Attn ─ N ─┐             x ──┬── Attn(q,k,v normed) ─┐        block 1): pre with q/k/v
+              └────────────(+)                └──────────────────────(+) ─ N ─ u      norms per head
+          h ──┬── MLP ── N ─┐             u ──┬── MLP ─┐
+              └────────────(+) ─ y            └───────(+) ─ y       (--no-hybrid-ffn-residual-after-norm:
+                                                                      y = N(h + MLP(h)), h = x + Attn)
+
+    --qk-norm head|full adds q_norm/k_norm inside any position's attention (hybrid positions always
+    norm q, k and v per head).
+
     Two-stream positions (siamese, residual-dual) take and return a pair of residual streams; their
     forwards, with diagrams, are in `two_stream.py` (FORWARDS). They never hand off an add.
 
@@ -75,15 +89,17 @@ class Block(nn.Module):
         self.residual_scale = deepnorm_alpha(self.position, config.num_layers)
         self.out_scale = lns_scale(self.position, layer_number)
         self.hand_off_residual = False  # see plan_residual_handoff
+        self.ffn_residual_after_norm = config.hybrid_ffn_residual_after_norm
+        self.ends_with_add = self.position in ENDS_WITH_ADD and not (
+            self.position == "hybrid" and not self.ffn_residual_after_norm)
+        self.starts_with_norm = self.position in STARTS_WITH_NORM
 
-        def norm():
-            return Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
-
-        self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups, config.rotary_base)
+        self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups,
+                              config.rotary_base, **qkv_norms(config, self.position))
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
         self.form = layer_form(self.position, config.siamese_variant)
         for name in BLOCK_NORMS.get(self.form, ("attn_norm", "mlp_norm")):
-            setattr(self, name, norm())
+            setattr(self, name, make_norm(config, "attn" if name.startswith("attn") else "ffn"))
         for name in LAYER_SCALES.get(self.form, ()):
             setattr(self, name, ChannelScale(config.hidden_size))
         self.gated = layer_number in config.gated_layers
@@ -112,6 +128,21 @@ class Block(nn.Module):
             h, _ = self.attn_norm(self.attn(x), residual=x, residual_scale=self.residual_scale)
             y, _ = self.mlp_norm(self.mlp(h), residual=h, residual_scale=self.residual_scale)
             return y
+        if self.position == "reordered":
+            if pending is not None:
+                x = x + pending
+            h = self.attn_norm.then_add(self.attn(x), x)  # h = x + N(Attn(x))
+            mlp_out = self.mlp(h)
+            return (h, self.mlp_norm(mlp_out)) if self.hand_off_residual else self.mlp_norm.then_add(mlp_out, h)
+        if self.position == "hybrid":
+            if pending is not None:
+                x = x + pending
+            attn_out = self.attn(x)  # q, k, v normed per head inside
+            if not self.ffn_residual_after_norm:  # textbook Post-Norm FFN
+                h = x + attn_out
+                return self.mlp_norm(self.mlp(h), residual=h)[0]  # y = N(h + MLP(h))
+            u, _ = self.mlp_norm(attn_out, residual=x)  # u = N(x + Attn(x))
+            return self._last_add(u, self.mlp(u))
         # peri: the MLP's input norm is fused with the attention residual add.
         attn_in, x = first_norm(self.attn_norm, x, pending)
         mlp_in, h = self.mlp_norm(self.attn_out_norm(self.attn(attn_in)), residual=x)  # h = x + N(attn_out)
@@ -125,6 +156,19 @@ class Block(nn.Module):
         gated = ", gated" if self.gated else ""
         form = f", form={self.form}" if self.form != self.position else ""
         return f"layer_number={self.layer_number}, position={self.position}{form}{handoff}{gated}"
+
+
+def qkv_norms(config: ModelConfig, position: str) -> dict:
+    """The q_norm/k_norm (and, on hybrid positions, v_norm) QKNorm modules of one layer's attention, by name."""
+    hybrid = position in QKV_NORM_POSITIONS
+    mode = "head" if hybrid else config.qk_norm
+    if mode == "none":
+        return {}
+    heads = {"q_norm": config.num_attention_heads, "k_norm": config.num_query_groups, "v_norm": config.num_query_groups}
+    alpha = config.dyt_alpha_inits[0]
+    return {name: QKNorm(heads[name], config.head_dim, mode, config.norm_kind, config.norm_epsilon,
+                         config.qk_norm_per_head_gain, alpha, bias=True if config.dyt_bias else None)
+            for name in (("q_norm", "k_norm", "v_norm") if hybrid else ("q_norm", "k_norm"))}
 
 
 def first_norm(norm: Norm, x, pending, out_scale: float = 1.0):
@@ -148,9 +192,9 @@ def resolve_stream(x, norm: nn.Module | None = None):
 
 def plan_residual_handoff(blocks, then_norm: bool) -> None:
     """Decide, once, which of these consecutive blocks hand their last residual add to the next one:
-    those ending with an add (pre, lns, peri) whose next block starts with a norm (pre, lns, peri);
+    those ending with an add (ENDS_WITH_ADD) whose next block starts with a norm (STARTS_WITH_NORM);
     the last block when `then_norm` (a final norm follows it in the same process/stage)."""
     blocks = list(blocks)
     for i, block in enumerate(blocks):
-        takes = blocks[i + 1].position in STARTS_WITH_NORM if i + 1 < len(blocks) else then_norm
-        block.hand_off_residual = block.position in ENDS_WITH_ADD and takes
+        takes = blocks[i + 1].starts_with_norm if i + 1 < len(blocks) else then_norm
+        block.hand_off_residual = block.ends_with_add and takes

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from megatron_mixln.model.positions import POSITIONS, TWO_STREAM, format_positions, resolve_positions, select_layers
+from megatron_mixln.kernels.add_norm import POINTWISE_IMPLS, POINTWISE_KINDS
+from megatron_mixln.model.positions import (POSITIONS, QKV_NORM_POSITIONS, TWO_STREAM, ZOO_POSITIONS, format_positions,
+                                            resolve_positions, select_layers)
 from megatron_mixln.model.presets import preset
 from megatron_mixln.model.two_stream import SIAMESE_VARIANTS
 
-NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm"}
+NORMALIZATIONS = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm", "dyt": "DyT", "derf": "Derf"}  # kind -> flag value
+QK_NORMS = ("none", "head", "full")
+# DyT's LLaMA initial alphas (attention, FFN, final norms): jiachenzhu/DyT other_tasks/LLaMA, its 7B
+# command (its smallest size; 13B uses 0.6,0.15,0.15, 34B/70B 0.2,0.05,0.05; its config default is 1,1,1).
+DYT_ALPHA_INIT = "0.8,0.2,0.2"
 
 
 def _help(text: str, **kw):
@@ -26,14 +32,25 @@ class ModelConfig:
     seq_length: int = _help("maximum sequence length", default=256)
     rotary_base: float = _help("RoPE base", default=10000.0)
     # --- norms and their positions ---
-    normalization: str = _help("RMSNorm or LayerNorm", default="RMSNorm")
+    normalization: str = _help("RMSNorm, LayerNorm, or the pointwise DyT / Derf (no statistics)", default="RMSNorm")
     norm_epsilon: float = _help("epsilon of every norm", default=1e-6)
     norm_position: str = _help(
-        f"one of {', '.join(POSITIONS)}, 'mix' (Mix-LN), or a per-layer list such as 'post*3,pre*9'", default="pre"
+        f"one of {', '.join(POSITIONS)}, 'mix' (Mix-LN), 'hybridnorm-star' (HybridNorm*), or a per-layer list such as 'post*3,pre*9'", default="pre"
     )
     post_ln_layers: int | None = _help("mix: number of leading Post-LN layers k (overrides the fraction)", default=None)
     post_ln_fraction: float = _help("mix: k = floor(fraction * num_layers)", default=0.25)
     final_norm: bool = _help("norm before the LM head", default=True)
+    qk_norm: str = _help("norm of q and k before RoPE: none, head (over each head's head_dim, Qwen3) or full "
+                         "(over the whole q / k projection, OLMo 2)", default="none")
+    qk_norm_per_head_gain: bool = _help("head QK-norm (and HybridNorm's q/k/v norms): one gain per head instead "
+                                        "of one shared by all heads", default=False)
+    hybrid_ffn_residual_after_norm: bool = _help(
+        "hybrid layers' FFN: u = N(h); y = u + FFN(u) (HybridNorm's code, ffn_residual_after_norm); "
+        "--no-hybrid-ffn-residual-after-norm: textbook Post-Norm y = N(h + FFN(h))", default=True)
+    dyt_alpha_init: str = _help("DyT/Derf: initial alpha of the attention, FFN and final norms "
+                                "(DyT's LLaMA code)", default=DYT_ALPHA_INIT)
+    dyt_bias: bool = _help("DyT: add the bias beta (the paper's general form; its LLaMA code has none)",
+                           default=False)
     siamese_variant: str = _help(
         "SiameseNorm block, as the official code's MODEL_TYPE: post_pre (x normed before each sublayer, which "
         "sees N_in(x + N_y(y)); the DeiT/DiT code) or hybrid_pre (the attention sees c1*x + N_y(y), c1 a "
@@ -82,10 +99,10 @@ class ModelConfig:
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError(f"hidden_size/num_attention_heads: head dim must be even for RoPE")
-        kind = NORMALIZATIONS.get(self.normalization.lower())
-        if kind is None:
-            raise ValueError(f"normalization: unknown {self.normalization!r}; allowed: RMSNorm, LayerNorm")
-        self.normalization = "RMSNorm" if kind == "rmsnorm" else "LayerNorm"
+        name = NORMALIZATIONS.get(self.normalization.lower())
+        if name is None:
+            raise ValueError(f"--normalization: unknown {self.normalization!r}; allowed: {', '.join(NORMALIZATIONS.values())}")
+        self.normalization = name
         if self.norm_epsilon <= 0 or self.init_method_std <= 0 or self.rotary_base <= 0:
             raise ValueError("norm_epsilon, init_method_std and rotary_base: must be positive")
         from megatron_mixln.kernels.add_norm import IMPLS
@@ -103,7 +120,49 @@ class ModelConfig:
         if self.siamese_variant != SIAMESE_VARIANTS[0] and self.positions[0] != "siamese":
             raise ValueError(f"--siamese-variant {self.siamese_variant}: only applies to --norm-position siamese "
                              f"(positions {self.positions_str}); drop it or use --norm-position siamese")
+        self._check_zoo_options()
         self._resolve_layer_options()
+
+    def _check_zoo_options(self) -> None:
+        """QK-norm and the pointwise kinds (docs/norm-zoo.md): values, and what they cannot combine with."""
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"--qk-norm: unknown {self.qk_norm!r}; allowed: {', '.join(QK_NORMS)}")
+        self.dyt_alpha_inits  # parses, or raises naming the flag
+        pointwise = self.norm_kind in POINTWISE_KINDS
+        if pointwise and self.qk_norm == "full":
+            raise ValueError(f"--qk-norm: 'full' (statistics over the whole projection) has no meaning for the pointwise "
+                             f"--normalization {self.normalization}; use --qk-norm head (with --qk-norm-per-head-gain "
+                             "for one gain per channel)")
+        if pointwise and self.norm_impl not in POINTWISE_IMPLS:
+            raise ValueError(f"--norm-impl: {self.norm_impl!r} has no {self.normalization} kernel; allowed with "
+                             f"--normalization {self.normalization}: {', '.join(POINTWISE_IMPLS)}")
+        if self.dyt_bias and self.norm_kind != "dyt":
+            raise ValueError(f"--dyt-bias: only applies to --normalization DyT (Derf and LayerNorm always have a bias), "
+                             f"not {self.normalization}")
+        if self.qk_norm == "full" and any(p in QKV_NORM_POSITIONS for p in self.positions):
+            raise ValueError("--qk-norm: 'full' conflicts with the hybrid positions' own per-head q/k/v norms "
+                             f"(positions {format_positions(self.positions)}); use --qk-norm none or head")
+
+    def zoo_options(self) -> list[str]:
+        """The norm-zoo flags this model uses (docs/norm-zoo.md), as 'flag value' strings; [] for none."""
+        out = [f"--norm-position {p}" for p in dict.fromkeys(self.positions) if p in ZOO_POSITIONS]
+        if self.qk_norm != "none":
+            out.append(f"--qk-norm {self.qk_norm}")
+        if self.norm_kind in POINTWISE_KINDS:
+            out.append(f"--normalization {self.normalization}")
+        return out
+
+    @property
+    def dyt_alpha_inits(self) -> tuple[float, float, float]:
+        """(attention, FFN, final) initial alpha of the DyT/Derf norms, from --dyt-alpha-init."""
+        try:
+            values = tuple(float(v) for v in str(self.dyt_alpha_init).split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3:
+            raise ValueError(f"--dyt-alpha-init: expected three numbers 'attn,ffn,final' such as {DYT_ALPHA_INIT!r}, "
+                             f"got {self.dyt_alpha_init!r}")
+        return values
 
     def _resolve_layer_options(self) -> None:
         """Per-layer options -> sorted 1-based layer tuples (decided once, read by init and Block)."""
@@ -127,6 +186,7 @@ class ModelConfig:
 
     @property
     def norm_kind(self) -> str:
+        """rmsnorm, layernorm, dyt or derf (the kernels' kind names)."""
         return self.normalization.lower()
 
     @property

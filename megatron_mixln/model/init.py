@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.norms import Norm, QKNorm
 from megatron_mixln.model.positions import deepnorm_init_gain
 from megatron_mixln.model.two_stream import ChannelScale
 
@@ -48,5 +48,5 @@ def init_weights(model: nn.Module) -> None:
             for lin in (attn.o_proj, mlp.down_proj):
                 nn.init.normal_(lin.weight, 0.0, out_std)
     for m in model.modules():
-        if isinstance(m, (Norm, ChannelScale)):  # gains 1 (SiameseNorm hybrid_pre's c1 too), biases 0
+        if isinstance(m, (Norm, QKNorm, ChannelScale)):  # gains 1 (SiameseNorm hybrid_pre's c1 too), biases 0
             m.reset_parameters()

@@ -8,9 +8,15 @@ from __future__ import annotations
 import math
 
 POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual")
-SCHEDULES = ("mix",)  # plus any explicit list: "post,post,pre" or "post*3,pre*9"
+# The norm zoo (see docs/norm-zoo.md): reordered = OLMo 2's norm of each sublayer output before its add;
+# hybrid = HybridNorm (q/k/v norms, FFN Post-Norm); hybrid-first = HybridNorm*'s first block.
+ZOO_POSITIONS = ("reordered", "hybrid", "hybrid-first")
+POSITIONS = POSITIONS + ZOO_POSITIONS
+QKV_NORM_POSITIONS = ("hybrid", "hybrid-first")  # positions whose attention norms q, k and v per head
+SCHEDULES = ("mix", "hybridnorm-star")  # plus any explicit list: "post,post,pre" or "post*3,pre*9"
 ALIASES = {"sandwich": "peri", "post_pre": "mix", "mixln": "mix", "mix-ln": "mix",
-           "siamesenorm": "siamese", "residual_dual": "residual-dual", "resi-dual": "residual-dual"}
+           "siamesenorm": "siamese", "residual_dual": "residual-dual", "resi-dual": "residual-dual",
+           "olmo2": "reordered", "hybridnorm": "hybrid", "hybridnorm*": "hybridnorm-star"}
 # Positions whose layers carry a second residual stream from the embedding to the LM head (see
 # model/two_stream.py): a model has it in every layer or in none.
 TWO_STREAM = ("siamese", "residual-dual")
@@ -57,6 +63,8 @@ def resolve_positions(
     if name == "mix":
         k = mix_post_layers(num_layers, post_ln_layers, post_ln_fraction)
         return ("post",) * k + ("pre",) * (num_layers - k)
+    if name == "hybridnorm-star":  # HybridNorm*: block 1 = hybrid-first, then HybridNorm blocks
+        return ("hybrid-first",) + ("hybrid",) * (num_layers - 1)
     if post_ln_layers is not None:
         raise ValueError(f"post_ln_layers: only applies to norm_position='mix', not {spec!r}")
     if "," in name or "*" in name:

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.norms import Norm, make_norm
 
 
 def start_streams(h):
@@ -172,7 +172,7 @@ def make_final_norm(config) -> nn.Module:
     (nn.Identity with --no-final-norm, which the config refuses for two-stream models)."""
     if not config.final_norm:
         return nn.Identity()
-    def make_norm():
-        return Norm(config.hidden_size, config.norm_kind, config.norm_epsilon, config.norm_impl)
+    def final():
+        return make_norm(config, "final")
     position = config.positions[0]
-    return TwoStreamFinalNorm(position, make_norm) if position in FORWARDS else make_norm()
+    return TwoStreamFinalNorm(position, final) if position in FORWARDS else final()

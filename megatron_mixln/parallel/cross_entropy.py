@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_mixln.parallel.mappings import reduce_from_tp
 from megatron_mixln.parallel.state import get_parallel_state
 
 
@@ -66,3 +67,22 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
 def vocab_parallel_lm_loss(logits_shard: torch.Tensor, labels: torch.Tensor, group="default") -> torch.Tensor:
     """Mean next-token loss (the default `loss_fn` of `build_pipeline_module`, bound to its TP group)."""
     return vocab_parallel_cross_entropy(logits_shard, labels, group).mean()
+
+
+def vocab_parallel_logsumexp(logits_shard: torch.Tensor, group="default") -> torch.Tensor:
+    """log(sum_v exp(z_v)) over the whole vocabulary from this rank's vocab slice (batch, seq, vocab/tp)
+    -> (batch, seq) fp32, differentiable (the z-loss's log Z).
+
+    lse = m + log(sum_r sum_{v in shard r} exp(z_v - m)), m the (detached) global max: the sum over
+    ranks is an all-reduce whose backward is the identity (every rank holds the same lse, so its local
+    partial sum's gradient is d loss / d sum itself), as in Megatron's reduce-from-TP.
+    """
+    if group == "default":
+        state = get_parallel_state()
+        group = state.tp_group if state is not None and state.tp_size > 1 else None
+    logits = logits_shard.float()
+    m = logits.detach().max(dim=-1).values
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = (logits - m.unsqueeze(-1)).exp().sum(dim=-1)
+    return m + reduce_from_tp(sum_exp, group).log()

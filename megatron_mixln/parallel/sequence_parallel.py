@@ -50,7 +50,7 @@ def mark_sequence_parallel_params(module: nn.Module, state, hooks: bool = True) 
             for p in m.parameters(recurse=False):
                 marked[id(p)] = p
     for name, p in module.named_parameters():
-        if id(p) not in marked and not getattr(p, "tensor_model_parallel", False):
+        if id(p) not in marked and not getattr(p, "tensor_model_parallel", False) and not getattr(p, "tp_partial_grad", False):
             raise RuntimeError(
                 f"sequence parallelism: parameter {name} is neither tensor-parallel nor a norm's; "
                 "its gradient would cover only this rank's sequence shard"
@@ -63,6 +63,16 @@ def mark_sequence_parallel_params(module: nn.Module, state, hooks: bool = True) 
             p.register_hook(_sum_over_tp_hook(state.tp_group))
             p.sequence_parallel_grad_hook = True
     return list(marked.values())
+
+
+def mark_tp_partial_params(params, state) -> None:
+    """Parameters whole on every TP rank whose gradient on each rank covers its heads only (QK-norms):
+    `param.tp_partial_grad = True` and a hook that sums each gradient contribution over the TP group,
+    with or without SP (always a hook: `allreduce_sequence_parallel_grads` leaves them alone)."""
+    for p in params:
+        if not getattr(p, "tp_partial_grad", False):
+            p.tp_partial_grad = True
+            p.register_hook(_sum_over_tp_hook(state.tp_group))
 
 
 def sequence_parallel_params(module: nn.Module) -> list[nn.Parameter]:

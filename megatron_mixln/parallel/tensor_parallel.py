@@ -12,6 +12,10 @@ linear (all-reduce, or reduce-scatter to sequence shards under SP). The norms an
 around the sublayers, whatever their position, see the replicated activation (TP) or this rank's
 sequence shard (SP); their parameters stay whole, and under SP their gradients are summed over the
 TP group (see `sequence_parallel.py`).
+
+QK-norms (q_norm/k_norm/v_norm inside attention) see the whole sequence but only this rank's heads:
+their parameters stay whole too, each rank uses its heads' slice, and their gradients are always
+summed over TP (`mark_tp_partial_params`); "full" QK-norm sums its statistics over TP as well.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from torch import nn
 
 from megatron_mixln.model.block import Block
 from megatron_mixln.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megatron_mixln.parallel.mappings import enter_tp_region
-from megatron_mixln.parallel.sequence_parallel import mark_sequence_parallel_params
+from megatron_mixln.parallel.mappings import copy_to_tp, enter_tp_region, reduce_from_tp
+from megatron_mixln.parallel.sequence_parallel import mark_sequence_parallel_params, mark_tp_partial_params
 
 
 def check_tensor_parallel_config(config, tp_size: int, sequence_parallel: bool) -> None:
@@ -29,6 +33,12 @@ def check_tensor_parallel_config(config, tp_size: int, sequence_parallel: bool) 
         raise ValueError("--sequence-parallel: needs --tensor-model-parallel-size > 1 (it splits the TP group's work)")
     if tp_size == 1:
         return
+    if config.qk_norm == "full":  # one line naming the flags, before the generic head-count checks below
+        for flag, heads in (("--num-attention-heads", config.num_attention_heads),
+                            ("--num-query-groups", config.num_query_groups)):
+            if heads % tp_size:
+                raise ValueError(f"--qk-norm full: {flag}={heads} is not divisible by --tensor-model-parallel-size="
+                                 f"{tp_size} (each rank must hold whole heads of the normed projection)")
     checks = (
         ("num_attention_heads", config.num_attention_heads, "query heads are split over TP"),
         ("num_query_groups", config.num_query_groups, "key/value heads are split over TP"),
@@ -67,7 +77,20 @@ def parallelize_block(block: Block, state, sequence_parallel: bool) -> None:
     mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, state, sequence_parallel)
     for sub in (attn, mlp):
         sub.register_forward_pre_hook(_enter_hook(state.tp_group, sequence_parallel))
+    parallelize_qk_norms(attn, state)
     block._tensor_parallel = True
+
+
+def parallelize_qk_norms(attn, state) -> None:
+    """QK-norms (any mode): this rank's heads' slice of each gain; "full" statistics summed over TP by an
+    all-reduce whose backward is an all-reduce (copy_to_tp then reduce_from_tp); gradients summed over TP.
+    KV heads are never replicated over TP here (num_query_groups % TP == 0 is required), so the sum
+    counts each head once."""
+    group = state.tp_group
+    norms = [n for n in (attn.q_norm, attn.k_norm, attn.v_norm) if n is not None]
+    for n in norms:
+        n.shard(state.tp_rank, state.tp_size, lambda t: reduce_from_tp(copy_to_tp(t, group), group))
+    mark_tp_partial_params([p for n in norms for p in n.parameters()], state)
 
 
 def parallelize_embedding(embed: nn.Embedding, state, sequence_parallel: bool) -> VocabParallelEmbedding:

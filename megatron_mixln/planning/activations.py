@@ -13,8 +13,15 @@ g = key/value heads, d = head dim, e = bytes of an activation (2 in bf16, 4 in f
                        (+ 4*h in bf16: the gain cast to fp32)
     one norm, triton   (e*b*s*h + 4*b*s)        its input (or the residual sum) and rstd (+ 4*b*s mean, LayerNorm)
 
-pre, lns, post, deepnorm, deeppost and residual-dual layers have two norms; peri layers four, siamese six
-(--siamese-variant hybrid_pre: four, and its c1 * x saves x, e*b*s*h, counted with the norms). Post-like layers save
+    one DyT norm       torch: 8*b*s*h (the sum and tanh) / Derf 12*b*s*h (+ erf's argument); no rstd;
+                       (+ 4*h + 4 in bf16: gain and alpha cast to fp32); triton: e*b*s*h (the sum)
+    one q/k/v norm     torch only: 8*E (12*E Derf) + 4*rows (statistic kinds: rstd per head, or per token
+                       for --qk-norm full) (+ 4*gain + 4 (pointwise) in bf16), E = b*s*heads*d/t, heads
+                       a for q, g for k and v; the whole sequence under SP
+
+pre, lns, post, deepnorm, deeppost, residual-dual, reordered and hybrid-first layers have two residual-stream
+norms; peri layers four, siamese six (--siamese-variant hybrid_pre: four, and its c1 * x saves x, e*b*s*h,
+counted with the norms), hybrid one (model.block.norms_per_layer); hybrid layers norm q, k and v. Post-like layers save
 different tensors from pre layers (the raw layer input feeds attention and the normalised sums feed the
 next sublayer, where a pre layer keeps its normalised copies) but the same number of bytes; peri layers
 keep two more normalised tensors. Scalars (LNS's 1/sqrt(l), DeepNorm's a) are Python numbers and save
@@ -43,11 +50,34 @@ from megatron_mixln.model.two_stream import final_norm_count, stream_count
 
 
 def _norm_bytes(impl: str, kind: str, tokens: int, h: int, e: int, sp: int) -> int:
+    if kind in ("dyt", "derf"):
+        if impl == "torch":
+            return (8 if kind == "dyt" else 12) * tokens * h // sp + (4 * h + 4 if e != 4 else 0)
+        return e * tokens * h // sp
     if impl == "torch":
         return (8 * tokens * h + 4 * tokens) // sp + (4 * h if e != 4 else 0)
     if impl in ("triton", "apex"):
         return (e * tokens * h + 4 * tokens * (2 if kind == "layernorm" else 1)) // sp
     raise ValueError(f"norm_impl: {impl!r} has no activation formula; use torch or triton")
+
+
+def _qkv_norm_bytes(model: ModelConfig, position: str, tokens: int, e: int, tp: int) -> int:
+    """The q/k(/v) norms of one layer (QKNorm: always the PyTorch path, inside the TP region)."""
+    from megatron_mixln.model.positions import QKV_NORM_POSITIONS
+
+    hybrid = position in QKV_NORM_POSITIONS
+    mode = "head" if hybrid else model.qk_norm
+    if mode == "none":
+        return 0
+    kind, d = model.norm_kind, model.head_dim
+    pointwise = kind in ("dyt", "derf")
+    total = 0
+    for heads in [model.num_attention_heads, model.num_query_groups] + ([model.num_query_groups] if hybrid else []):
+        elems = tokens * heads * d // tp
+        rows = 0 if pointwise else tokens * (1 if mode == "full" else heads // tp)
+        gain = heads * d // tp if mode == "full" or model.qk_norm_per_head_gain else d  # this rank's slice
+        total += (12 if kind == "derf" else 8) * elems + 4 * rows + (4 * gain + (4 if pointwise else 0) if e != 4 else 0)
+    return total
 
 
 def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, seq: int, bf16: bool = True,
@@ -65,7 +95,8 @@ def block_activation_bytes(model: ModelConfig, position: str, micro_batch: int, 
     variant = model.siamese_variant
     return {
         "norms": norms_per_layer(position, variant) * _norm_bytes(impl, model.norm_kind, tokens, h, e, sp)
-                 + scales_per_layer(position, variant) * e * tokens * h // sp - shared,
+                 + scales_per_layer(position, variant) * e * tokens * h // sp - shared
+                 + _qkv_norm_bytes(model, position, tokens, e, tp),
         "linear_inputs": 2 * e * tokens * h,
         "attention": e * tokens * h * (2 * a + 2 * g) // (a * tp) + 4 * micro_batch * (a // tp) * seq + 8 * seq * d,
         "mlp": 4 * e * tokens * f // tp,

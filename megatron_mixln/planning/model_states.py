@@ -30,12 +30,35 @@ from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.layout import Layout
 
 
+def norm_param_count(model: ModelConfig, size: int) -> int:
+    """One norm over `size` channels: gain (+ bias for LayerNorm, Derf, DyT with --dyt-bias) + the pointwise
+    kinds' scalar alpha (+ Derf's shift)."""
+    kind = model.norm_kind
+    bias = kind in ("layernorm", "derf") or (kind == "dyt" and model.dyt_bias)
+    return size * (2 if bias else 1) + (1 if kind in ("dyt", "derf") else 0) + (1 if kind == "derf" else 0)
+
+
+def layer_norm_param_count(model: ModelConfig, position: str) -> int:
+    """All norm parameters of one layer (whole on every TP rank): its residual-stream norms and its q/k(/v) norms."""
+    from megatron_mixln.model.positions import QKV_NORM_POSITIONS
+
+    n = norms_per_layer(position, model.siamese_variant) * norm_param_count(model, model.hidden_size)
+    hybrid = position in QKV_NORM_POSITIONS
+    mode = "head" if hybrid else model.qk_norm
+    if mode != "none":
+        hd = model.head_dim
+        heads = [model.num_attention_heads, model.num_query_groups] + ([model.num_query_groups] if hybrid else [])
+        n += sum(norm_param_count(model, h * hd if mode == "full" or model.qk_norm_per_head_gain else hd)
+                 for h in heads)
+    return n
+
+
 def layer_param_counts(model: ModelConfig, tp: int = 1) -> dict[str, int]:
     """Parameters of one transformer block on one TP rank, by module (norms are not split)."""
     h, f, hd = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q = h * model.num_attention_heads * hd // tp
     kv = h * model.num_query_groups * hd // tp
-    norm = h * (2 if model.norm_kind == "layernorm" else 1)
+    norm = norm_param_count(model, h)
     return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q, "gate_proj": h * f // tp,
             "up_proj": h * f // tp, "down_proj": h * f // tp, "norm": norm}
 
@@ -45,8 +68,8 @@ def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]
     stage, and the largest single module there (DeepSpeed's "largest layer": the most parameters any
     module owns directly; under ZeRO-3 it is gathered whole)."""
     per_layer = layer_param_counts(model, tp)
-    v = model.siamese_variant  # norm gains/biases, plus hybrid_pre's c1 (hidden gains, replicated over TP)
-    layer_norm_params = [norms_per_layer(p, v) * per_layer["norm"] + scales_per_layer(p, v) * model.hidden_size
+    v = model.siamese_variant  # norm parameters (q/k/v norms, DyT scalars too), plus hybrid_pre's c1 (hidden gains)
+    layer_norm_params = [layer_norm_param_count(model, p) + scales_per_layer(p, v) * model.hidden_size
                          for p in model.positions]
     layer_params = [sum(v for k, v in per_layer.items() if k != "norm") + n for n in layer_norm_params]
     vocab = model.vocab_size * model.hidden_size // tp

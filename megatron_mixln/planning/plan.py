@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_mixln.model import ModelConfig
-from megatron_mixln.model.block import norms_per_layer, scales_per_layer
+from megatron_mixln.model.block import scales_per_layer
 from megatron_mixln.model.two_stream import final_norm_count
 from megatron_mixln.planning.activations import activation_bytes
 from megatron_mixln.planning.layout import Layout, check_layout
@@ -37,12 +37,13 @@ def zero_buffers(zero: dict, layout: Layout, model: ModelConfig) -> dict[str, in
     threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
     h = model.hidden_size
     small = 0
-    if h <= threshold:  # norm gains (and LayerNorm biases, hybrid_pre's c1) are the only tensors this small
-        per_norm = 2 if model.norm_kind == "layernorm" else 1
-        v = model.siamese_variant
-        norms = sum(norms_per_layer(p, v) for p in model.positions) + final_norm_count(model)
-        scales = sum(scales_per_layer(p, v) for p in model.positions)
-        small = (norms * per_norm + scales) * h // layout.pipeline_model_parallel_size
+    if h <= threshold:  # norm parameters (gains, biases, q/k/v norms, DyT scalars, hybrid_pre's c1) are this small
+        from megatron_mixln.planning.model_states import layer_norm_param_count, norm_param_count
+
+        norms = sum(layer_norm_param_count(model, p) for p in model.positions)
+        norms += final_norm_count(model) * norm_param_count(model, h)
+        norms += sum(scales_per_layer(p, model.siamese_variant) for p in model.positions) * h
+        small = norms // layout.pipeline_model_parallel_size
     return {"reduce bucket": e * reduce, "prefetch bucket": e * prefetch, "persistent small params": e * small}
 
 

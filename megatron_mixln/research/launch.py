@@ -137,7 +137,7 @@ def slurm_env(sweep: Sweep, v: Variant, args_file: str, train_iters: int) -> dic
     valid_prefixes = parse_data_path(valid)[0] if valid else prefixes
     env["TRAIN_DATA"] = prefixes[0] if prefixes else ""
     env["VALID_DATA"] = valid_prefixes[0] if valid_prefixes else ""
-    env["NORM_POSITION"] = v.position
+    env["NORM_POSITION"] = v.flags()[1]  # the --norm-position value (a zoo variant names its recipe)
     env["TRAIN_ITERS"] = str(train_iters)
     env["CKPT"] = os.path.join(sweep.run_dir(v), "ckpt")
     env["TRAINER_ARGS_FILE"] = args_file

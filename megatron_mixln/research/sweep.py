@@ -22,6 +22,15 @@ from dataclasses import dataclass, field
 from megatron_mixln.errors import UsageError
 from megatron_mixln.model.positions import ALIASES, POSITIONS
 
+# Named norm-zoo variants (docs/norm-zoo.md): a position plus the flags that make the published recipe.
+ZOO_VARIANTS = {
+    "olmo2-recipe": ["--norm-position", "reordered", "--qk-norm", "full", "--z-loss-weight", "1e-4"],
+    "qwen3-qk": ["--norm-position", "pre", "--qk-norm", "head"],
+    "hybridnorm-star": ["--norm-position", "hybridnorm-star"],
+    "dyt-pre": ["--norm-position", "pre", "--normalization", "DyT"],
+    "derf-pre": ["--norm-position", "pre", "--normalization", "Derf"],
+}
+
 SWEPT_FIELDS = ("norm_position", "post_ln_layers", "post_ln_fraction", "seed")
 HARNESS_FIELDS = ("save", "load", "run_dir", "wandb_name", "tensorboard_dir")
 LR_FIELD = "lr"  # swept (and then owned by the sweep) only with --lr-sweep
@@ -64,7 +73,7 @@ class Variant:
         return f"{self.setting}-s{self.seed}"
 
     def flags(self) -> list[str]:
-        out = ["--norm-position", self.position]
+        out = list(ZOO_VARIANTS.get(self.position, ["--norm-position", self.position]))
         if self.fraction is not None:
             out += ["--post-ln-fraction", repr(self.fraction)]
         elif self.post_ln_layers is not None:
@@ -106,10 +115,10 @@ def parse_list(text: str, flag: str, kind):
 
 
 def parse_positions(text: str) -> list[str]:
-    allowed = POSITIONS + ("mix",)
+    allowed = POSITIONS + ("mix",) + tuple(ZOO_VARIANTS)
     out = []
     for p in parse_list(text, "--positions", str):
-        name = ALIASES.get(p, p)
+        name = p if p in ZOO_VARIANTS else ALIASES.get(p, p)
         if name not in allowed:
             raise SweepError(f"--positions: unknown position {p!r}; allowed: {', '.join(allowed)} "
                              f"(aliases: {', '.join(ALIASES)})")
@@ -146,11 +155,19 @@ def parse_lrs(text: str | None) -> list[float] | None:
     return sorted(values)
 
 
-def check_passthrough(args: list[str], lr_swept: bool = False) -> None:
+ZOO_FIELDS = ("qk_norm", "normalization", "z_loss_weight")  # set per run by the ZOO_VARIANTS
+ZOO_FLAGS = tuple("--" + f.replace("_", "-") for f in ZOO_FIELDS)
+
+
+def check_passthrough(args: list[str], lr_swept: bool = False, positions=()) -> None:
+    zoo = [p for p in positions if p in ZOO_VARIANTS]
     for a in args:
         name = a.split("=", 1)[0]
         if lr_swept and name == "--lr":
             raise SweepError("--lr: set per run by --lr-sweep; drop it from the pretraining flags")
+        if zoo and name in ZOO_FLAGS:
+            raise SweepError(f"{name}: set per run by the zoo variant(s) {', '.join(zoo)} in --positions; drop it "
+                             "from the pretraining flags")
         if name in OWNED_FLAGS:
             raise SweepError(f"{name}: set by the sweep for every run (swept: --positions, --post-ln-fraction, "
                              f"--seeds; per-run: --save/--run-dir under --out); drop it from the pretraining flags")
@@ -182,7 +199,7 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
     if fracs is not None and "mix" not in pos:
         raise SweepError("--post-ln-fraction: a fraction sweep needs 'mix' in --positions")
     lrs = parse_lrs(lr_sweep)
-    check_passthrough(passthrough, lrs is not None)
+    check_passthrough(passthrough, lrs is not None, pos)
     config_path, rest = extract_config(passthrough)
     values = {}
     if config_path:
@@ -196,6 +213,10 @@ def build_sweep(positions: str, fractions: str | None, seeds: str, post_ln_layer
             post_ln_layers = int(values["post_ln_layers"])
         for name in SWEPT_FIELDS + HARNESS_FIELDS + ((LR_FIELD,) if lrs else ()):
             values.pop(name, None)
+        clash = [f for f in ZOO_FIELDS if f in values] if any(p in ZOO_VARIANTS for p in pos) else []
+        if clash:
+            raise SweepError(f"--config {config_path}: {', '.join(clash)} set per run by the zoo variant(s) in "
+                             "--positions; drop it from the file")
     variants = []
     for p in pos:
         settings = [(f, None) for f in fracs] if p == "mix" and fracs is not None else \
@@ -232,6 +253,8 @@ def validate(sweep: Sweep) -> dict:
                 raise SweepError(f"run {v.name}: {exc}") from None
             sys.stderr.write(parser_output.getvalue())  # warnings of a parse that succeeded
             swept = (LR_FIELD, "min_lr") if sweep.lrs else ()  # min_lr defaults to 0.1 x lr
+            if any(u.position in ZOO_VARIANTS for u in sweep.variants):
+                swept += ZOO_FIELDS
             this = {"model": _strip(model.to_dict(), swept), "training": _strip(train.to_dict(), swept)}
             if common is None:
                 common = this

@@ -134,6 +134,8 @@ class TrainingConfig:
     wandb_mode: str = _help(f"one of {', '.join(WANDB_MODES)}", default="offline")
     # --- stability, reproducibility ---
     max_bad_steps: int = _help("save and stop after N consecutive NaN/Inf steps (skipped, not applied)", default=5)
+    z_loss_weight: float = _help("z-loss W: adds W * logsumexp(logits)^2 per token to the loss (PaLM, OLMo 2 use "
+                                 "1e-4), logged apart as z_loss", default=0.0)
     spike_factor: float = _help("log a loss spike when loss > factor x running mean (0 disables)", default=1.5)
     rollback_on_spike: float = _help(
         "loss > FACTOR x running mean (or non-finite) for --rollback-patience steps in a row: reload the last "
@@ -156,7 +158,8 @@ class TrainingConfig:
                      "distributed_timeout_minutes", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
                      "pipeline_model_parallel_size", "max_bad_steps"):
             positive(name)
-        for name in ("eval_iters", "grad_norm_interval", "diagnostics_interval", "keep_last", "clip_grad", "spike_factor", "adam_eps"):
+        for name in ("eval_iters", "grad_norm_interval", "diagnostics_interval", "keep_last", "clip_grad", "spike_factor",
+                     "adam_eps", "z_loss_weight"):
             positive(name, allow_zero=True)
         for name in ("save", "run_dir", "tensorboard_dir"):  # directories we create: a file there fails late
             path = getattr(self, name)

@@ -60,3 +60,42 @@ def make_token_loss_fn(state=None):
         vocab_parallel_cross_entropy = parallel_api("vocab_parallel_cross_entropy", "--tensor-model-parallel-size")
         return lambda logits, labels: vocab_parallel_cross_entropy(logits, labels).float()
     return token_losses
+
+
+def make_z_loss_fn(weight: float, state=None):
+    """Per-token z-loss W * logsumexp(logits)^2 ((batch, seq) fp32), PaLM (arXiv 2204.02311 §5) and
+    OLMo 2's auxiliary loss that keeps log Z near 0; vocab-parallel (TP-correct) when TP > 1.
+    None when W == 0."""
+    if not weight:
+        return None
+    from megatron_mixln.parallel.cross_entropy import vocab_parallel_logsumexp
+
+    group = state.tp_group if state is not None and state.tp_size > 1 else None
+    return lambda logits: weight * vocab_parallel_logsumexp(logits, group).pow(2)
+
+
+class PipelineZLoss:
+    """The pipeline engine's `loss_fn` with --z-loss-weight: mean vocab-parallel CE + mean z-loss of each
+    micro-batch (on the last stage). It keeps the z-loss terms it added (detached) so that the trainer
+    can log them apart (`pop_mean`); DeepSpeed only returns the total."""
+
+    def __init__(self, weight: float, state=None):
+        from megatron_mixln.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+        self.group = state.tp_group if state is not None and state.tp_size > 1 else None
+        self.cross_entropy = vocab_parallel_cross_entropy
+        self.z_loss = make_z_loss_fn(weight, state)
+        self.terms: list[torch.Tensor] = []
+
+    def __call__(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = self.cross_entropy(logits_shard, labels, self.group).float().mean()
+        if not torch.is_grad_enabled():  # evaluation (DeepSpeed's eval_batch): the NLL alone, as without PP
+            return ce
+        z = self.z_loss(logits_shard).mean()
+        self.terms.append(z.detach().float())
+        return ce + z
+
+    def pop_mean(self) -> torch.Tensor | None:
+        """Mean z-loss of the micro-batches since the last call (None on stages that compute no loss)."""
+        terms, self.terms = self.terms, []
+        return torch.stack(terms).mean() if terms else None

@@ -88,6 +88,8 @@ def format_train_line(step: int, train_iters: int, v: dict) -> str:
     parts = [f"step {step:>6d}/{train_iters}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.3e}"]
     gn = v.get("grad_norm")
     parts.append(f"grad norm {gn:.3f}" if gn is not None and math.isfinite(gn) else f"grad norm {gn}")
+    if v.get("z_loss") is not None:
+        parts.append(f"z-loss {v['z_loss']:.3e}")
     parts.append(f"tok/s {v['tokens_per_sec']:,.0f}")
     if v.get("mfu") is not None:
         parts.append(f"mfu {100 * v['mfu']:.1f}%")

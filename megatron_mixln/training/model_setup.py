@@ -126,8 +126,13 @@ def build_model_and_optimizer(model_config: ModelConfig, cfg: TrainingConfig, ds
         # A PipelineModule for this rank's stage, TP/SP applied inside; its loss defaults to the
         # vocab-parallel mean CE. It carries its own process grid, so no mpu is passed.
         build_pipeline_module = parallel_api("build_pipeline_module", "--pipeline-model-parallel-size")
+        loss_fn = None
+        if cfg.z_loss_weight:  # CE + z-loss; the trainer reads the z-loss terms back to log them apart
+            from megatron_mixln.training.loss import PipelineZLoss
+
+            loss_fn = PipelineZLoss(cfg.z_loss_weight, state)
         model = build_pipeline_module(
-            model_config, state, partition_method="parameters",
+            model_config, state, loss_fn=loss_fn, partition_method="parameters",
             activation_checkpoint_interval=1 if cfg.recompute_activations else 0,
             sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
         )

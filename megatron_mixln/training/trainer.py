@@ -39,7 +39,8 @@ from megatron_mixln.training.ds_config import build_ds_config, zero_stage_of
 from megatron_mixln.training.deepspeed_patches import before_model_step
 from megatron_mixln.training.evaluate import evaluate, is_pipeline_engine
 from megatron_mixln.training.flops import default_peak_tflops, flops_per_token, memory_gib
-from megatron_mixln.training.loss import make_token_loss_fn, masked_sum_and_count, mean_loss, split_batch
+from megatron_mixln.training.loss import (make_token_loss_fn, make_z_loss_fn, masked_sum_and_count, mean_loss,
+                                          split_batch)
 from megatron_mixln.training.metrics import MetricsLogger, format_train_line, paper_modes
 from megatron_mixln.training.model_setup import (build_model_and_optimizer, compile_loss, compiled_block_count,
                                                  compiled_graph_count)
@@ -66,6 +67,7 @@ class StepResult:
     tokens: int = 0  # target tokens of the global batch that counted (padding excluded)
     diagnostics: dict | None = None  # --diagnostics-interval's probe of this step (training.diagnostics)
     stop_signal: str | None = None  # which one (any rank's: every rank names the same one)
+    z_loss: float | None = None  # mean z-loss over the global batch (--z-loss-weight), not part of `loss`
 
 
 def _grad_getter(engine, state=None):
@@ -92,31 +94,35 @@ def _plain_grad_norm(engine, state=None) -> float:
 
 
 def train_step(engine, batches, lr: float, guard: StepGuard, token_loss_fn, stop_requested,
-               want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0) -> StepResult:
+               want_layer_norms: bool, state=None, time_up=lambda: False, pad_id: int = 0,
+               z_loss_fn=None) -> StepResult:
     """One optimizer step over `gradient_accumulation_steps` micro-batches of `batches` (each [micro_batch,
     seq_length + 1] token ids), at learning rate `lr`. `stop_requested()` (the name of a stop signal this
     rank received, or None) is read after this rank's compute, right before the all_reduce, so a signal that
     arrives during the step stops the run after this step, not after the next one; the all_reduce carries
     one count per signal, so every rank (rank 0's log line included) names the signal whichever rank
     received it. `time_up()` (past --exit-duration-in-mins on this rank's clock) rides on the same
-    all_reduce, so every rank stops after the same step."""
+    all_reduce, so every rank stops after the same step. `z_loss_fn` (--z-loss-weight): the z-loss is trained
+    with the NLL and reported apart from it."""
     # ZeRO-0 fp32: DeepSpeed keeps no norm. With clipping, the global clip (deepspeed_patches) measures it
     # (and get_global_grad_norm returns it); without, it is measured here, between backward and step.
     measure_norm = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
                     and not engine.gradient_clipping())
     half = _pipeline_step if is_pipeline_engine(engine) else _plain_step
-    local_loss, local_tokens, layer_norms, grad_norm = half(engine, batches, lr, guard, token_loss_fn,
-                                                            want_layer_norms, measure_norm, state, pad_id)
+    local_loss, local_tokens, layer_norms, grad_norm, z = half(engine, batches, lr, guard, token_loss_fn,
+                                                               want_layer_norms, measure_norm, state, pad_id, z_loss_fn)
     if grad_norm is None:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
     return _reduce_step(engine, local_loss, local_tokens, grad_norm, guard, layer_norms, stop_requested, time_up,
-                        state)
+                        state, z)
 
 
-def _pipeline_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, measure_norm, state, pad_id):
+def _pipeline_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, measure_norm, state, pad_id,
+                   z_loss_fn=None):
     """DeepSpeed's 1F1B engine runs all micro-batches, backward and the step itself; its loss is already
-    averaged over data-parallel ranks. -> (loss, target tokens, per-layer norms, grad norm) of this rank."""
+    averaged over data-parallel ranks. -> (loss, target tokens, per-layer norms, grad norm, z) of this rank,
+    z = None or (mean z-loss, 1 if this rank's z counts: the last stage's only)."""
     device = torch.device(engine.device)
     ga = engine.gradient_accumulation_steps()
     set_lr(engine.optimizer, lr)
@@ -136,23 +142,37 @@ def _pipeline_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, 
         local_loss = engine.train_batch(data_iter=data).detach().float().reshape(())
     local_tokens = torch.tensor(float(ga * engine.train_micro_batch_size_per_gpu()
                                       * engine.module.model_config.seq_length), device=device)
-    return local_loss, local_tokens, collected if want_layer_norms else None, norms[0] if norms else None
+    z = None
+    if z_loss_fn is not None:  # DeepSpeed's loss is CE + z-loss: the loss function kept the z terms
+        mean_z = engine.module.loss_fn.pop_mean()
+        z = ((mean_z.to(device), torch.ones((), device=device)) if mean_z is not None
+             else (torch.zeros((), device=device), torch.zeros((), device=device)))
+    return local_loss, local_tokens, collected if want_layer_norms else None, norms[0] if norms else None, z
 
 
-def _plain_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, measure_norm, state, pad_id):
+def _plain_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, measure_norm, state, pad_id,
+                z_loss_fn=None):
     """Forward/backward per micro-batch (DeepSpeed scales by 1/ga and all-reduces at the boundary), the LR
     set and the guard armed right before the boundary's step. -> (loss, target tokens, per-layer norms,
-    grad norm) of this rank."""
+    grad norm, z) of this rank, z = None or (mean z-loss, 1)."""
     device = torch.device(engine.device)
     ga = engine.gradient_accumulation_steps()
     local_loss, local_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     layer_norms, grad_norm = None, None
+    local_z = torch.zeros((), device=device)
     for _ in range(ga):
         inputs, labels, mask = split_batch(next(batches).to(device), pad_id)
-        nll = token_loss_fn(engine(inputs), labels)
+        logits = engine(inputs)
+        nll = token_loss_fn(logits, labels)
         loss = mean_loss(nll, mask)  # per micro-batch, over its real targets
         local_tokens += masked_sum_and_count(nll.detach(), mask)[1]
-        engine.backward(loss)
+        if z_loss_fn is not None:  # logged apart from the NLL, trained as their sum
+            z = mean_loss(z_loss_fn(logits), mask)
+            local_z += z.detach().float() / ga
+            loss_to_train = loss + z
+        else:
+            loss_to_train = loss
+        engine.backward(loss_to_train)
         local_loss += loss.detach().float() / ga
         if engine.is_gradient_accumulation_boundary():
             if want_layer_norms:
@@ -162,24 +182,32 @@ def _plain_step(engine, batches, lr, guard, token_loss_fn, want_layer_norms, mea
             set_lr(engine.optimizer, lr)
             guard.arm()
         engine.step()  # a no-op except at the boundary
-    return local_loss, local_tokens, layer_norms, grad_norm
+    z = (local_z, torch.ones((), device=device)) if z_loss_fn is not None else None
+    return local_loss, local_tokens, layer_norms, grad_norm, z
 
 
 def _reduce_step(engine, local_loss, local_tokens, grad_norm, guard, layer_norms, stop_requested, time_up,
-                 state) -> StepResult:
+                 state, z=None) -> StepResult:
     """One all_reduce for the loss, the time limit, the token count and one count per stop signal. TP ranks
     hold replicas of their DP rank's loss, so the world mean is the data-parallel mean."""
     device = torch.device(engine.device)
     got = stop_requested()
     signals = [float(got == name) for name in STOP_SIGNAL_NAMES]
+    local_z, z_ranks = z if z is not None else (torch.zeros((), device=device), torch.zeros((), device=device))
     stats = torch.stack([local_loss.reshape(()), torch.tensor(float(time_up()), device=device),
-                         local_tokens.float().reshape(()), *(torch.tensor(flag, device=device) for flag in signals)])
+                         local_tokens.float().reshape(()), local_z.float().reshape(()), z_ranks.float().reshape(()),
+                         *(torch.tensor(flag, device=device) for flag in signals)])
     dist.all_reduce(stats)
     world = dist.get_world_size()
     replicas = world // _data_parallel_size(state, world)  # TP/PP ranks of one data-parallel rank count its tokens again
-    stop_signal = next((name for name, n in zip(STOP_SIGNAL_NAMES, stats[3:].tolist()) if n > 0), None)
-    return StepResult(stats[0].item() / world, grad_norm, guard.applied, stop_signal is not None, layer_norms,
-                      time_up=stats[1].item() > 0, tokens=round(stats[2].item() / replicas), stop_signal=stop_signal)
+    stop_signal = next((name for name, n in zip(STOP_SIGNAL_NAMES, stats[5:].tolist()) if n > 0), None)
+    z_loss = stats[3].item() / max(stats[4].item(), 1.0) if z is not None else None
+    loss = stats[0].item() / world
+    if z_loss is not None and is_pipeline_engine(engine):
+        loss -= z_loss  # report the NLL alone, as without pipeline parallelism
+    return StepResult(loss, grad_norm, guard.applied, stop_signal is not None, layer_norms,
+                      time_up=stats[1].item() > 0, tokens=round(stats[2].item() / replicas), stop_signal=stop_signal,
+                      z_loss=z_loss)
 
 
 def _data_parallel_size(state, world: int) -> int:
@@ -244,6 +272,7 @@ class Run:
     eval_samples: int  # validation samples per evaluation (or len(eval_budgets))
     fingerprint: dict | None  # of the data, stored in every checkpoint
     token_loss_fn: object
+    z_loss_fn: object  # None unless --z-loss-weight
     guard: StepGuard
     spikes: SpikeDetector
     rollback: RollbackMonitor | None
@@ -349,7 +378,8 @@ def setup_run(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
         watchdog=watchdog, train_ds=train_ds, valid_ds=valid_ds, dp_rank=dp_rank, dp_size=dp_size,
         dp_group=data_parallel_group(state), global_batch=global_batch, accumulation=accumulation,
         eval_budgets=budgets, eval_samples=len(budgets) if budgets is not None else cfg.eval_iters * global_batch,
-        fingerprint=fingerprint, token_loss_fn=token_loss_fn, guard=StepGuard(engine),
+        fingerprint=fingerprint, token_loss_fn=token_loss_fn, z_loss_fn=make_z_loss_fn(cfg.z_loss_weight, state),
+        guard=StepGuard(engine),
         spikes=SpikeDetector(cfg.spike_factor),
         rollback=RollbackMonitor(cfg.rollback_on_spike, cfg.rollback_patience) if cfg.rollback_on_spike else None,
         preempt=PreemptionFlag(), time_up=(lambda: _minutes_since(start) > limit) if limit else (lambda: False),
@@ -452,7 +482,7 @@ def run_step(run: Run, step: int, lr: float) -> StepResult:
         run.watchdog.progress(f"step {step}")
     probe = start_probe(run.engine, cfg, run.state, run.model_config.seq_length, step)  # None unless a diagnostics step
     result = train_step(run.engine, run.batches, lr, run.guard, run.token_loss_fn, lambda: run.preempt.signal_name,
-                        want_layer_norms, run.state, run.time_up, run.model_config.pad_id)
+                        want_layer_norms, run.state, run.time_up, run.model_config.pad_id, run.z_loss_fn)
     result.diagnostics = finish_probe(probe) if probe is not None else None
     run.window.seconds += time.perf_counter() - t0
     run.window.steps += 1
@@ -476,7 +506,8 @@ def record_step(run: Run, step: int, lr: float, result: StepResult) -> None:
     ts.skipped_steps += int(bad)
     ts.bad_steps_in_a_row = ts.bad_steps_in_a_row + 1 if bad else 0
     run.history.append({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                        "applied": result.applied, "consumed_samples": ts.consumed_samples})
+                        "applied": result.applied, "consumed_samples": ts.consumed_samples,
+                        **({"z_loss": result.z_loss} if result.z_loss is not None else {})})
     if bad:
         run.logger.print(f"step {step}: non-finite loss/gradients (loss {result.loss}, grad norm {result.grad_norm}); "
                          f"update skipped ({ts.bad_steps_in_a_row} in a row, {ts.skipped_steps} in total)")
@@ -518,6 +549,8 @@ def maybe_log(run: Run, step: int, lr: float, result: StepResult) -> None:
                   "mfu": run.flops_per_token * tps / (peak * 1e12 * dist.get_world_size()) if peak else None,
                   "memory_gib": memory_gib(), "consumed_samples": ts.consumed_samples,
                   "skipped_steps": ts.skipped_steps}
+        if result.z_loss is not None:
+            values["z_loss"] = result.z_loss
         run.logger.log("train", step, values)
         run.logger.print(format_train_line(step, cfg.train_iters, values))
         run.window = Window()

@@ -13,7 +13,7 @@ CASES = {  # id: (ModelConfig overrides, stock LlamaForCausalLM expected)
     "pre": (dict(norm_position="pre"), True),
     "post": (dict(norm_position="post"), False),
     "peri": (dict(norm_position="peri"), False),
-    "lns": (dict(norm_position="lns"), False),
+    "lns": (dict(norm_position="lns"), True),  # 1/sqrt(l) folded into the gains: stock Llama
     "deepnorm": (dict(norm_position="deepnorm"), False),
     "deeppost": (dict(norm_position="deeppost"), False),
     "mix": (dict(norm_position="mix", post_ln_layers=1), False),
@@ -22,7 +22,7 @@ CASES = {  # id: (ModelConfig overrides, stock LlamaForCausalLM expected)
     "gqa-tied-mix": (dict(norm_position="mix", post_ln_layers=2, num_query_groups=2, tie_embeddings=True), False),
     "gqa-tied-pre": (dict(norm_position="pre", num_query_groups=1, tie_embeddings=True), True),
     "pre-no-final-norm": (dict(norm_position="pre", final_norm=False), False),
-    "pre-layernorm": (dict(norm_position="pre", normalization="LayerNorm"), False),
+    "pre-layernorm": (dict(norm_position="pre", normalization="LayerNorm"), True),  # StableLmForCausalLM
     "siamese": (dict(norm_position="siamese"), False),
     "siamese-hybrid_pre-layernorm": (dict(norm_position="siamese", siamese_variant="hybrid_pre", normalization="LayerNorm"), False),
     "residual-dual-layernorm-gqa": (dict(norm_position="residual-dual", normalization="LayerNorm", num_query_groups=2), False),
@@ -36,7 +36,8 @@ def test_export_matches_our_model(tmp_path, case):
     code, out, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"))
     assert code == 0, err
     hf = load_hf(tmp_path / "hf")
-    assert type(hf).__name__ == ("LlamaForCausalLM" if stock else "MixLNLlamaForCausalLM")
+    stock_name = "StableLmForCausalLM" if overrides.get("normalization") == "LayerNorm" else "LlamaForCausalLM"
+    assert type(hf).__name__ == (stock_name if stock else "MixLNLlamaForCausalLM")
     assert json.loads(out)["custom_code"] is (not stock)
     tokens = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -69,6 +69,24 @@ def test_model_activations_equal_saved_tensor_bytes(position, dtype, recompute):
     assert fused <= forward_saved + 16 if recompute else abs(fused - forward_saved) <= 16, (fused, predicted)
 
 
+ZOO = {  # the norm zoo (docs/norm-zoo.md): q/k/v norms, reordered/hybrid positions, DyT/Derf
+    "olmo2": dict(norm_position="reordered", qk_norm="full"),
+    "qwen3-layernorm": dict(norm_position="pre,post,pre", qk_norm="head", normalization="LayerNorm"),
+    "hybridnorm-star-dyt": dict(norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True),
+    "derf-mix": dict(norm_position="hybrid,peri,reordered", normalization="Derf", qk_norm="head"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("zoo", list(ZOO))
+def test_zoo_model_activations_equal_saved_tensor_bytes(zoo, dtype):
+    cfg = _config(ZOO[zoo]["norm_position"], **{k: v for k, v in ZOO[zoo].items() if k != "norm_position"})
+    predicted = activation_bytes(cfg, B, S, bf16=dtype == torch.bfloat16, impl="torch", recompute=False)
+    for fusion in (False, True):
+        measured = _model_saved_bytes(cfg.replace(cross_block_fusion=fusion), dtype, False)
+        assert abs(measured - predicted["total"]) <= 16, (fusion, measured, predicted)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("position", ["pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese",
                                       "siamese-hybrid_pre", "residual-dual"])
@@ -110,7 +128,7 @@ def test_triton_norm_blocks_equal_their_formula():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 14
+    assert len(results) == 18
     for case, (got, want) in results.items():
         assert got == want, (case, got, want)
 
@@ -146,16 +164,24 @@ def test_cuda_peak_matches_formula(position, recompute):
     assert peak <= predicted["total"] + 3 * fp32_logits + 2 * grads, (peak, predicted)
 
 
+TP_POSITIONS = ("pre", "post", "peri", "mix", "olmo2", "hybridnorm-star-dyt")
+
+
+def _tp_config(position):
+    zoo = dict(ZOO.get(position, {}))
+    return _config(zoo.pop("norm_position", position), num_layers=2 if position not in ZOO else 3, **zoo)
+
+
 def _tensor_parallel_job(rank, world_size, tmpdir):
     """Saved bytes of the blocks (hooks active only inside them) of a TP=2 model, with and without SP."""
     from megatron_mixln.parallel import apply_tensor_parallel, initialize_model_parallel
 
     state = initialize_model_parallel(2, 1)
     out = {}
-    for position in ("pre", "post", "peri", "mix"):
+    for position in TP_POSITIONS:
         for sp in (False, True):
             for dtype in (torch.float32, torch.bfloat16):
-                cfg = _config(position, num_layers=2)
+                cfg = _tp_config(position)
                 torch.manual_seed(0)
                 model = build_model(cfg)
                 apply_tensor_parallel(model, state, sequence_parallel=sp)
@@ -189,7 +215,7 @@ def test_tensor_and_sequence_parallel_blocks_equal_their_formula():
     measured = run_spawned(_tensor_parallel_job, 2)
     for rank in measured:
         for (position, sp, dtype), got in rank.items():
-            cfg = _config(position, num_layers=2)
+            cfg = _tp_config(position)
             want = sum(sum(block_activation_bytes(cfg, p, B, S, bf16=dtype == str(torch.bfloat16), impl="torch",
                                                   tp=2, sequence_parallel=sp).values()) for p in cfg.positions)
             assert got == want, (position, sp, dtype, got, want)

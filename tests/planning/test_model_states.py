@@ -129,7 +129,11 @@ def test_agrees_with_deepspeeds_estimators(nodes, gpus, stage, offload_opt, offl
     dict(preset="7b"), dict(preset="1b", norm_position="peri"), dict(preset="9m", tie_embeddings=True),
     dict(preset="20m", normalization="LayerNorm", num_query_groups=2, final_norm=False),
     dict(preset="9m", norm_position="siamese", normalization="LayerNorm"), dict(preset="9m", norm_position="residual-dual"),
-    dict(preset="9m", norm_position="siamese", siamese_variant="hybrid_pre", normalization="LayerNorm")])
+    dict(preset="9m", norm_position="siamese", siamese_variant="hybrid_pre", normalization="LayerNorm"),
+    # the norm zoo: q/k(/v) norms, HybridNorm's single residual norm, DyT/Derf scalars
+    dict(preset="20m", norm_position="reordered", qk_norm="full", num_query_groups=2),
+    dict(preset="9m", norm_position="hybridnorm-star", normalization="Derf", qk_norm_per_head_gain=True, num_query_groups=2),
+    dict(preset="9m", norm_position="pre,peri,hybrid,reordered", normalization="DyT", dyt_bias=True, qk_norm="head")])
 def test_param_counts_match_the_model(overrides):
     overrides = dict(overrides)
     model_cfg = ModelConfig.from_preset(overrides.pop("preset"), **overrides)

@@ -33,6 +33,19 @@ def main():
                 want = sum(block_activation_bytes(cfg, position, 2, 16, dtype == torch.bfloat16, "triton",
                                                   first=layer == 1).values())
                 out[f"{position}/{norm}/{dtype}/layer{layer}"] = [got, want]
+    # the norm zoo's kernels: norm-then-add (reordered) and add + DyT/Derf
+    for position, norm, dtype in (("reordered", "RMSNorm", torch.bfloat16), ("reordered", "LayerNorm", torch.float32),
+                                  ("pre", "DyT", torch.bfloat16), ("peri", "Derf", torch.float32)):
+        cfg = ModelConfig(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_layers=3, num_attention_heads=4,
+                          num_query_groups=2, seq_length=16, norm_position=position, norm_impl="triton",
+                          normalization=norm)
+        block = Block(cfg, 2).to(dtype)
+        x = torch.randn(2, 16, 64, dtype=dtype, requires_grad=True)
+        got, y = saved_tensor_bytes(lambda: block(x), exclude_params=list(block.parameters()))
+        y = y[0] + y[1] if isinstance(y, tuple) else y
+        y.float().sum().backward()
+        want = sum(block_activation_bytes(cfg, position, 2, 16, dtype == torch.bfloat16, "triton").values())
+        out[f"{position}/{norm}/{dtype}"] = [got, want]
     print(json.dumps(out))
 
 

@@ -16,7 +16,7 @@ def test_7b_mix_summary_on_meta():
     assert "6,738,415,616 total" in r.stdout
     assert f"{6_738_415_616 - 2 * 32000 * 4096:,} without embeddings" in r.stdout
     assert "norm positions: post*2,pre*30" in r.stdout
-    rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:2].strip().isdigit() and len(l.split()) == 5]
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:2].strip().isdigit() and len(l.split()) == 6]
     assert [row[1] for row in rows] == ["post"] * 2 + ["pre"] * 30
     total_gib = 16 * 6_738_415_616 / 1024**3
     assert f"{total_gib:.2f}" in r.stdout
@@ -25,6 +25,21 @@ def test_7b_mix_summary_on_meta():
 def test_bad_flag_is_a_clear_error():
     r = _run("--preset", "71m", "--norm-position", "mix", "--post-ln-layers", "13")
     assert r.returncode == 2 and "--post-ln-layers" in r.stderr
+
+
+def test_zoo_summary_counts_norm_parameters():
+    """Per-layer norm parameters (residual and q/k/v norms, DyT's alpha) against the planner's formula."""
+    from megatron_mixln.model import ModelConfig
+    from megatron_mixln.planning.model_states import layer_norm_param_count
+
+    flags = ["--preset", "9m", "--norm-position", "hybridnorm-star", "--normalization", "DyT", "--qk-norm-per-head-gain"]
+    r = _run(*flags)
+    assert r.returncode == 0, r.stderr
+    assert "norm zoo: qk-norm none (per-head gain), alpha init attn/ffn/final 0.8,0.2,0.2" in r.stdout
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:2].strip().isdigit() and len(l.split()) == 6]
+    cfg = ModelConfig.from_preset("9m", norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True)
+    assert [row[1] for row in rows] == list(cfg.positions)
+    assert [int(row[4].replace(",", "")) for row in rows] == [layer_norm_param_count(cfg, p) for p in cfg.positions]
 
 
 def test_two_stream_positions_count_both_residual_streams():

@@ -11,6 +11,10 @@ Per layer l (0-based index i = l - 1), with N a norm whose statistics are comput
     deepnorm  h = N1(a*x + Attn(x));             y = N2(a*h + MLP(h)),  a = (2L)^(1/4)
     deeppost  as deepnorm with a = sqrt(8)
     peri      h = x + N1b(Attn(N1a(x)));         y = h + N2b(MLP(N2a(h)))
+    reordered h = x + N1(Attn(x));               y = h + N2(MLP(h))                  (OLMo 2)
+    hybrid    h = x + Attn(x), q/k/v normed per head;  u = N2(h); y = u + MLP(u)   (HybridNorm)
+              (hybrid_ffn_residual_after_norm false: y = N2(h + MLP(h)))
+    hybrid-first  pre, with q/k/v normed per head                                  (HybridNorm*'s first block)
 
 Two residual streams (every layer or none; both start as the embedding), per sublayer F of layer l:
 
@@ -26,7 +30,13 @@ Fields beyond LlamaConfig's:
     residual_scales    list of L floats a (DeepNorm's alpha; 1.0 elsewhere)
     output_scales      list of L floats s multiplying both norm outputs (LNS: 1/sqrt(layer_number); else 1.0)
     layer_numbers      list of L 1-based layer numbers the scales were computed from (kept when layers are removed)
-    normalization      "RMSNorm" or "LayerNorm" (LayerNorm norms have a bias)
+    normalization      "RMSNorm", "LayerNorm" (with a bias), "DyT" (weight*tanh(alpha*x) (+bias)) or
+                       "Derf" (weight*erf(alpha*x + shift) + bias); alpha, shift learnable scalars
+    qk_norm            "none", "head" (q, k normed over each head's head_dim before RoPE) or "full" (over the
+                       whole q / k projection)
+    qk_norm_per_head_gain  head QK-norm (and hybrid layers' q/k/v norms) with one gain per head
+    hybrid_ffn_residual_after_norm  see hybrid above
+    dyt_bias           DyT norms have a bias
     final_norm         whether a norm precedes the LM head
     siamese_variant    SiameseNorm block: "post_pre" (default) or "hybrid_pre" (the official code's MODEL_TYPE)
     real_vocab_size    the tokenizer's vocabulary (vocab_size is the padded embedding size)
@@ -39,10 +49,12 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual")
+NORM_POSITIONS = ("pre", "post", "peri", "lns", "deepnorm", "deeppost", "siamese", "residual-dual",
+                  "reordered", "hybrid", "hybrid-first")
 TWO_STREAM = ("siamese", "residual-dual")
 SIAMESE_VARIANTS = ("post_pre", "hybrid_pre")
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm", "DyT", "Derf")
+QK_NORMS = ("none", "head", "full")
 
 
 def default_residual_scale(position: str, num_layers: int) -> float:
@@ -70,6 +82,10 @@ class MixLNLlamaConfig(LlamaConfig):
     normalization: str = "RMSNorm"
     final_norm: bool = True
     siamese_variant: str = "post_pre"
+    qk_norm: str = "none"
+    qk_norm_per_head_gain: bool = False
+    hybrid_ffn_residual_after_norm: bool = True
+    dyt_bias: bool = False
     real_vocab_size: int | None = None
     mixln_model_config: dict | None = None
 
@@ -105,7 +121,9 @@ class MixLNLlamaConfig(LlamaConfig):
             raise ValueError(f"config.json: siamese_variant: unknown {self.siamese_variant!r}; "
                              f"allowed: {', '.join(SIAMESE_VARIANTS)}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: RMSNorm, LayerNorm")
+            raise ValueError(f"config.json: normalization: unknown {self.normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"config.json: qk_norm: unknown {self.qk_norm!r}; allowed: {', '.join(QK_NORMS)}")
 
 
 __all__ = ["MixLNLlamaConfig"]

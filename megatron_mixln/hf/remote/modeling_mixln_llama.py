@@ -12,6 +12,9 @@ does not fix a role; the position does (the reference code's "post_attention_lay
     pre, lns             before attention  before the MLP             -                          -
     post, deep*          -                 after the attention add    -                          after the MLP add
     peri                 before attention  on the attention output    before the MLP             on the MLP output
+    reordered            -                 on the attention output    -                          on the MLP output
+    hybrid               -                 after the attention add    -                          -
+    hybrid-first         before attention  before the MLP             -                          -
     residual-dual        -                 after the attention add    -                          after the MLP add
 
 siamese layers name their six norms attn_x_layernorm, attn_y_layernorm, input_layernorm (attention input),
@@ -20,6 +23,10 @@ the first and third are absent and attn_x_scale.weight (c1) multiplies x in the 
 residual-dual) take and return the pair of residual streams (x, y) as `hidden_states` (the first layer
 gets the embedding and starts both from it); the final norm module (`model.norm`) combines the pair, and
 `output_hidden_states` reports the x stream.
+
+QK-norm (`config.qk_norm`, and always per head on hybrid layers, with v too): self_attn.q_norm / k_norm /
+v_norm normalise the projections' outputs before RoPE (a forward hook on the projection), as the training
+stack's attention does.
 
 Norm arithmetic matches the training stack: the residual add a*r + x and the normalisation are computed in
 fp32 and rounded once to the activation dtype; weight (and bias) multiply in fp32; the LNS scale s
@@ -43,8 +50,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_mixln_llama import MixLNLlamaConfig
 
-PRE_LIKE = ("pre", "lns")
+PRE_LIKE = ("pre", "lns", "hybrid-first")
 POST_LIKE = ("post", "deepnorm", "deeppost", "residual-dual")
+QKV_NORM_POSITIONS = ("hybrid", "hybrid-first")
 SIAMESE_NORMS = {"post_pre": ("attn_x_layernorm", "attn_y_layernorm", "input_layernorm",
                               "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm"),
                  "hybrid_pre": ("attn_y_layernorm", "mlp_x_layernorm", "mlp_y_layernorm", "post_attention_layernorm")}
@@ -59,22 +67,33 @@ class MixLNChannelScale(nn.Module):
 FINAL_NORMS = {"siamese": ("x_norm", "y_norm", "out_norm"), "residual-dual": ("d_norm",)}
 
 
-class MixLNRMSOrLayerNorm(nn.Module):
-    """RMSNorm (weight) or LayerNorm (weight + bias) over the last dimension, statistics in fp32."""
+def _squash_or_normalize(s, dims, normalization, eps, alpha, shift):
+    """fp32 s -> DyT tanh(alpha*s), Derf erf(alpha*s + shift), or s normalised over `dims` (RMS or LayerNorm)."""
+    if normalization == "DyT":
+        return torch.tanh(alpha.float() * s)
+    if normalization == "Derf":
+        return torch.erf(alpha.float() * s + shift.float())
+    if normalization == "LayerNorm":
+        s = s - s.mean(dims, keepdim=True)
+    return s * torch.rsqrt(s.pow(2).mean(dims, keepdim=True) + eps)
 
-    def __init__(self, hidden_size: int, eps: float, normalization: str = "RMSNorm"):
+
+class MixLNRMSOrLayerNorm(nn.Module):
+    """RMSNorm (weight), LayerNorm (weight + bias), DyT (weight, alpha, optional bias) or Derf (weight, bias,
+    alpha, shift) over the last dimension, in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float, normalization: str = "RMSNorm", dyt_bias: bool = False):
         super().__init__()
         self.eps, self.normalization = eps, normalization
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.bias = nn.Parameter(torch.zeros(hidden_size)) if normalization == "LayerNorm" else None
+        has_bias = normalization in ("LayerNorm", "Derf") or (normalization == "DyT" and dyt_bias)
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if has_bias else None
+        self.alpha = nn.Parameter(torch.ones(1)) if normalization in ("DyT", "Derf") else None
+        self.shift = nn.Parameter(torch.zeros(1)) if normalization == "Derf" else None
 
     def normalize(self, s: torch.Tensor) -> torch.Tensor:
         """s: fp32 (..., hidden) -> fp32 normalised, times weight (+ bias)."""
-        if self.normalization == "RMSNorm":
-            y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + self.eps)
-        else:
-            c = s - s.mean(-1, keepdim=True)
-            y = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = _squash_or_normalize(s, (-1,), self.normalization, self.eps, self.alpha, self.shift)
         y = y * self.weight.float()
         return y + self.bias.float() if self.bias is not None else y
 
@@ -83,6 +102,45 @@ class MixLNRMSOrLayerNorm(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}, {self.normalization}"
+
+
+class MixLNQKNorm(nn.Module):
+    """Norm of a q/k/v projection output (batch, seq, heads*head_dim): per head ("head", gain (head_dim,) or
+    (heads, head_dim)) or over the whole projection ("full", gain (heads*head_dim,)), in fp32."""
+
+    def __init__(self, heads: int, head_dim: int, mode: str, config):
+        super().__init__()
+        self.head_dim, self.mode, self.eps, self.normalization = head_dim, mode, config.rms_norm_eps, config.normalization
+        shape = (heads * head_dim,) if mode == "full" else (heads, head_dim) if config.qk_norm_per_head_gain else (head_dim,)
+        self.weight = nn.Parameter(torch.ones(shape))
+        n = config.normalization
+        has_bias = n in ("LayerNorm", "Derf") or (n == "DyT" and config.dyt_bias)
+        self.bias = nn.Parameter(torch.zeros(shape)) if has_bias else None
+        self.alpha = nn.Parameter(torch.ones(1)) if n in ("DyT", "Derf") else None
+        self.shift = nn.Parameter(torch.zeros(1)) if n == "Derf" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.float().view(*x.shape[:-1], -1, self.head_dim)
+        dims = (-2, -1) if self.mode == "full" else (-1,)
+        y = _squash_or_normalize(s, dims, self.normalization, self.eps, self.alpha, self.shift)
+        gain = self.weight.float().view(-1, self.head_dim) if self.weight.dim() == 1 and self.mode == "full" else self.weight.float()
+        y = y * gain
+        if self.bias is not None:
+            y = y + self.bias.float().view(gain.shape)
+        return y.reshape(x.shape).to(x.dtype)
+
+
+def attach_qkv_norms(attn: nn.Module, config, position: str) -> None:
+    """q_norm/k_norm (and v_norm on hybrid layers) on `attn`, applied to its projections' outputs by hooks."""
+    hybrid = position in QKV_NORM_POSITIONS
+    mode = "head" if hybrid else config.qk_norm
+    if mode == "none":
+        return
+    heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads, "v": config.num_key_value_heads}
+    for name in ("q", "k", "v") if hybrid else ("q", "k"):
+        norm = MixLNQKNorm(heads[name], attn.head_dim, mode, config)
+        setattr(attn, f"{name}_norm", norm)
+        getattr(attn, f"{name}_proj").register_forward_hook(lambda module, args, out, norm=norm: norm(out))
 
 
 def add_norm(x, residual, norm: MixLNRMSOrLayerNorm, residual_scale: float = 1.0, out_scale: float = 1.0):
@@ -107,21 +165,25 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
         self.residual_scale = float(config.residual_scales[layer_idx])
         self.output_scale = float(config.output_scales[layer_idx])
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        attach_qkv_norms(self.self_attn, config, self.position)
         self.mlp = LlamaMLP(config)
+        self.ffn_residual_after_norm = config.hybrid_ffn_residual_after_norm
 
         def norm():
-            return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
+            return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization, config.dyt_bias)
 
         self.stream_scale = 1.0 / math.sqrt(2 * config.layer_numbers[layer_idx])  # siamese: 1/sqrt(2l)
         if self.position in PRE_LIKE:
             self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        elif self.position == "hybrid":
+            self.post_attention_layernorm = norm()
         elif self.position == "siamese":
             self.siamese_variant = config.siamese_variant
             for name in SIAMESE_NORMS[self.siamese_variant]:
                 setattr(self, name, norm())
             if self.siamese_variant == "hybrid_pre":
                 self.attn_x_scale = MixLNChannelScale(config.hidden_size)
-        elif self.position in POST_LIKE:
+        elif self.position in POST_LIKE + ("reordered",):
             self.post_attention_layernorm, self.post_feedforward_layernorm = norm(), norm()
         else:  # peri
             self.input_layernorm, self.post_attention_layernorm = norm(), norm()
@@ -163,6 +225,15 @@ class MixLNLlamaDecoderLayer(GradientCheckpointingLayer):
             h, _ = add_norm(attn(x), x, self.post_attention_layernorm, residual_scale=a)
             y, _ = add_norm(self.mlp(h), h, self.post_feedforward_layernorm, residual_scale=a)
             return y
+        if self.position == "reordered":  # OLMo 2: the norm of each sublayer output, then the residual add
+            h = x + self.post_attention_layernorm(attn(x))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
+        if self.position == "hybrid":  # HybridNorm: q/k/v normed in attention; FFN residual after its norm
+            if not self.ffn_residual_after_norm:
+                h = x + attn(x)
+                return add_norm(self.mlp(h), h, self.post_attention_layernorm)[0]
+            u, _ = add_norm(attn(x), x, self.post_attention_layernorm)
+            return u + self.mlp(u)
         attn_out = self.post_attention_layernorm(attn(self.input_layernorm(x)))
         mlp_in, h = add_norm(attn_out, x, self.pre_feedforward_layernorm)  # h = x + N(attn_out)
         return h + self.post_feedforward_layernorm(self.mlp(mlp_in))
@@ -175,7 +246,8 @@ class MixLNTwoStreamFinalNorm(nn.Module):
         super().__init__()
         self.position = config.norm_positions[0]
         for name in FINAL_NORMS[self.position]:
-            setattr(self, name, MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization))
+            setattr(self, name, MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization,
+                                                    config.dyt_bias))
 
     def forward(self, hidden_states):
         x, y = hidden_states if isinstance(hidden_states, tuple) else (hidden_states, hidden_states)
@@ -189,7 +261,7 @@ def final_norm(config: MixLNLlamaConfig) -> nn.Module:
         return nn.Identity()
     if config.norm_positions and config.norm_positions[0] in FINAL_NORMS:
         return MixLNTwoStreamFinalNorm(config)
-    return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization)
+    return MixLNRMSOrLayerNorm(config.hidden_size, config.rms_norm_eps, config.normalization, config.dyt_bias)
 
 
 class MixLNLlamaPreTrainedModel(LlamaPreTrainedModel):
