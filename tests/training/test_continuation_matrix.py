@@ -120,16 +120,16 @@ def test_bf16_universal_reshape_continues_the_uninterrupted_curve(single_rank, t
 
     run = dict(train_iters=6, eval_iters=0, lr_warmup_iters=1, bf16=True)
     whole = trainer.pretrain(tiny_model(), tiny_train(zero_stage=1, **run), tiny_datasets())
-    whole["engine"].destroy()
+    whole.engine.destroy()
     save = str(tmp_path / "cut")
     cut = trainer.pretrain(tiny_model(), tiny_train(zero_stage=1, save=save, exit_interval=3, **run), tiny_datasets())
-    cut["engine"].destroy()
+    cut.engine.destroy()
     convert_to_universal(save, str(tmp_path / "universal"))
     resumed = trainer.pretrain(tiny_model(), tiny_train(zero_stage=2, load=str(tmp_path / "universal"), **run),
                                tiny_datasets())
-    resumed["engine"].destroy()
-    assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
-    for got, want in zip(resumed["history"], whole["history"][3:]):
+    resumed.engine.destroy()
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    for got, want in zip(resumed.history, whole.history[3:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), got["step"]
 
 
@@ -139,10 +139,10 @@ def test_a_stop_save_continues_the_uninterrupted_curve(single_rank, tmp_path, pr
     losses as the run that never stopped, masters and moments included."""
     run = dict(train_iters=5, eval_iters=0, lr_warmup_iters=1, zero_stage=zero, **PRECISIONS[precision])
     whole = trainer.pretrain(tiny_model(), tiny_train(**run), tiny_datasets())
-    whole["engine"].destroy()
+    whole.engine.destroy()
     save = str(tmp_path / "cut")
     trainer.pretrain(tiny_model(), tiny_train(save=save, exit_interval=2, **run), tiny_datasets()).engine.destroy()
     resumed = trainer.pretrain(tiny_model(), tiny_train(load=save, **run), tiny_datasets())
-    resumed["engine"].destroy()
-    assert [h["step"] for h in resumed["history"]] == [3, 4, 5]
-    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"][2:]], rel=1e-6)
+    resumed.engine.destroy()
+    assert [h["step"] for h in resumed.history] == [3, 4, 5]
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history[2:]], rel=1e-6)
