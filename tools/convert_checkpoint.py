@@ -13,6 +13,10 @@ LR scheduler and client state carry over; optimizer moments restart (they are no
   # a ZeRO-1/2 checkpoint (PP=1) -> DeepSpeed's universal form, optimizer states kept: the trainer
   # resumes it (--load runs/y/ckpt) at any data-parallel size, TP size and ZeRO stage 1-2
   python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/y/ckpt --to universal
+
+  # a LayerNorm Pre-LN model (pre/lns layers, every LayerNorm bias zero) -> the RMSNorm model with the
+  # same outputs (arXiv 2305.14858), in the plain format; --to deepspeed lays it out for a run
+  python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/x/rmsnorm --to rmsnorm
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def _main(argv) -> int:
                        allow_abbrev=False)
     p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--to", choices=("plain", "deepspeed", "universal"), default="plain")
+    p.add_argument("--to", choices=("plain", "deepspeed", "universal", "rmsnorm"), default="plain")
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--engine", choices=("plain", "pipeline"), default=None,

@@ -233,7 +233,10 @@ def config_from_metadata(metadata: dict):
 def convert(src: str, dst: str, to: str = "plain", tp: int = 1, pp: int = 1, engine: str | None = None,
             tag: str | None = None, out_tag: str | None = None, config=None, dp: int = 1) -> dict:
     """Convert `src` (plain dir or DeepSpeed dir) into `dst`: to="plain" or to="deepspeed" with a
-    TP x PP layout (engine "pipeline" when pp > 1, else "plain" unless given). Returns a summary."""
+    TP x PP layout (engine "pipeline" when pp > 1, else "plain" unless given), or to="rmsnorm": a
+    LayerNorm Pre-LN model as the RMSNorm one with the same outputs, written in the plain format
+    (checkpoint/rmsnorm.py; UsageError when the model is not one or a LayerNorm β is non-zero).
+    Returns a summary."""
     if is_plain_dir(src):
         plain, src_config, metadata = load_plain(src)
         source = {"format": "plain"}
@@ -244,12 +247,16 @@ def convert(src: str, dst: str, to: str = "plain", tp: int = 1, pp: int = 1, eng
         src_config = config_from_metadata(metadata)
         source = {"format": "deepspeed", **layout}
     config = config if config is not None else src_config
-    if to == "plain":
+    if to == "rmsnorm":
+        from megatron_mixln.checkpoint.rmsnorm import to_rmsnorm
+
+        plain, config, metadata = to_rmsnorm(plain, config, metadata, f"--input {src}")
+    if to in ("plain", "rmsnorm"):
         save_plain(plain, dst, config, metadata)
     elif to == "deepspeed":
         engine = engine or ("pipeline" if pp > 1 else "plain")
         write_deepspeed_checkpoint(plain, dst, out_tag or src_tag, tp, pp, engine, metadata, config, dp)
     else:
-        raise ValueError(f"to: unknown {to!r}; allowed: plain, deepspeed")
+        raise ValueError(f"to: unknown {to!r}; allowed: plain, deepspeed, rmsnorm")
     return {"source": source, "target": {"format": to, "tp": tp, "pp": pp, "engine": engine},
             "tensors": len(plain), "parameters": sum(v.numel() for k, v in plain.items())}
