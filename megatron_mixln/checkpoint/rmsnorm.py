@@ -82,14 +82,14 @@ def to_rmsnorm(plain: dict, config, metadata: dict, source: str) -> tuple[dict, 
 
 
 def _with_config(metadata: dict, config_dict: dict) -> dict:
+    """`metadata` with every recorded "model_config" (top level, under "mixln", in JSON sidecars) replaced."""
     from megatron_mixln.checkpoint.convert import SIDECARS
 
     out = dict(metadata)
-    for holder_key in ("mixln", None):
-        holder = out.get(holder_key) if holder_key else out
-        if isinstance(holder, dict) and isinstance(holder.get("model_config"), dict):
-            holder = dict(holder, model_config=config_dict)
-            out = dict(out, **{holder_key: holder}) if holder_key else holder
+    if isinstance(out.get("model_config"), dict):
+        out["model_config"] = config_dict
+    if isinstance(out.get("mixln"), dict) and isinstance(out["mixln"].get("model_config"), dict):
+        out["mixln"] = dict(out["mixln"], model_config=config_dict)
     sidecars = dict(out.get(SIDECARS) or {})
     for name, text in sidecars.items():
         try:
