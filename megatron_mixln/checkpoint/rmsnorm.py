@@ -2,8 +2,8 @@
 
 In a Pre-LN model only the embedding and the sublayer outputs (o_proj, down_proj) write into the
 residual stream. Recentring them -- each embedding row minus its mean over hidden, each output
-projection's columns minus their mean over its output rows (the paper's Sec. 3.2, "zero-mean main
-branch") -- makes every residual-stream vector zero-mean, so LayerNorm's centring is a no-op:
+projection's columns minus their mean over its output rows (the paper's Sec. 3: a zero-mean main
+branch) -- makes every residual-stream vector zero-mean, so LayerNorm's centring is a no-op:
 
     LayerNorm(x) = γ·(x - μ)/sqrt(var + ε) + β  =  γ·x/sqrt(mean(x²) + ε) + β  = RMSNorm(x) + β   (μ = 0)
 
