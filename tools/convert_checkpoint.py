@@ -48,7 +48,7 @@ def _main(argv) -> int:
     p.add_argument("--dp", type=int, default=1, help="data-parallel size recorded in the output metadata")
     args = p.parse_args(argv)
     if not os.path.isdir(args.input):
-        p.error(f"--input {args.input}: no such directory (expected a --save directory or a plain checkpoint)")
+        raise UsageError(f"--input {args.input}: no such directory (expected a --save directory or a plain checkpoint)")
 
     from megatron_mixln.model import ModelConfig
     from megatron_mixln.checkpoint.convert import convert
