@@ -15,8 +15,7 @@ docs/checkpoint-format.md describes the files. Names are resolved lazily, so the
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_mixln.lazy import lazy_exports
 
 _EXPORTS = {
     "LATEST": "layout", "META": "layout", "TAG_RE": "layout", "tag_for": "layout", "parse_tag": "layout",
@@ -37,13 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

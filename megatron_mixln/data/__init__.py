@@ -12,8 +12,7 @@ for importing torch, which only the Dataset classes need.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megatron_mixln.lazy import lazy_exports
 
 _EXPORTS = {
     "DataError": "errors", "IndexedDatasetError": "errors", "BadInputError": "errors",
@@ -35,13 +34,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
