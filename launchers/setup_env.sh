@@ -49,8 +49,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >> "$constraints"
     DS_BUILD_OPS=0 pip_quiet install -q -c "$constraints" -r "$ROOT/requirements.txt"
     rm -f "$constraints"
-    # The project itself, editable (quietly: pip's editable-install output is not news).
-    pip_quiet install -q --no-deps -e "$ROOT" >/dev/null
+    # The project itself, editable. setuptools prints an "Editable installation" banner on stderr that is
+    # not news: the output is shown only if the install fails.
+    if ! editable_out="$("$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" 2>&1)"; then
+        printf '%s\n' "$editable_out" >&2
+        exit 1
+    fi
     "$VENV/bin/python" -c "import torch; print(f'[setup] torch {torch.__version__}: '
         + (f'CUDA {torch.version.cuda} build' if torch.version.cuda else 'CPU build'))"
     echo "$want" > "$stamp"
