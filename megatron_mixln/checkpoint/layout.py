@@ -12,6 +12,7 @@ Torch-free, so the sweep tools can read run states without importing it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -27,7 +28,7 @@ TAG_RE = re.compile(r"^iter_(\d{7,})$")
 
 __all__ = ["LATEST", "META", "MANIFEST", "CONVERTED", "UNIVERSAL", "PLAIN_WEIGHTS", "PLAIN_CONFIG",
            "PLAIN_TRAINER_STATE", "TAG_RE", "tag_for", "parse_tag", "list_tags", "latest_path", "read_latest",
-           "write_latest", "resolve_tag", "is_plain_dir"]
+           "write_latest", "resolve_tag", "is_plain_dir", "is_tag_dir", "hf_model_type"]
 
 
 def tag_for(iteration: int) -> str:
@@ -69,10 +70,23 @@ def is_plain_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, PLAIN_WEIGHTS))
 
 
-def _is_tag_dir(path: str) -> bool:
+def is_tag_dir(path: str) -> bool:
     """One tag of a --save directory (what DeepSpeed writes per save: mp_rank_*/zero_* files, our metadata)."""
     names = os.listdir(path)
     return "mixln_meta.json" in names or any(n.startswith(("mp_rank_", "zero_pp_rank_", "layer_")) for n in names)
+
+
+def hf_model_type(path: str) -> str | None:
+    """The `model_type` (or "unknown") of a Hugging Face model directory -- its config.json names a model_type
+    or architectures, which a plain checkpoint's config.json (a ModelConfig) never does -- else None."""
+    try:
+        with open(os.path.join(path, PLAIN_CONFIG), encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg):
+        return str(cfg.get("model_type", "unknown"))
+    return None
 
 
 def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
@@ -85,7 +99,7 @@ def resolve_tag(ckpt_dir: str, tag: str | None) -> str:
     if tag is not None:
         return tag
     latest = read_latest(ckpt_dir)
-    if latest is None and _is_tag_dir(ckpt_dir):
+    if latest is None and is_tag_dir(ckpt_dir):
         parent, name = os.path.split(os.path.normpath(ckpt_dir))
         raise FileNotFoundError(
             f"{ckpt_dir}: a checkpoint tag directory, not the --save directory; pass the directory above it "

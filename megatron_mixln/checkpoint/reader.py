@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import re
 import sys
@@ -18,7 +17,7 @@ from typing import NamedTuple
 
 from megatron_mixln.checkpoint.convert import config_from_metadata, load_plain, read_deepspeed_checkpoint
 from megatron_mixln.checkpoint.io import safe_load
-from megatron_mixln.checkpoint.layout import PLAIN_CONFIG, is_plain_dir, resolve_tag
+from megatron_mixln.checkpoint.layout import PLAIN_CONFIG, hf_model_type, is_plain_dir, resolve_tag
 
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
@@ -70,14 +69,10 @@ class FullCheckpoint(NamedTuple):
 
 def _refuse_hf_dir(path: str) -> None:
     """A Hugging Face model directory also holds model.safetensors + config.json; say what it is."""
-    try:
-        with open(os.path.join(path, PLAIN_CONFIG)) as fh:
-            cfg = json.load(fh)
-    except (OSError, ValueError):
-        return
-    if isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg):
+    model_type = hf_model_type(path)
+    if model_type is not None:
         raise ValueError(
-            f"{path}: a Hugging Face model directory (config.json has model_type {cfg.get('model_type')!r}), "
+            f"{path}: a Hugging Face model directory (config.json has model_type {model_type!r}), "
             "not a training checkpoint; it is already exported (import it for training with "
             "tools/convert_from_hf.py)")
 

@@ -2,15 +2,9 @@
 a checkpoint in the wrong place (an HF export, one checkpoint tag, a compare_norms output)."""
 from __future__ import annotations
 
-import glob
-import json
 import os
 
-_TAG_FILES = ("*model_states.pt", "*optim_states.pt")
-
-
-def _is_tag_dir(path: str) -> bool:
-    return any(glob.glob(os.path.join(path, pattern)) for pattern in _TAG_FILES)
+from megatron_mixln.checkpoint.layout import LATEST, hf_model_type, is_tag_dir
 
 
 def checkpoint_directory_hint(path: str) -> str | None:
@@ -18,17 +12,10 @@ def checkpoint_directory_hint(path: str) -> str | None:
     (a training --save directory or a plain converted one). Reads only file names and small JSON files."""
     if not os.path.isdir(path):
         return None
-    config = os.path.join(path, "config.json")
-    if os.path.isfile(config):
-        try:
-            with open(config, encoding="utf-8") as fh:
-                fields = json.load(fh)
-        except (OSError, ValueError):
-            fields = {}
-        if isinstance(fields, dict) and ("model_type" in fields or "architectures" in fields):
-            return (f"--checkpoint {path} is a Hugging Face export already (config.json has model_type): load it "
-                    f"with transformers' from_pretrained, or pass the training --save directory it was made from")
-    if _is_tag_dir(path):
+    if hf_model_type(path) is not None:
+        return (f"--checkpoint {path} is a Hugging Face export already (config.json has model_type): load it "
+                f"with transformers' from_pretrained, or pass the training --save directory it was made from")
+    if is_tag_dir(path):
         parent, tag = os.path.split(os.path.normpath(path))
         return (f"--checkpoint {path} is one checkpoint tag: pass the --save directory that holds it, "
                 f"--checkpoint {parent or '.'} --tag {tag}")
@@ -37,12 +24,12 @@ def checkpoint_directory_hint(path: str) -> str | None:
         names = sorted(n for n in os.listdir(runs) if os.path.isdir(os.path.join(runs, n)))
         listed = ", ".join(_save_dir(os.path.join(runs, n)) for n in names) or f"{runs}/<variant>/ckpt"
         return f"--checkpoint {path} is a compare_norms output: pass one of its runs' checkpoints: {listed}"
-    if not os.path.isfile(os.path.join(path, "latest")) and _save_dir(path) != path:
+    if not os.path.isfile(os.path.join(path, LATEST)) and _save_dir(path) != path:
         return f"--checkpoint {path} holds no checkpoint itself: pass its --save directory {_save_dir(path)}"
     return None
 
 
 def _save_dir(run_dir: str) -> str:
     """The subdirectory of a run directory that holds `latest` (compare_norms: <run>/ckpt), else run_dir."""
-    subdirs = sorted(n for n in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, n, "latest")))
+    subdirs = sorted(n for n in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, n, LATEST)))
     return os.path.join(run_dir, subdirs[0]) if len(subdirs) == 1 else run_dir
