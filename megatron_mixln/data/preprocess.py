@@ -129,14 +129,24 @@ def _validate(opts: PreprocessOptions):
 
 
 def _start_sample(tasks: list[Task], key: str, n: int, seed: str) -> list[str]:
-    """The first ``n`` documents of the input and ``n`` drawn at random (reservoir sampling) from
-    the first ``20 n`` documents of up to three randomly chosen tasks."""
-    first = list(islice(chain.from_iterable(task_texts(t, key) for t in tasks), n))
+    """The first ``n`` documents of the input and up to ``n`` others drawn at random (reservoir
+    sampling) from the first ``20 n`` documents of up to three randomly chosen tasks; no document
+    is drawn twice, so a count of differing documents counts documents."""
+    first: list[str] = []
+    taken: set[tuple[int, int]] = set()  # (task ordinal, document index) of the first n
+    for task in tasks:
+        for i, text in enumerate(islice(task_texts(task, key), n - len(first))):
+            first.append(text)
+            taken.add((task.ordinal, i))
+        if len(first) == n:
+            break
     rng = random.Random(seed)
     reservoir: list[str] = []
     seen = 0
     for task in rng.sample(tasks, min(3, len(tasks))):
-        for text in islice(task_texts(task, key), 20 * n):
+        for i, text in enumerate(islice(task_texts(task, key), 20 * n)):
+            if (task.ordinal, i) in taken:
+                continue
             seen += 1
             if len(reservoir) < n:
                 reservoir.append(text)

@@ -173,7 +173,13 @@ def test_guards_fall_back_at_start_and_stop_while_running(tmp_path, models, text
     """Pretend gigatoken were claimed exact for an NFKC model (it is not): the start-up
     cross-check falls back (one line saying why); a difference past the sample stops the run."""
     model = models["spm_bpe_nfkc"]
-    bad = _differing_text(build_tokenizer(model))
+    reference = build_tokenizer(model)
+    bad = _differing_text(reference)
+    # Only documents both encoders agree on sit beside the planted one: the sample corpus is built
+    # from this Python's own sources, so which of its documents differ depends on the installation.
+    differ = set(_same_ids(backends.FastTokenizer(reference), reference, texts[:200]))
+    texts = [t for i, t in enumerate(texts[:200]) if i not in differ][:30]
+    assert len(texts) == 30
     monkeypatch.setattr(backends, "gigatoken_claim", lambda tok: (True, "pretended"))
     early = write_lines(tmp_path / "early.jsonl", [json.dumps({"text": t}) for t in [bad] + texts[:30]])
     summary = _preprocess(tmp_path, "early", [early], model, cross_check_docs=5)
