@@ -27,7 +27,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """q/k/v/o projections without bias. Head counts are read from the projection shapes in
+    """q/k/v/o projections, with a bias on q/k/v (`qkv_bias`) and on o (`out_bias`) or none (LLaMA). Head counts are read from the projection shapes in
     forward, so tensor parallelism can swap in sharded linears without touching this code.
 
     Optional `q_norm`, `k_norm`, `v_norm` (QKNorm modules, HF's names) normalise the projection
@@ -35,15 +35,16 @@ class Attention(nn.Module):
     QKV-norm."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rotary_base: float,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, v_norm: nn.Module | None = None):
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False):
         super().__init__()
         self.q_norm, self.k_norm, self.v_norm = q_norm, k_norm, v_norm
         self.head_dim = hidden_size // num_heads
         self.rotary_base = rotary_base
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
