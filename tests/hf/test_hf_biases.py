@@ -1,0 +1,79 @@
+"""Linear biases and Hugging Face: --add-bias-linear / --add-qkv-bias export to stock LlamaForCausalLM
+(attention_bias, mlp_bias; a zero o_proj bias where HF's attention_bias needs one), an LM-head bias
+(--add-output-layer-bias) only through the exported modeling file (--stock refused), and Llama checkpoints with
+attention_bias/mlp_bias made by transformers itself imported with equal logits."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_testlib import run_tool
+from test_hf_import import _our_model
+from test_hf_zoo import _export_and_compare
+
+CASES = {  # id: (ModelConfig overrides, class, HF attention_bias, mlp_bias)
+    "every-linear-lns": (dict(norm_position="pre,lns,lns,pre", add_bias_linear=True, num_query_groups=2),
+                         "LlamaForCausalLM", True, True),
+    "qkv-only": (dict(add_qkv_bias=True), "LlamaForCausalLM", True, False),
+    "head-bias-mix": (dict(norm_position="mix", add_bias_linear=True, add_output_layer_bias=True),
+                      "MixLNLlamaForCausalLM", True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_with_biases_matches_and_imports_back(tmp_path, case):
+    overrides, cls, attention_bias, mlp_bias = CASES[case]
+    config, _, tokens, ours = _export_and_compare(tmp_path, overrides, cls)
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_cfg["attention_bias"], hf_cfg["mlp_bias"]) == (attention_bias, mlp_bias)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    if case == "qkv-only":  # HF's attention_bias biases o_proj too: exported as exact zeros
+        assert not tensors["model.layers.0.self_attn.o_proj.bias"].any()
+    assert ("lm_head.bias" in tensors) is config.add_output_layer_bias
+    code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
+    assert code == 0, err
+    back_config, back = _our_model(tmp_path / "ckpt")
+    flags = ("add_qkv_bias", "add_bias_linear", "add_output_layer_bias")
+    assert [getattr(back_config, f) for f in flags] == [getattr(config, f) for f in flags]
+    with torch.no_grad():
+        assert (back(tokens) - ours).abs().max() <= 1e-5  # lns: 1/sqrt(l) was folded into the gains
+
+
+def test_stock_request_for_a_head_bias_is_refused_in_one_line(tmp_path):
+    from hf_testlib import save_tiny
+
+    save_tiny(tmp_path / "plain", add_output_layer_bias=True)
+    code, _, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"),
+                            "--stock")
+    assert code == 2 and err.count("\n") == 1 and "--stock" in err and "--add-output-layer-bias" in err, err
+    assert not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("attention_bias, mlp_bias", [(True, True), (True, False), (False, True)])
+def test_transformers_llama_with_biases_imports_with_equal_logits(tmp_path, attention_bias, mlp_bias):
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, attention_bias=attention_bias,
+        mlp_bias=mlp_bias, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(0.3 * torch.randn_like(p)) if n.endswith("bias") or "norm" in n else p.mul_(3.0)
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
+    assert code == 0, err
+    config, model = _our_model(tmp_path / "ckpt")
+    assert config.add_bias_linear and not config.add_output_layer_bias
+    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert (model(tokens) - ref).abs().max().item() <= 1e-5
+        # the biases matter: the same model without them gives other logits
+        for p in (hf.model.layers[0].self_attn.q_proj if attention_bias else hf.model.layers[0].mlp.up_proj,):
+            p.bias.zero_()
+        assert (hf(tokens).logits - ref).abs().max().item() > 1e-3
