@@ -2,7 +2,7 @@
 """Export a training checkpoint to a Hugging Face transformers directory (logic: megatron_mixln/hf/export.py).
 
   python tools/convert_to_hf.py --checkpoint runs/71m-mix/ckpt --output hf/71m-mix [--tag iter_0010000] \
-      [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--always-custom] [--overwrite]
+      [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--always-custom | --stock] [--overwrite]
 
 --checkpoint: a training --save directory (DeepSpeed, any TP/PP layout, ZeRO 0-3; `latest` or --tag) or a
 plain directory from tools/convert_checkpoint.py. The tokenizer defaults to the run's --tokenizer.

@@ -94,7 +94,8 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
     dtype = dtype or stored
     custom = always_custom or stock_name is None
     hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom, stock_name or "")
-    plain = zero_biases_for_hf(plain, config)  # HF's attention_bias also biases o_proj: a zero one, if needed
+    if custom or stock_name == "LlamaForCausalLM":  # HF's attention_bias also biases o_proj: a zero one, if needed
+        plain = zero_biases_for_hf(plain, config)
     hf_plain = to_hf_state_dict(plain, config, fold_lns=not custom)  # lns -> stock Llama: 1/sqrt(l) into the gains
     tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in hf_plain.items()}
     training = summary.get("training_config") or {}

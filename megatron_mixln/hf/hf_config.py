@@ -13,9 +13,10 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_mixln_llama.MixLNLlamaForCausalLM",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Stock transformers families that are norm-zoo models (docs/norm-zoo.md): model_type -> ModelConfig fields.
+# Stock transformers families this stack computes (docs/norm-zoo.md, docs/model.md): model_type -> ModelConfig fields.
 STOCK_ZOO = {"olmo2": dict(norm_position="reordered", qk_norm="full"), "qwen3": dict(norm_position="pre", qk_norm="head"),
-             "stablelm": dict(norm_position="pre", normalization="LayerNorm")}
+             "stablelm": dict(norm_position="pre", normalization="LayerNorm"),
+             "qwen2": dict(norm_position="pre", add_qkv_bias=True)}
 # Stock fields that must hold these values for the class to be this stack's model.
 STOCK_REQUIRES = {"stablelm": dict(use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False)}
 
@@ -25,16 +26,17 @@ def stock_class(config) -> str | None:
     pre (and lns, whose 1/sqrt(l) folds into the gains) -> LlamaForCausalLM; pre + --qk-norm head ->
     Qwen3ForCausalLM; reordered + --qk-norm full -> Olmo2ForCausalLM (RMSNorm, a final norm, shared QK gains);
     pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary). Linear
-    biases (--add-qkv-bias, --add-bias-linear): LlamaForCausalLM's attention_bias/mlp_bias, pre/lns RMSNorm only;
-    an LM-head bias (--add-output-layer-bias): no stock class."""
+    biases, pre/lns RMSNorm only: --add-qkv-bias -> Qwen2ForCausalLM (q/k/v biases), --add-bias-linear ->
+    LlamaForCausalLM with attention_bias and mlp_bias; an LM-head bias (--add-output-layer-bias): no stock class."""
     if not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False):
         return None
     if config.add_output_layer_bias:  # no stock causal-LM class has an LM-head bias
         return None
     positions, qk = set(config.positions), getattr(config, "qk_norm", "none")
-    if config.qkv_bias or config.add_bias_linear:  # attention_bias / mlp_bias: LlamaForCausalLM only
-        stock = positions <= {"pre", "lns"} and qk == "none" and config.normalization == "RMSNorm"
-        return "LlamaForCausalLM" if stock else None
+    if config.qkv_bias:  # q/k/v biases only: Qwen2; every linear: Llama's attention_bias + mlp_bias
+        if not (positions <= {"pre", "lns"} and qk == "none" and config.normalization == "RMSNorm"):
+            return None
+        return "LlamaForCausalLM" if config.add_bias_linear else "Qwen2ForCausalLM"
     if config.normalization == "LayerNorm":
         return "StableLmForCausalLM" if positions <= {"pre", "lns"} and qk == "none" else None
     if config.normalization != "RMSNorm":
@@ -94,6 +96,13 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         hf = StableLmConfig(**common, layer_norm_eps=config.norm_epsilon, use_qkv_bias=False, qk_layernorm=False,
                             use_parallel_residual=False, mixln_model_config=recorded.to_dict())
         hf.architectures = [stock]
+    elif not custom and stock == "Qwen2ForCausalLM":
+        from transformers import Qwen2Config
+
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "mlp_bias", "attention_bias")}
+        recorded = config.replace(norm_position="pre") if "lns" in config.positions else config  # lns folded
+        hf = Qwen2Config(**common, use_sliding_window=False, mixln_model_config=recorded.to_dict())
+        hf.architectures = [stock]
     elif not custom and stock == "Qwen3ForCausalLM":
         from transformers import Qwen3Config
 
@@ -147,7 +156,7 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
 
     where = os.path.join(path, "config.json")
     archs = cfg.get("architectures") or []
-    zoo = STOCK_ZOO.get(cfg.get("model_type"), {})  # Olmo2 / Qwen3: a position and QK-norm of the norm zoo
+    zoo = STOCK_ZOO.get(cfg.get("model_type"), {})  # Olmo2 / Qwen3 / StableLM / Qwen2: fields they fix
     if not zoo and cfg.get("model_type") not in ("llama", "mixln_llama") and "LlamaForCausalLM" not in archs:
         raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaMA-shaped "
                          f"(expected 'llama', 'mixln_llama', {', '.join(repr(k) for k in STOCK_ZOO)})")
@@ -217,7 +226,7 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
             norm_epsilon=float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6))),
             norm_position=norm_position or "pre", post_ln_layers=post_ln_layers,
             final_norm=bool(cfg.get("final_norm", True)),
-            qk_norm=zoo.get("qk_norm", "none"),
+            qk_norm=zoo.get("qk_norm", "none"), add_qkv_bias=zoo.get("add_qkv_bias", False),
             # HF's attention_bias is q/k/v/o, mlp_bias gate/up/down: --add-bias-linear holds either exactly (the
             # linears HF has no bias on get zero ones, see mapping.from_hf_state_dict)
             add_bias_linear=biased["attention_bias"] or biased["mlp_bias"],

@@ -1,7 +1,7 @@
-"""Linear biases and Hugging Face: --add-bias-linear / --add-qkv-bias export to stock LlamaForCausalLM
-(attention_bias, mlp_bias; a zero o_proj bias where HF's attention_bias needs one), an LM-head bias
-(--add-output-layer-bias) only through the exported modeling file (--stock refused), and Llama checkpoints with
-attention_bias/mlp_bias made by transformers itself imported with equal logits."""
+"""Linear biases and Hugging Face: --add-bias-linear exports to stock LlamaForCausalLM (attention_bias, mlp_bias),
+--add-qkv-bias to Qwen2ForCausalLM, an LM-head bias (--add-output-layer-bias) only through the exported modeling
+file (--stock refused; there HF's attention_bias needs a zero o_proj bias); Llama checkpoints with
+attention_bias/mlp_bias and Qwen2 checkpoints made by transformers itself import with equal logits."""
 import json
 import os
 
@@ -13,10 +13,12 @@ from hf_testlib import run_tool
 from test_hf_import import _our_model
 from test_hf_zoo import _export_and_compare
 
-CASES = {  # id: (ModelConfig overrides, class, HF attention_bias, mlp_bias)
+CASES = {  # id: (ModelConfig overrides, class, HF attention_bias, mlp_bias (None: the class has no such field))
     "every-linear-lns": (dict(norm_position="pre,lns,lns,pre", add_bias_linear=True, num_query_groups=2),
                          "LlamaForCausalLM", True, True),
-    "qkv-only": (dict(add_qkv_bias=True), "LlamaForCausalLM", True, False),
+    "qkv-only-qwen2": (dict(norm_position="lns,pre", num_layers=2, add_qkv_bias=True), "Qwen2ForCausalLM", None, None),
+    "qkv-only-custom-head-bias": (dict(norm_position="post,pre", num_layers=2, add_qkv_bias=True,
+                                       add_output_layer_bias=True), "MixLNLlamaForCausalLM", True, False),
     "head-bias-mix": (dict(norm_position="mix", add_bias_linear=True, add_output_layer_bias=True),
                       "MixLNLlamaForCausalLM", True, True),
 }
@@ -27,10 +29,12 @@ def test_export_with_biases_matches_and_imports_back(tmp_path, case):
     overrides, cls, attention_bias, mlp_bias = CASES[case]
     config, _, tokens, ours = _export_and_compare(tmp_path, overrides, cls)
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (hf_cfg["attention_bias"], hf_cfg["mlp_bias"]) == (attention_bias, mlp_bias)
+    assert (hf_cfg.get("attention_bias"), hf_cfg.get("mlp_bias")) == (attention_bias, mlp_bias)
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    if case == "qkv-only":  # HF's attention_bias biases o_proj too: exported as exact zeros
-        assert not tensors["model.layers.0.self_attn.o_proj.bias"].any()
+    o_bias = tensors.get("model.layers.0.self_attn.o_proj.bias")
+    assert (o_bias is None) is (cls == "Qwen2ForCausalLM")  # Qwen2: q/k/v biases only
+    if case.startswith("qkv-only-custom"):  # HF's attention_bias biases o_proj too: exported as exact zeros
+        assert not o_bias.any()
     assert ("lm_head.bias" in tensors) is config.add_output_layer_bias
     code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
     assert code == 0, err
@@ -49,6 +53,28 @@ def test_stock_request_for_a_head_bias_is_refused_in_one_line(tmp_path):
                             "--stock")
     assert code == 2 and err.count("\n") == 1 and "--stock" in err and "--add-output-layer-bias" in err, err
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_transformers_qwen2_imports_with_equal_logits(tmp_path):
+    import transformers
+
+    hf_config = transformers.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_config)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(0.3 * torch.randn_like(p)) if n.endswith("bias") or "norm" in n else p.mul_(3.0)
+    hf.eval().save_pretrained(str(tmp_path / "hf"))
+    code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
+    assert code == 0, err
+    config, model = _our_model(tmp_path / "ckpt")
+    assert config.add_qkv_bias and not config.add_bias_linear and config.positions == ("pre", "pre")
+    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("attention_bias, mlp_bias", [(True, True), (True, False), (False, True)])
