@@ -77,7 +77,7 @@ def test_missing_data_or_tokenizer_fails_in_seconds_with_one_line(slurm_cluster,
     assert len(out.splitlines()) == 1, out  # one line, before any launch or rendezvous
     expected = f"error: DATA: {tmp_path}/nowhere/c4_train_text_document.bin does not exist" if what == "DATA" \
         else f"error: TOKENIZER={tmp_path}/t5.model does not exist"
-    assert out.startswith(expected), out
+    assert out.startswith(f"{info['JobName']}: {expected}"), out  # the entry point's name first (docs/errors.md)
 
 
 def test_unreachable_rendezvous_fails_every_rank_with_one_line(slurm_cluster, tiny_data, tmp_path):
