@@ -27,8 +27,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """q/k/v/o projections, with a bias on q/k/v (`qkv_bias`) and on o (`out_bias`) or none (LLaMA). Head counts are read from the projection shapes in
-    forward, so tensor parallelism can swap in sharded linears without touching this code.
+    """q/k/v/o projections, bias-free as LLaMA's unless `qkv_bias` (q, k, v) / `out_bias` (o). Head counts are
+    read from the projection shapes in forward, so tensor parallelism can swap in sharded linears without
+    touching this code.
 
     Optional `q_norm`, `k_norm`, `v_norm` (QKNorm modules, HF's names) normalise the projection
     outputs before RoPE: QK-norm (Qwen3 per head, OLMo 2 over the whole projection) and HybridNorm's

@@ -27,7 +27,7 @@ def init_weights(model: nn.Module) -> None:
     gate, up, down (q, k gain 1); residual gates = cfg.residual_gate_init; with
     --freeze-pad-embedding the padding row of the embedding is zero. Linear biases (--add-qkv-bias,
     --add-bias-linear, --add-output-layer-bias) start at zero, as Megatron-LM's; zeroing draws no random
-    numbers, so a model with biases gets the same weights as one without."""
+    numbers, so from one seed a (meta-built) model with biases gets the same weights as one without."""
     cfg = model.config
     std = cfg.init_method_std
     embed_std = SCALED_EMBEDDING_STD if cfg.scaled_embedding_init else std
