@@ -55,15 +55,16 @@ def test_stock_request_for_a_head_bias_is_refused_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "hf")
 
 
-def test_transformers_qwen2_imports_with_equal_logits(tmp_path):
-    import transformers
+SHAPE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
 
-    hf_config = transformers.Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+
+def _import(tmp_path, hf_class, hf_config):
+    """A transformers model with random biases and norms, saved and imported: (hf model, our config, our model,
+    tokens, the HF logits); our logits must equal them."""
     torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(hf_config)
+    hf = hf_class(hf_config)
     with torch.no_grad():
         for n, p in hf.named_parameters():
             p.add_(0.3 * torch.randn_like(p)) if n.endswith("bias") or "norm" in n else p.mul_(3.0)
@@ -71,35 +72,28 @@ def test_transformers_qwen2_imports_with_equal_logits(tmp_path):
     code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
     assert code == 0, err
     config, model = _our_model(tmp_path / "ckpt")
-    assert config.add_qkv_bias and not config.add_bias_linear and config.positions == ("pre", "pre")
     tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+        ref = hf(tokens).logits
+        assert (model(tokens) - ref).abs().max().item() <= 1e-5
+    return hf, config, tokens, ref
+
+
+def test_transformers_qwen2_imports_with_equal_logits(tmp_path):
+    import transformers
+
+    _, config, _, _ = _import(tmp_path, transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**SHAPE))
+    assert config.add_qkv_bias and not config.add_bias_linear and config.positions == ("pre", "pre")
 
 
 @pytest.mark.parametrize("attention_bias, mlp_bias", [(True, True), (True, False), (False, True)])
 def test_transformers_llama_with_biases_imports_with_equal_logits(tmp_path, attention_bias, mlp_bias):
     import transformers
 
-    hf_config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, attention_bias=attention_bias,
-        mlp_bias=mlp_bias, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            p.add_(0.3 * torch.randn_like(p)) if n.endswith("bias") or "norm" in n else p.mul_(3.0)
-    hf.eval().save_pretrained(str(tmp_path / "hf"))
-    code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
-    assert code == 0, err
-    config, model = _our_model(tmp_path / "ckpt")
+    hf_config = transformers.LlamaConfig(**SHAPE, attention_bias=attention_bias, mlp_bias=mlp_bias)
+    hf, config, tokens, ref = _import(tmp_path, transformers.LlamaForCausalLM, hf_config)
     assert config.add_bias_linear and not config.add_output_layer_bias
-    tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = hf(tokens).logits
-        assert (model(tokens) - ref).abs().max().item() <= 1e-5
-        # the biases matter: the same model without them gives other logits
-        for p in (hf.model.layers[0].self_attn.q_proj if attention_bias else hf.model.layers[0].mlp.up_proj,):
-            p.bias.zero_()
+    with torch.no_grad():  # the biases matter: the same model without one gives other logits
+        layer = hf.model.layers[0]
+        (layer.self_attn.q_proj if attention_bias else layer.mlp.up_proj).bias.zero_()
         assert (hf(tokens).logits - ref).abs().max().item() > 1e-3
