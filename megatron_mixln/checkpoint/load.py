@@ -27,7 +27,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "n
                 "num_query_groups", "normalization", "tie_embeddings", "final_norm")
 # The norm zoo's (docs/norm-zoo.md), with the value a checkpoint written before them implies.
 ZOO_FIELDS = {"qk_norm": "none", "qk_norm_per_head_gain": False, "dyt_bias": False,
-              "hybrid_ffn_residual_after_norm": True}
+              "hybrid_ffn_residual_after_norm": True, "learnable_embedding_scale": False}
 
 
 def candidate_tags(load_dir: str) -> list[str]:
