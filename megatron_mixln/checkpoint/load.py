@@ -99,6 +99,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     diffs += [f"{k}: checkpoint {saved.get(k, d)!r} vs now {current[k]!r}" for k, d in ZOO_FIELDS.items()
               if saved.get(k, d) != current[k]]
+    scale = saved.get("learnable_embedding_scale", False)
+    if scale != current["learnable_embedding_scale"]:  # e.g. a DyT checkpoint from before the flag existed
+        diffs.append(f"resume it with --{'' if scale else 'no-'}learnable-embedding-scale")
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")

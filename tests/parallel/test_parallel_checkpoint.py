@@ -38,6 +38,22 @@ def test_partition_dims():
         assert tp_partition_dim(k) is None
 
 
+def test_universal_checkpoints_keep_the_embedding_scale_whole():
+    """DeepSpeed's universal checkpoint merges/splits TP slices by the patterns the trainer records: the learnable
+    embedding scale is one replicated scalar (the embedding itself is split by vocabulary rows)."""
+    import re
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.checkpoint.constants import PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS
+
+    from megatron_mixln.checkpoint.universal import universal_checkpoint_info
+
+    info = universal_checkpoint_info(build_model(tiny_config(learnable_embedding_scale=True)))
+    replicated = info[TP_REPLICATED_PARAMETER_PATTERNS] + info[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS]
+    assert any(re.match(p, "embed_scale.weight") for p in info[TP_REPLICATED_PARAMETER_PATTERNS])
+    assert not any(re.match(p, "embed.weight") for p in replicated)
+
+
 def test_split_merge_round_trip_and_replica_check():
     _, sd = full_state_dict()
     shards = [split_tp(sd, 2, r) for r in range(2)]
