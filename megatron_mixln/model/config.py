@@ -51,10 +51,10 @@ class ModelConfig:
                                 "(DyT's LLaMA code)", default=DYT_ALPHA_INIT)
     dyt_bias: bool = _help("DyT: add the bias beta (the paper's general form; its LLaMA code has none)",
                            default=False)
-    learnable_embedding_scale: bool = _help(
-        "multiply the embedding output by a learnable scalar initialised to sqrt(hidden size) (DyT's LLaMA and "
-        "Derf's GPT-2 code, shared_scale); default: on with --normalization DyT or Derf, off otherwise",
-        default=False)
+    learnable_embedding_scale: bool = field(default=False, metadata={  # resolved by flag_defaults (below)
+        "help": "multiply the embedding output by a learnable scalar initialised to sqrt(hidden size) (DyT's LLaMA "
+                "and Derf's GPT-2 code, shared_scale); default: on with --normalization DyT or Derf, off otherwise",
+        "flag_default": "on with DyT/Derf, else off"})
     siamese_variant: str = _help(
         "SiameseNorm block, as the official code's MODEL_TYPE: post_pre (x normed before each sublayer, which "
         "sees N_in(x + N_y(y)); the DeiT/DiT code) or hybrid_pre (the attention sees c1*x + N_y(y), c1 a "
