@@ -65,8 +65,8 @@ def layer_param_counts(model: ModelConfig, tp: int = 1) -> dict[str, int]:
 
 def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]:
     """{'total', 'rank', 'largest_layer'}: the whole model (with --learnable-embedding-scale's one scalar),
-    one rank's share on the fullest pipeline stage, and the largest single module there (DeepSpeed's "largest layer": the most parameters any
-    module owns directly; under ZeRO-3 it is gathered whole)."""
+    one rank's share on the fullest pipeline stage, and the largest single module there (DeepSpeed's
+    "largest layer": the most parameters any module owns directly; under ZeRO-3 it is gathered whole)."""
     per_layer = layer_param_counts(model, tp)
     v = model.siamese_variant  # norm parameters (q/k/v norms, DyT scalars too), plus hybrid_pre's c1 (hidden gains)
     layer_norm_params = [layer_norm_param_count(model, p) + scales_per_layer(p, v) * model.hidden_size
