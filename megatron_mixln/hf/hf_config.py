@@ -28,7 +28,8 @@ def stock_class(config) -> str | None:
     pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary). Linear
     biases, pre/lns RMSNorm only: --add-qkv-bias -> Qwen2ForCausalLM (q/k/v biases), --add-bias-linear ->
     LlamaForCausalLM with attention_bias and mlp_bias; an LM-head bias (--add-output-layer-bias): no stock class."""
-    if not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False):
+    if (not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False)
+            or getattr(config, "learnable_embedding_scale", False)):  # no stock class scales the embedding by a weight
         return None
     if config.add_output_layer_bias:  # no stock causal-LM class has an LM-head bias
         return None
@@ -127,7 +128,8 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
             real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
             mixln_model_config=config.to_dict(),
             qk_norm=config.qk_norm, qk_norm_per_head_gain=config.qk_norm_per_head_gain,
-            hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias)
+            hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias,
+            learnable_embedding_scale=config.learnable_embedding_scale)
         hf.architectures = ["MixLNLlamaForCausalLM"]
         hf.auto_map = dict(AUTO_MAP)
     hf.dtype = DTYPES[dtype]
