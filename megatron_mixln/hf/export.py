@@ -112,8 +112,8 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
                 shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(tmp, name))
         tok_files, tok_class = write_tokenizer(tok, tmp, config.seq_length) if tok else ([], None)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(config, summary, custom, ppl, os.path.abspath(checkpoint), dtype,
-                               boundary_token(tok) if tok else None))
+            f.write(model_card(config, summary, hf_config.architectures[0], custom, ppl, os.path.abspath(checkpoint),
+                               dtype, boundary_token(tok) if tok else None))
         files = sorted(os.listdir(tmp))
     return {"output": output, "source": source, "class": hf_config.architectures[0], "custom_code": custom,
             "dtype": dtype, "positions": config.positions_str, "tensors": len(tensors),
