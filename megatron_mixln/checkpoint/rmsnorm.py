@@ -8,8 +8,11 @@ no-op:
 
     LayerNorm(x) = γ·(x - μ)/sqrt(var + ε) + β  =  γ·x/sqrt(mean(x²) + ε) + β  = RMSNorm(x) + β   (μ = 0)
 
-Each norm feeds linears, so β moves into their biases (the affine term folded into the next linear): W·(s·(RMSNorm(x) + β)) + b = W·(s·RMSNorm(x)) + (b + s·W·β), with s the
-layer's LNS scale 1/sqrt(l) (1 for pre layers). So b += s·W·β for q/k/v (after the attention input
+Each norm feeds linears, so β moves into their biases (the affine term folded into the next linear):
+
+    W·(s·(RMSNorm(x) + β)) + b = W·(s·RMSNorm(x)) + (b + s·W·β)
+
+with s the layer's LNS scale 1/sqrt(l) (1 for pre layers). So b += s·W·β for q/k/v (after the attention input
 norm), gate/up (after the MLP input norm) and the LM head (after the final norm); the config gains
 the bias options this needs (--add-qkv-bias, --add-bias-linear, --add-output-layer-bias) only where a
 β is non-zero, so a model whose β are all zero stays bias-free.
