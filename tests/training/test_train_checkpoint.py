@@ -115,14 +115,14 @@ def test_load_errors_name_the_problem(single_rank, tmp_path):
         ckpt.inspect_checkpoint(str(tmp_path / "plain"), tiny_model())
     save = str(tmp_path / "ckpt")
     run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
-    with pytest.raises(UsageError, match=r"hidden_size: checkpoint 32 vs now 64"):
+    with pytest.raises(UsageError, match=r"--hidden-size: checkpoint 32 vs now 64"):
         ckpt.inspect_checkpoint(save, tiny_model(hidden_size=64))
     with pytest.raises(UsageError, match=r"norm positions: checkpoint 'post,pre' vs now 'pre\*2'"):
         ckpt.inspect_checkpoint(save, tiny_model(norm_position="pre", post_ln_layers=None))
     # ...and it fails before training: pretrain raises before building anything.
     from megatron_mixln.training.trainer import pretrain
 
-    with pytest.raises(UsageError, match="num_layers: checkpoint 2 vs now 3"):
+    with pytest.raises(UsageError, match="--num-layers: checkpoint 2 vs now 3"):
         pretrain(tiny_model(num_layers=3), tiny_train(load=save), tiny_datasets())
 
 
