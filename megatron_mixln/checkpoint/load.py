@@ -134,10 +134,11 @@ def fallback_warning(load_dir: str, meta: dict) -> str | None:
     return f"warning: --load {load_dir}: {what}; falling back to {meta['tag']}"
 
 
-def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
-    """Restore model, optimizer, counters and this rank's RNG states. A checkpoint converted to
-    another TP/PP layout has no optimizer states: the optimizer's moments then restart from zero
-    (the LR is set from the schedule at every step, so it is right from the first resumed step)."""
+def load_checkpoint(engine, load_dir: str, tag: str) -> tuple[TrainState, dict]:
+    """Restore model, optimizer, counters and this rank's RNG states; returns the counters and the
+    TrainingConfig dict the checkpoint was written with. A checkpoint converted to another TP/PP layout
+    has no optimizer states: the optimizer's moments then restart from zero (the LR is set from the
+    schedule at every step, so it is right from the first resumed step)."""
     converted = os.path.isfile(os.path.join(load_dir, tag, CONVERTED))  # a universal one keeps its optimizer states
     # DeepSpeed's ZeRO-3 universal loader assumes one param group (checkpoint.universal.repair_zero3_universal_load)
     zero3_universal = engine.zero_optimization_stage() == 3 and os.path.isfile(os.path.join(load_dir, tag, UNIVERSAL))
@@ -158,7 +159,7 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
         set_rng_state(rng_states[rank])
     else:  # another world size: nothing to match rank to rank; reseed reproducibly instead
         seed_everything(state["training_config"]["seed"] + state["train_state"]["iteration"] + rank)
-    return TrainState(**state["train_state"])
+    return TrainState(**state["train_state"]), dict(state.get("training_config") or {})
 
 
 def load_weights_only(engine, load_dir: str, tag: str) -> tuple[str, dict]:
