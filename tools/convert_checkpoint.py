@@ -38,15 +38,29 @@ def _main(argv) -> int:
     p.add_argument("--input", required=True, help="plain dir (model.safetensors) or DeepSpeed checkpoint dir")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--to", choices=("plain", "deepspeed", "universal", "rmsnorm"), default="plain")
-    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=None,
+                   help="TP size of the --to deepspeed output (default 1)")
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=None,
+                   help="PP size of the --to deepspeed output (default 1)")
     p.add_argument("--engine", choices=("plain", "pipeline"), default=None,
                    help="DeepSpeed engine the output is for (default: pipeline if --pp > 1 else plain)")
     p.add_argument("--tag", default=None, help="input DeepSpeed tag (default: the 'latest' file)")
     p.add_argument("--out-tag", default=None, help="output DeepSpeed tag (default: the input tag)")
     p.add_argument("--config", default=None, help="ModelConfig JSON, when the input carries none")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size recorded in the output metadata")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel size recorded in the --to deepspeed output's metadata (default 1)")
     args = p.parse_args(argv)
+    # Layout options describe a DeepSpeed output: elsewhere they would be ignored while the summary echoed them
+    given = [(f, v) for f, v in (("--tp", args.tp), ("--pp", args.pp), ("--engine", args.engine), ("--dp", args.dp),
+                                 ("--out-tag", args.out_tag)) if v is not None]
+    if args.to == "universal":
+        given = [(f, v) for f, v in given if f != "--out-tag"]  # a universal checkpoint gets a tag too
+    if given and args.to != "deepspeed":
+        names = "/".join(f for f, _ in given)
+        then = "" if args.to == "universal" else (
+            "; convert, then lay the result out with --to deepspeed " + " ".join(f"{f} {v}" for f, v in given))
+        raise UsageError(f"{names}: only for --to deepspeed, not --to {args.to}{then}")
+    args.tp, args.pp, args.dp = args.tp or 1, args.pp or 1, args.dp or 1
     if not os.path.isdir(args.input):
         raise UsageError(f"--input {args.input}: no such directory (expected a --save directory or a plain checkpoint)")
 

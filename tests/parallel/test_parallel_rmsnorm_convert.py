@@ -130,6 +130,20 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, beta, overrides, words):
     assert not os.path.exists(tmp_path / "rms")  # refused before anything is written
 
 
+def test_layout_flags_are_refused_outside_to_deepspeed(tmp_path, capsys):
+    """--tp/--pp with --to rmsnorm (or plain) wrote a plain directory while the summary echoed tp 2: refused
+    before anything is written, with the --to deepspeed command that lays the result out."""
+    cfg, model = layernorm_model(0.1)
+    save_plain(model.state_dict(), str(tmp_path / "ln"), cfg)
+    for to in ("rmsnorm", "plain"):
+        argv = ["--input", str(tmp_path / "ln"), "--output", str(tmp_path / to), "--to", to, "--tp", "2", "--pp", "2"]
+        assert _cli().main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (f"convert_checkpoint: error: --tp/--pp: only for --to deepspeed, not --to {to}; convert, then "
+                       "lay the result out with --to deepspeed --tp 2 --pp 2\n"), err
+        assert not os.path.exists(tmp_path / to)
+
+
 def test_converted_model_under_tensor_parallelism_matches_layernorm_logits():
     """The folded biases split over TP=2 (q/k/v, gate/up and the head with their rows) give the LayerNorm
     model's logits, with and without sequence parallelism."""
