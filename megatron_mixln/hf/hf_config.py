@@ -55,9 +55,17 @@ def stock_refusal(config, always_custom: bool = False) -> str:
     """The one-line reason `tools/convert_to_hf.py --stock` refuses `config` (ModelConfig)."""
     if always_custom:
         return "--stock: conflicts with --always-custom; give one of them"
-    if config.add_output_layer_bias:
-        return ("--stock: --add-output-layer-bias: no stock transformers class has an LM-head bias; drop --stock "
-                "(the custom modeling file keeps the bias)")
+    # options that no stock class holds, whatever the positions: name the flag
+    for flag, on, what in (("--add-output-layer-bias", config.add_output_layer_bias, "an LM-head bias"),
+                           ("--learnable-embedding-scale", getattr(config, "learnable_embedding_scale", False),
+                            "a learnable embedding scale"),
+                           ("--qk-norm-per-head-gain", getattr(config, "qk_norm_per_head_gain", False),
+                            "per-head QK-norm gains"),
+                           ("--no-final-norm", not config.final_norm, "a model without a final norm"),
+                           ("--residual-gate-layers", bool(getattr(config, "gated_layers", ())), "residual gates")):
+        if on:
+            return (f"--stock: {flag}: no stock transformers class has {what}; drop --stock (the custom modeling "
+                    "file computes it)")
     return (f"--stock: no stock transformers class computes this model exactly (positions {config.positions_str}, "
             f"--normalization {config.normalization}, --qk-norm {config.qk_norm}); drop --stock for the custom "
             "modeling file (docs/huggingface.md lists the stock rows)")

@@ -145,3 +145,17 @@ def test_stock_export_tokenizer_gives_the_training_ids(tmp_path, spm_model, case
         assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-5
     if case == "olmo2":  # the case a user found: OLMo 2's AutoTokenizer rebuilds the tokenizer without sentencepiece
         assert info["custom_code"]
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(norm_position="pre", learnable_embedding_scale=True), "--learnable-embedding-scale"),
+    (dict(norm_position="pre", qk_norm="head", qk_norm_per_head_gain=True), "--qk-norm-per-head-gain"),
+    (dict(norm_position="pre", final_norm=False), "--no-final-norm"),
+])
+def test_stock_refusal_names_the_flag_no_stock_class_holds(tmp_path, overrides, flag):
+    """A pre RMSNorm model (a stock Llama row) but for one option: --stock names that option."""
+    save_tiny(tmp_path / "plain", **overrides)
+    code, _, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "hf"),
+                            "--stock")
+    assert code == 2 and err.count("\n") == 1 and f"--stock: {flag}: no stock transformers class has" in err, err
+    assert not (tmp_path / "hf").exists()
