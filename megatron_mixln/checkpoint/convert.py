@@ -60,7 +60,7 @@ def _metadata(mp_file: dict) -> dict:
     return {k: v for k, v in mp_file.items() if k not in _LAYOUT_KEYS}
 
 
-def _read_sidecars(path: str) -> dict:
+def read_sidecars(path: str) -> dict:
     """Small JSON files next to DeepSpeed's (e.g. the trainer's mixln_meta.json), carried over verbatim."""
     out = {}
     for name in sorted(os.listdir(path)):
@@ -79,7 +79,7 @@ def read_deepspeed_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[di
         raise FileNotFoundError(f"{path}: no DeepSpeed mp_rank_*_model_states.pt files")
     meta_file = load_to_cpu(os.path.join(path, mp_files[0]))
     meta = _metadata(meta_file)
-    meta[SIDECARS] = _read_sidecars(path)
+    meta[SIDECARS] = read_sidecars(path)
     layer_files = [f for f in os.listdir(path) if _LAYER_FILE.match(f)]
     if layer_files:
         by_layer: dict[int, dict[int, str]] = {}
@@ -237,15 +237,10 @@ def convert(src: str, dst: str, to: str = "plain", tp: int = 1, pp: int = 1, eng
     LayerNorm Pre-LN model as the RMSNorm one with the same outputs, written in the plain format
     (checkpoint/rmsnorm.py: β folded into linear biases; UsageError when the model is not one).
     Returns a summary."""
-    if is_plain_dir(src):
-        plain, src_config, metadata = load_plain(src)
-        source = {"format": "plain"}
-        src_tag = "converted"
-    else:
-        src_tag = resolve_tag(src, tag)
-        plain, metadata, layout = read_deepspeed_checkpoint(src, src_tag)
-        src_config = config_from_metadata(metadata)
-        source = {"format": "deepspeed", **layout}
+    from megatron_mixln.checkpoint.reader import read_full_state_dict  # reads ZeRO-3 runs too
+
+    plain, src_config, metadata, source = read_full_state_dict(src, tag)
+    src_tag = source.get("tag", "converted")
     config = config if config is not None else src_config
     if to == "rmsnorm":
         from megatron_mixln.checkpoint.rmsnorm import to_rmsnorm

@@ -74,7 +74,7 @@ def verify_checkpoint(load_dir: str, tag: str, checksums: bool = True) -> str | 
 
 
 def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None = None,
-                       checksums: bool = True) -> dict:
+                       checksums: bool = True, layout: tuple[int, int] | None = None) -> dict:
     """Check --load before anything is built: a complete, intact checkpoint of a model of this shape.
 
     Verifies the manifest (sizes; checksums when `checksums`) and reads the small JSON sidecar (no
@@ -82,13 +82,14 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     passes; meta["skipped"] lists [tag, what failed] for each one passed over. Returns the sidecar's
     fields (CheckpointMeta) with meta["tag"] = the tag to load, plus meta["converted"] /
     meta["universal"] for a converted checkpoint. Raises UsageError naming the directory, tag and file.
+    `layout`: this run's (TP, PP), for the converter command a plain checkpoint needs.
     """
     if not os.path.isdir(load_dir):
         raise UsageError(f"--load {load_dir}: no such directory")
     tags = [tag] if tag else candidate_tags(load_dir)
     if not tags and is_plain_dir(load_dir):  # tools/convert_checkpoint.py --to plain output
         raise UsageError(f"--load {load_dir} is a plain checkpoint ({PLAIN_WEIGHTS}); make it a DeepSpeed one "
-                         "for this run's TP x PP layout first: " + convert_command(load_dir, "TP", "PP"))
+                         "for this run's TP x PP layout first: " + convert_command(load_dir, *(layout or ("TP", "PP"))))
     if not tags:
         raise UsageError(
             f"--load {load_dir}: no '{LATEST}' file, so no complete checkpoint (expected a directory written by --save)"

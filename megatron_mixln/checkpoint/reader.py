@@ -15,7 +15,8 @@ import sys
 import tempfile
 from typing import NamedTuple
 
-from megatron_mixln.checkpoint.convert import config_from_metadata, load_plain, read_deepspeed_checkpoint
+from megatron_mixln.checkpoint.convert import (SIDECARS, config_from_metadata, load_plain, read_deepspeed_checkpoint,
+                                               read_sidecars)
 from megatron_mixln.checkpoint.io import safe_load
 from megatron_mixln.checkpoint.layout import PLAIN_CONFIG, hf_model_type, is_plain_dir, resolve_tag
 
@@ -56,6 +57,7 @@ def read_zero3_checkpoint(ckpt_dir: str, tag: str) -> tuple[dict, dict]:
     meta = safe_load(first[0], map_location="cpu") if first else {}
     meta = {k: v for k, v in meta.items() if k not in ("module", "optimizer", "param_shapes", "shared_params",
                                                         "frozen_param_shapes", "frozen_param_fragments")}
+    meta[SIDECARS] = read_sidecars(tag_dir)  # mixln_meta.json: carried to a converted copy
     plain = merge_tp(shards) if len(shards) > 1 else shards[0]
     return {k: v.contiguous() for k, v in plain.items()}, meta
 

@@ -55,7 +55,7 @@ def check_resumed_schedule(saved: dict | None, cfg: TrainingConfig, where: str) 
     differ = [name for name in LR_SCHEDULE_FIELDS if name in saved and saved[name] != ours[name]]
     if not differ:
         return None
-    change = ", ".join(f"--{n.replace('_', '-')} {saved[n]} -> {ours[n]}" for n in differ)
+    change = ", ".join(f"--{n.replace('_', '-')} {_shown(saved[n])} -> {_shown(ours[n])}" for n in differ)
     if cfg.use_checkpoint_opt_param_scheduler:
         for name in differ:
             setattr(cfg, name, saved[name])
@@ -66,3 +66,8 @@ def check_resumed_schedule(saved: dict | None, cfg: TrainingConfig, where: str) 
         f"{where} was trained with another LR schedule ({change}); resuming would bend the LR curve mid-run: "
         "pass --use-checkpoint-opt-param-scheduler to continue the checkpoint's schedule, or "
         "--override-opt-param-scheduler to switch to this run's")
+
+
+def _shown(value) -> str:
+    """A flag value as a user would type it: 0.00030000000000000003 -> 0.0003."""
+    return f"{value:g}" if isinstance(value, float) else str(value)

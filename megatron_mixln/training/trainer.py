@@ -403,7 +403,8 @@ def _check_resume(model_config: ModelConfig, cfg: TrainingConfig, ds_config: dic
     without --load. Turns on DeepSpeed's universal loading for a universal checkpoint."""
     if not cfg.load:
         return None
-    meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint)
+    meta = inspect_checkpoint(cfg.load, model_config, cfg.tag, cfg.verify_checkpoint,
+                              (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size))
     _warn(fallback_warning(cfg.load, meta))
     check_resume_layout(meta, cfg.load, dp_size, zero_stage_of(ds_config),
                         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)

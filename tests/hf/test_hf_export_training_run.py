@@ -45,6 +45,16 @@ def test_export_of_a_zero3_run(tmp_path, spm_model, single_rank):
             trained = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
     finally:
         engine.destroy()
+    # convert_checkpoint.py reads the ZeRO-3 run as the export does (it refused it: "no mp_rank_* files")
+    from megatron_mixln.checkpoint.convert import load_plain
+
+    code = subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "--input", str(tmp_path / "run"),
+                           "--output", str(tmp_path / "plain"), "--to", "plain"], capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    plain, plain_config, plain_meta = load_plain(str(tmp_path / "plain"))
+    assert plain_config == config and set(plain) == set(trained)
+    assert all(torch.equal(plain[k].float(), trained[k]) for k in trained)
+    assert "mixln_meta.json" in plain_meta["sidecar_files"]
     code, out, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf"))
     assert code == 0, err
     info = json.loads(out)

@@ -112,6 +112,18 @@ def test_resuming_a_biased_checkpoint_names_the_bias_flags(capsys, data, tmp_pat
            "--add-bias-linear: checkpoint False vs now True (resume it with --no-add-bias-linear)")
 
 
+def test_loading_a_plain_checkpoint_gives_the_converter_command_for_this_layout(capsys, data, tmp_path):
+    from megatron_mixln.checkpoint.convert import convert
+
+    save, plain = str(tmp_path / "ckpt"), str(tmp_path / "plain")
+    assert main(tiny_cli_args(data, train_iters=1, save=save)) == 0
+    convert(save, plain, to="plain")
+    capsys.readouterr()
+    _fails(capsys, tiny_cli_args(data, train_iters=2, load=plain),
+           f"--load {plain} is a plain checkpoint", f"--output {plain}_tp1pp1 --to deepspeed --tp 1 --pp 1, "
+           f"then --load {plain}_tp1pp1")
+
+
 def test_parallel_sizes_that_do_not_fit_the_world(capsys, data):
     _fails(capsys, tiny_cli_args(data, tensor_model_parallel_size=2),
            "--tensor-model-parallel-size=2 x --pipeline-model-parallel-size=1 = 2 does not divide the world size 1")
