@@ -47,6 +47,7 @@ def _main(argv) -> int:
     p.add_argument("--tag", default=None, help="input DeepSpeed tag (default: the 'latest' file)")
     p.add_argument("--out-tag", default=None, help="output DeepSpeed tag (default: the input tag)")
     p.add_argument("--config", default=None, help="ModelConfig JSON, when the input carries none")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (written whole, then swapped in)")
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel size recorded in the --to deepspeed output's metadata (default 1)")
     args = p.parse_args(argv)
@@ -63,6 +64,16 @@ def _main(argv) -> int:
     args.tp, args.pp, args.dp = args.tp or 1, args.pp or 1, args.dp or 1
     if not os.path.isdir(args.input):
         raise UsageError(f"--input {args.input}: no such directory (expected a --save directory or a plain checkpoint)")
+    src, dst = os.path.realpath(args.input), os.path.realpath(args.output)
+    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise UsageError(f"--output {args.output}: is --input {args.input} or overlaps it; write the conversion to a "
+                         "new directory (the source run stays as it is)")
+    from megatron_mixln.fileio import check_output, staged_directory
+
+    try:
+        check_output(args.output, args.overwrite)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     from megatron_mixln.model import ModelConfig
     from megatron_mixln.checkpoint.convert import convert
@@ -74,13 +85,16 @@ def _main(argv) -> int:
                 config = ModelConfig(**json.load(f))
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(f"--config {args.config}: {exc}") from None
-    if args.to == "universal":
-        from megatron_mixln.checkpoint.universal import convert_to_universal
+    with staged_directory(args.output) as out:  # a kill or an error leaves --output as it was
+        if args.to == "universal":
+            from megatron_mixln.checkpoint.universal import convert_to_universal
 
-        summary = convert_to_universal(args.input, args.output, tag=args.tag, out_tag=args.out_tag)
-    else:
-        summary = convert(args.input, args.output, to=args.to, tp=args.tp, pp=args.pp, engine=args.engine,
-                          tag=args.tag, out_tag=args.out_tag, config=config, dp=args.dp)
+            summary = convert_to_universal(args.input, out, tag=args.tag, out_tag=args.out_tag)
+        else:
+            summary = convert(args.input, out, to=args.to, tp=args.tp, pp=args.pp, engine=args.engine,
+                              tag=args.tag, out_tag=args.out_tag, config=config, dp=args.dp)
+    if "dir" in summary["target"]:  # written under the staging name: report where it now is
+        summary["target"]["dir"] = os.path.abspath(args.output)
     print(json.dumps(summary))
     return 0
 

@@ -21,7 +21,7 @@ from megatron_mixln.checkpoint.reader import read_full_state_dict
 from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, stock_class, stock_refusal
 from megatron_mixln.hf.mapping import to_hf_state_dict, zero_biases_for_hf
 from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
-from megatron_mixln.hf.outdir import check_output, staged_directory
+from megatron_mixln.fileio import check_output, staged_directory
 from megatron_mixln.hf.remote_code import REMOTE_DIR, REMOTE_FILES
 from megatron_mixln.hf.tokenizer_export import boundary_token, load_tokenizer, serves_stock_class, write_tokenizer
 

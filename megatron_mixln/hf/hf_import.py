@@ -21,7 +21,7 @@ from megatron_mixln.checkpoint.meta import CLIENT_KEY, CheckpointMeta, TrainStat
 from megatron_mixln.hf.hf_config import model_config_from_hf, read_hf_config
 from megatron_mixln.hf.hf_weights import check_weight_files, load_weights, weight_files
 from megatron_mixln.hf.mapping import FAMILY_OF_NORMS, family, from_hf_state_dict, layer_norm_family
-from megatron_mixln.hf.outdir import check_output, staged_directory
+from megatron_mixln.fileio import check_output, staged_directory
 
 
 def check_norm_layout(keys, config, where: str, position_given: bool) -> None:

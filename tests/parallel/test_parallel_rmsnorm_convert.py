@@ -144,6 +144,27 @@ def test_layout_flags_are_refused_outside_to_deepspeed(tmp_path, capsys):
         assert not os.path.exists(tmp_path / to)
 
 
+def test_output_is_never_the_input_nor_a_non_empty_directory(tmp_path, capsys):
+    """--output = --input wrote the RMSNorm weights into the LayerNorm run (one directory, two models); an
+    existing run directory as --output had its `latest` repointed. Both refused before any work; --overwrite
+    replaces an output whole."""
+    cfg, model = layernorm_model(0.1)
+    src, out = tmp_path / "ln", tmp_path / "out"
+    save_plain(model.state_dict(), str(src), cfg)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for dst, words in ((src, "is --input"), (src / "inner", "overlaps it")):
+        assert _cli().main(["--input", str(src), "--output", str(dst), "--to", "rmsnorm"]) == 2
+        assert words in capsys.readouterr().err
+    out.mkdir()
+    (out / "latest").write_text("iter_0000009")
+    assert _cli().main(["--input", str(src), "--output", str(out), "--to", "rmsnorm"]) == 2
+    assert capsys.readouterr().err.endswith("exists and is not empty; pass --overwrite to replace it\n")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before and (out / "latest").read_text() == "iter_0000009"
+    assert _cli().main(["--input", str(src), "--output", str(out), "--to", "rmsnorm", "--overwrite"]) == 0
+    assert not (out / "latest").exists() and (out / "model.safetensors").exists()
+    assert not list(tmp_path.glob("out.*"))  # no staging directory left behind
+
+
 def test_converted_model_under_tensor_parallelism_matches_layernorm_logits():
     """The folded biases split over TP=2 (q/k/v, gate/up and the head with their rows) give the LayerNorm
     model's logits, with and without sequence parallelism."""
