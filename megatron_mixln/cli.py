@@ -50,7 +50,10 @@ def field_names(cls) -> list[str]:
 
 def config_from_flags(cls, given: dict, preset: str | None = None):
     """cls(**given), or cls.from_preset(preset, **given). The dataclass's ValueError names a field
-    (num_layers: ...); it is raised again as a UsageError naming the flag (--num-layers: ...)."""
+    (num_layers: ...); it is raised again as a UsageError naming the flag (--num-layers: ...).
+    A class with `flag_defaults(given)` fills in the defaults that depend on other flags first."""
+    if hasattr(cls, "flag_defaults"):
+        given = cls.flag_defaults(given)
     try:
         return cls.from_preset(preset, **given) if preset else cls(**given)
     except UsageError:

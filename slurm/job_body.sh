@@ -45,7 +45,7 @@ on_usr1() {
     [ -z "$TRAIN_PID" ] || forward_usr1
 }
 trap on_usr1 USR1
-fail() { echo "error: $*" >&2; exit 2; }  # one line, in the job's output, before any launch
+fail() { echo "${SLURM_JOB_NAME:-job_body.sh}: error: $*" >&2; exit 2; }  # one line, in the job's output, before any launch
 
 [ -n "${SLURM_JOB_ID:-}" ] || fail "not inside a Slurm job: submit the script with sbatch"
 ROOT="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
@@ -203,9 +203,9 @@ if [ "$status" = 124 ]; then  # the hang watchdog's exit (megatron_mixln.trainin
         echo "$((hangs + 1))" > "$hang_file"
         requeue "the trainers hung (exit 124, stacks above): hang requeue $((hangs + 1)) of MAX_HANG_REQUEUES=$max_hangs"
     fi
-    echo "error: the trainers hung (exit 124, stacks above) after $hangs hang requeues (MAX_HANG_REQUEUES=$max_hangs);" \
+    echo "${SLURM_JOB_NAME:-job_body.sh}: error: the trainers hung (exit 124, stacks above) after $hangs hang requeues (MAX_HANG_REQUEUES=$max_hangs);" \
          "not requeueing again: find the stuck call in the stacks, then resubmit to resume from $CKPT ($(latest))" >&2
     exit 124
 fi
-echo "error: the trainers failed (status $status); resubmit to resume from $CKPT ($(latest))" >&2
+echo "${SLURM_JOB_NAME:-job_body.sh}: error: the trainers failed (status $status); resubmit to resume from $CKPT ($(latest))" >&2
 exit "$status"

@@ -27,5 +27,5 @@
 : "${PRESET:=130m}" "${POST_LN_LAYERS=3}" "${LR:=1e-3}" "${TRAIN_ITERS:=20000}" "${WARMUP_ITERS:=2000}"
 : "${MICRO_BATCH:=64}" "${DS_CONFIG:=ds_configs/zero1.json}"
 body="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/job_body.sh"
-[ -f "$body" ] || { echo "error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
+[ -f "$body" ] || { echo "pretrain_130m_mixln.sh: error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
 source "$body"

@@ -27,5 +27,5 @@
 : "${PRESET:=1b}" "${POST_LN_LAYERS=6}" "${LR:=5e-4}" "${TRAIN_ITERS:=100000}" "${WARMUP_ITERS:=1000}"
 : "${MICRO_BATCH:=16}" "${DS_CONFIG:=ds_configs/zero2.json}"
 body="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/job_body.sh"
-[ -f "$body" ] || { echo "error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
+[ -f "$body" ] || { echo "pretrain_1b_mixln.sh: error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
 source "$body"

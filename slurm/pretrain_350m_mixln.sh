@@ -1,7 +1,7 @@
 #!/bin/bash
-# LLaMA-350M with Mix-LN. Not in the paper's table (docs/paper.md#training-recipe); its 250M/1B pattern: the same
-# 24 layers as both, so k = 6 (L/4) layers Post-LN; lr 1e-3 (the 250M's); steps between 250M's 40K and
-# 1B's 100K: 60K, with the 250M's 10% (6K) warm-up.
+# LLaMA-350M with Mix-LN. Not in the Mix-LN paper's table (docs/paper.md#training-recipe): the LayerNorm-Scaling
+# paper's 350M recipe (its run_350m.sh), as configs/paper/350m.yaml: k = 6 of 24 layers Post-LN, lr 5e-4,
+# 60K steps, 6K warm-up.
 # Adam without weight decay, batch 512 x 256 tokens, cosine to 0.1 x lr, bf16, C4 + T5 tokenizer.
 # 1 node x 8 GPUs: micro-batch 32 x 8 GPUs x 2 accumulation = 512; DeepSpeed ZeRO-1.
 #
@@ -26,8 +26,8 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 
-: "${PRESET:=350m}" "${POST_LN_LAYERS=6}" "${LR:=1e-3}" "${TRAIN_ITERS:=60000}" "${WARMUP_ITERS:=6000}"
+: "${PRESET:=350m}" "${POST_LN_LAYERS=6}" "${LR:=5e-4}" "${TRAIN_ITERS:=60000}" "${WARMUP_ITERS:=6000}"
 : "${MICRO_BATCH:=32}" "${DS_CONFIG:=ds_configs/zero1.json}"
 body="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/job_body.sh"
-[ -f "$body" ] || { echo "error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
+[ -f "$body" ] || { echo "pretrain_350m_mixln.sh: error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
 source "$body"

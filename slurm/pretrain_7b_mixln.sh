@@ -41,5 +41,5 @@
 : "${PRESET:=7b}" "${POST_LN_LAYERS=2}" "${LR:=5e-4}" "${TRAIN_ITERS:=150000}" "${WARMUP_ITERS:=15000}"
 : "${MICRO_BATCH:=8}" "${DS_CONFIG:=ds_configs/zero3.json}" "${RECOMPUTE:=1}"
 body="${ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/job_body.sh"
-[ -f "$body" ] || { echo "error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
+[ -f "$body" ] || { echo "pretrain_7b_mixln.sh: error: $body not found: submit from the repository root or set ROOT" >&2; exit 2; }
 source "$body"

@@ -43,8 +43,10 @@ def summarize(cfg: ModelConfig) -> str:
     ]
     if cfg.zoo_options():  # docs/norm-zoo.md
         pointwise = f", alpha init attn/ffn/final {cfg.dyt_alpha_init}" if cfg.norm_kind in ("dyt", "derf") else ""
+        scale = (f", embedding x learnable scalar (init sqrt({cfg.hidden_size})={cfg.hidden_size ** 0.5:.4g})"
+                 if cfg.learnable_embedding_scale else "")
         lines.append(f"norm zoo: qk-norm {cfg.qk_norm}{' (per-head gain)' if cfg.qk_norm_per_head_gain else ''}"
-                     f"{pointwise}")
+                     f"{pointwise}{scale}")
     lines += [
         "",
         f"{'layer':>5}  {'position':<12} {'residual a':>10} {'out scale':>9} {'norm params':>11} {'params':>14}",

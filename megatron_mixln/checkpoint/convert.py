@@ -165,7 +165,7 @@ def write_deepspeed_checkpoint(plain: dict, out_dir: str, tag: str, tp: int, pp:
 
 def _layer_entries(shard: dict, prefix: str, idx: int, num_layers: int) -> dict:
     if idx == 0:
-        names = ("embed.",)
+        names = ("embed.", "embed_scale.")
     elif idx == num_layers + 1:
         names = ("final_norm.", "lm_head.")
     else:

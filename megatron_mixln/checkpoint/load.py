@@ -27,7 +27,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "n
                 "num_query_groups", "normalization", "tie_embeddings", "final_norm")
 # The norm zoo's (docs/norm-zoo.md), with the value a checkpoint written before them implies.
 ZOO_FIELDS = {"qk_norm": "none", "qk_norm_per_head_gain": False, "dyt_bias": False,
-              "hybrid_ffn_residual_after_norm": True}
+              "hybrid_ffn_residual_after_norm": True, "learnable_embedding_scale": False}
 
 
 def candidate_tags(load_dir: str) -> list[str]:
@@ -99,6 +99,9 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
     diffs += [f"{k}: checkpoint {saved.get(k, d)!r} vs now {current[k]!r}" for k, d in ZOO_FIELDS.items()
               if saved.get(k, d) != current[k]]
+    scale = saved.get("learnable_embedding_scale", False)
+    if scale != current["learnable_embedding_scale"]:  # e.g. a DyT checkpoint from before the flag existed
+        diffs.append(f"resume it with --{'' if scale else 'no-'}learnable-embedding-scale")
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")

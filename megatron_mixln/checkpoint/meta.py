@@ -16,6 +16,13 @@ from megatron_mixln.fileio import atomic_write_text
 
 CLIENT_KEY = "mixln"
 CLIENT_FORMAT = 1
+# The training flags that define the LR curve (Megatron's OptimizerParamScheduler checks the same ones).
+LR_SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
+
+
+def lr_schedule_of(cfg) -> dict:
+    """The LR-curve flags of a TrainingConfig, as recorded in mixln_meta.json."""
+    return {name: getattr(cfg, name) for name in LR_SCHEDULE_FIELDS}
 
 
 @dataclass
@@ -45,6 +52,7 @@ class CheckpointMeta:
     pipeline_model_parallel_size: int = 1
     data_fingerprint: dict | None = None  # megatron_mixln.training.data_fingerprint
     imported_from: str | None = None  # the HF directory of a checkpoint made by hf.hf_import
+    lr_schedule: dict | None = None  # LR_SCHEDULE_FIELDS of the run that wrote it (resolved values)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=str)

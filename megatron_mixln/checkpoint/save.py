@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megatron_mixln.checkpoint.collective import all_ranks, barrier, is_rank0, rank_world
 from megatron_mixln.checkpoint.layout import list_tags, read_latest, tag_for, write_latest
-from megatron_mixln.checkpoint.meta import CLIENT_KEY, CheckpointMeta, TrainState, client_state
+from megatron_mixln.checkpoint.meta import CLIENT_KEY, CheckpointMeta, TrainState, client_state, lr_schedule_of
 from megatron_mixln.checkpoint.rng import gather_rng_states
 from megatron_mixln.checkpoint.universal import UNIVERSAL_INFO_KEY, universal_checkpoint_info
 from megatron_mixln.manifest import MANIFEST, assign, describe, list_files, write_manifest
@@ -44,6 +44,7 @@ def save_checkpoint(engine, save_dir: str, train_state: TrainState, model_config
             zero_stage=engine.zero_optimization_stage(), bf16=engine.bfloat16_enabled(), bf16_pure=bool(cfg.bf16_pure),
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size, data_fingerprint=data_fingerprint,
+            lr_schedule=lr_schedule_of(cfg),
         ).write(tag_dir)
     barrier()  # mixln_meta.json is on disk: the manifest covers it
     write_manifest_shared(tag_dir)

@@ -25,7 +25,8 @@ def stock_class(config) -> str | None:
     pre (and lns, whose 1/sqrt(l) folds into the gains) -> LlamaForCausalLM; pre + --qk-norm head ->
     Qwen3ForCausalLM; reordered + --qk-norm full -> Olmo2ForCausalLM (RMSNorm, a final norm, shared QK gains);
     pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary)."""
-    if not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False):
+    if (not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False)
+            or getattr(config, "learnable_embedding_scale", False)):  # no stock class scales the embedding by a weight
         return None
     positions, qk = set(config.positions), getattr(config, "qk_norm", "none")
     if config.normalization == "LayerNorm":
@@ -98,7 +99,8 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
             final_norm=config.final_norm, real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
             mixln_model_config=config.to_dict(),
             qk_norm=config.qk_norm, qk_norm_per_head_gain=config.qk_norm_per_head_gain,
-            hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias)
+            hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias,
+            learnable_embedding_scale=config.learnable_embedding_scale)
         hf.architectures = ["MixLNLlamaForCausalLM"]
         hf.auto_map = dict(AUTO_MAP)
     hf.dtype = DTYPES[dtype]

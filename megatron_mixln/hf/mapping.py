@@ -3,6 +3,7 @@
 Weight names (per layer i, HF side under "model."):
 
     embed.weight                      model.embed_tokens.weight
+    embed_scale.weight                model.embed_tokens.embed_scale   (--learnable-embedding-scale)
     layers.i.attn.{q,k,v,o}_proj      model.layers.i.self_attn.{q,k,v,o}_proj
     layers.i.mlp.{gate,up,down}_proj  model.layers.i.mlp.{gate,up,down}_proj
     layers.i.<norm>                   model.layers.i.<NORM_NAMES[family][norm]>   (by the layer's position)
@@ -59,7 +60,7 @@ def layer_name_map(position: str, siamese_variant: str = "post_pre") -> dict[str
 def full_name_map(positions, final_norm: bool = True, tied: bool = False,
                   siamese_variant: str = "post_pre") -> dict[str, str]:
     """Every possible key ours -> HF for a model with these per-layer positions (biases included)."""
-    out = {"embed.weight": "model.embed_tokens.weight"}
+    out = {"embed.weight": "model.embed_tokens.weight", "embed_scale.weight": "model.embed_tokens.embed_scale"}
     for i, pos in enumerate(positions):
         out.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in layer_name_map(pos, siamese_variant).items()})
     if final_norm:

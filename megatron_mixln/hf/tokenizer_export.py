@@ -114,6 +114,11 @@ def _check_loaded(hf_tok, ids: dict, where: str) -> None:
             raise ValueError(f"{where}: transformers maps {name} to id {got}, the training tokenizer to {want}")
 
 
+# A decoder-only model continues the last token of each row: a batch for generate() is padded on the
+# left (transformers warns about right padding). lm-eval sets the side itself; training never pads here.
+PADDING_SIDE = "left"
+
+
 def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int) -> str:
     """tokenizer.model (+ tokenizer.json for BPE when exact) + tokenizer_config.json; returns the class."""
     from megatron_mixln.hf.spm_tokenizer_json import spm_tokenizer_json
@@ -123,7 +128,7 @@ def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int) -> st
         model_bytes = f.read()
     shutil.copyfile(tok.model_path, os.path.join(out_dir, "tokenizer.model"))
     config = {"model_max_length": max_length, "add_bos_token": False, "add_eos_token": False, "legacy": True,
-              "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+              "split_special_tokens": True, "clean_up_tokenization_spaces": False, "padding_side": PADDING_SIDE}
     for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("pad", "pad_token"), ("unk", "unk_token")):
         if ids[name] is not None:
             config[key] = sp.IdToPiece(ids[name])
@@ -173,7 +178,7 @@ def _write_hf_json(tok: HFTokenizer, out_dir: str, max_length: int) -> str:
     matches_specials = any(t.special for t in tok._tok.get_added_tokens_decoder().values())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
               "add_bos_token": False, "add_eos_token": False, "split_special_tokens": not matches_specials,
-              "clean_up_tokenization_spaces": False}
+              "clean_up_tokenization_spaces": False, "padding_side": PADDING_SIDE}
     for name, key in (("bos", "bos_token"), ("eos", "eos_token"), ("pad", "pad_token")):
         if ids[name] is not None:
             config[key] = tok._tok.id_to_token(ids[name])

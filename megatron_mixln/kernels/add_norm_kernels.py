@@ -28,6 +28,23 @@ MAX_FUSED_N = 65536  # a row must fit in one program's registers
 
 
 @triton.jit
+def normalise_rows(x, mask, row_ok, rows, N, eps, RSTD, MEAN, IS_RMS: tl.constexpr):
+    """x̂ of a [BLOCK_M, BLOCK_N] fp32 tile of whole rows (masked columns hold 0); stores each row's
+    rstd (and mean for LayerNorm) for the backward. Shared by every forward kernel that normalises."""
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        x_hat = x * rstd[:, None]
+    else:
+        mean = tl.sum(x, axis=1) / N
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+        x_hat = centred * rstd[:, None]
+        tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+    return x_hat
+
+
+@triton.jit
 def _add_norm_fwd_kernel(
     X, R, W, B, Y, S, RSTD, MEAN,
     M, N, eps, residual_scale, out_scale,
@@ -47,16 +64,7 @@ def _add_norm_fwd_kernel(
         s = s + r * residual_scale
         tl.store(S + offs, s.to(S.dtype.element_ty), mask=mask)  # the new residual stream
 
-    if IS_RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
-        s_hat = s * rstd[:, None]
-    else:
-        mean = tl.sum(s, axis=1) / N
-        centred = tl.where(mask, s - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
-        s_hat = centred * rstd[:, None]
-        tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    s_hat = normalise_rows(s, mask, row_ok, rows, N, eps, RSTD, MEAN, IS_RMS)
 
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = s_hat * w[None, :]

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from megatron_mixln.kernels.reference import out_dtype
-from megatron_mixln.kernels.add_norm_kernels import backward_programs, launch_config, num_warps
+from megatron_mixln.kernels.add_norm_kernels import backward_programs, launch_config, normalise_rows, num_warps
 
 
 @triton.jit
@@ -118,16 +118,7 @@ def _norm_add_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if IS_RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-        x_hat = x * rstd[:, None]
-    else:
-        mean = tl.sum(x, axis=1) / N
-        centred = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
-        x_hat = centred * rstd[:, None]
-        tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    x_hat = normalise_rows(x, mask, row_ok, rows, N, eps, RSTD, MEAN, IS_RMS)
     y = x_hat * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

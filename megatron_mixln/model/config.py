@@ -51,6 +51,10 @@ class ModelConfig:
                                 "(DyT's LLaMA code)", default=DYT_ALPHA_INIT)
     dyt_bias: bool = _help("DyT: add the bias beta (the paper's general form; its LLaMA code has none)",
                            default=False)
+    learnable_embedding_scale: bool = field(default=False, metadata={  # resolved by flag_defaults (below)
+        "help": "multiply the embedding output by a learnable scalar initialised to sqrt(hidden size) (DyT's LLaMA "
+                "and Derf's GPT-2 code, shared_scale); default: on with --normalization DyT or Derf, off otherwise",
+        "flag_default": "on with DyT/Derf, else off"})
     siamese_variant: str = _help(
         "SiameseNorm block, as the official code's MODEL_TYPE: post_pre (x normed before each sublayer, which "
         "sees N_in(x + N_y(y)); the DeiT/DiT code) or hybrid_pre (the attention sees c1*x + N_y(y), c1 a "
@@ -143,6 +147,17 @@ class ModelConfig:
             raise ValueError("--qk-norm: 'full' conflicts with the hybrid positions' own per-head q/k/v norms "
                              f"(positions {format_positions(self.positions)}); use --qk-norm none or head")
 
+    @staticmethod
+    def flag_defaults(given: dict) -> dict:
+        """`given` (field values from flags or a config file) plus the defaults that depend on another flag:
+        --learnable-embedding-scale is on with --normalization DyT or Derf (their code's choice). Resolved at
+        the command line, not in the dataclass, so a config dict stored before the field existed (an old
+        DyT checkpoint) still loads as the model it was (the field's default, False)."""
+        out = dict(given)
+        if "learnable_embedding_scale" not in out:
+            out["learnable_embedding_scale"] = str(out.get("normalization", "RMSNorm")).lower() in POINTWISE_KINDS
+        return out
+
     def zoo_options(self) -> list[str]:
         """The norm-zoo flags this model uses (docs/norm-zoo.md), as 'flag value' strings; [] for none."""
         out = [f"--norm-position {p}" for p in dict.fromkeys(self.positions) if p in ZOO_POSITIONS]
@@ -150,6 +165,8 @@ class ModelConfig:
             out.append(f"--qk-norm {self.qk_norm}")
         if self.norm_kind in POINTWISE_KINDS:
             out.append(f"--normalization {self.normalization}")
+        if self.learnable_embedding_scale:
+            out.append("--learnable-embedding-scale")
         return out
 
     @property

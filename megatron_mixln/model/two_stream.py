@@ -123,18 +123,25 @@ def layer_form(position: str, siamese_variant: str = "post_pre") -> str:
 
 
 class ChannelScale(nn.Module):
-    """A learnable gain per channel, y = weight * x (hidden,), weight initialised to 1 (SiameseNorm
-    hybrid_pre's c1). Replicated over TP like a norm gain, so sequence parallelism sums its gradient."""
+    """A learnable gain y = weight * x over the last dimension: per channel, weight (hidden,) initialised to 1
+    (SiameseNorm hybrid_pre's c1), or one scalar for all channels, weight (1,) (the embedding scale of DyT's
+    LLaMA code, initialised to sqrt(hidden)). Replicated over TP like a norm gain, so sequence parallelism
+    sums its gradient."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, init: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.init = float(init)
+        self.weight = nn.Parameter(torch.full((dim,), self.init))
 
     def reset_parameters(self):
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, self.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., hidden) -> weight * x, same shape (called as a module so that ZeRO-3 gathers weight)."""
+        return x * self.weight
 
     def extra_repr(self):
-        return f"{self.weight.shape[0]}"
+        return f"{self.weight.shape[0]}, init={self.init:g}"
 
 
 class TwoStreamFinalNorm(nn.Module):

@@ -2,7 +2,7 @@
 
 The model becomes a flat list of layers, each mapping one tensor to the next:
 
-    layer 0        EmbeddingPipe   tokens -> h          (keys: embed.weight)
+    layer 0        EmbeddingPipe   tokens -> h          (keys: embed.weight, embed_scale.weight)
     layers 1..L    Block(config, l) h -> h               (its own position, global 1-based layer_number l)
     layer L+1      HeadPipe        h -> logits          (keys: final_norm.*, lm_head.weight)
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.init import init_weights
+from megatron_mixln.model.transformer import make_embedding_scale
 from megatron_mixln.model.two_stream import make_final_norm, stream_count
 from megatron_mixln.parallel.cross_entropy import vocab_parallel_lm_loss
 from megatron_mixln.parallel.mappings import gather_from_sequence, scatter_to_sequence
@@ -39,12 +40,16 @@ PARTITION_METHODS = ("parameters", "uniform")
 
 
 class EmbeddingPipe(nn.Module):
+    """The embedding (times the learnable scale with --learnable-embedding-scale) as a stage layer."""
+
     def __init__(self, config):
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = make_embedding_scale(config)
 
     def forward(self, tokens):
-        return self.embed(tokens)
+        h = self.embed(tokens)
+        return h if self.embed_scale is None else self.embed_scale(h)
 
 
 class HeadPipe(nn.Module):
@@ -159,7 +164,8 @@ class _InitView:
 
     def modules(self):
         for m in self._local.values():
-            yield from m.modules()
+            if m is not None:
+                yield from m.modules()
 
 
 @torch.no_grad()
@@ -223,7 +229,7 @@ def _init_and_shard_stage(pipe, model_config, state, sequence_parallel: bool, se
     local = {}
     for module in layers.values():
         if isinstance(module, EmbeddingPipe):
-            local["embed"] = module.embed
+            local["embed"], local["embed_scale"] = module.embed, module.embed_scale
         elif isinstance(module, HeadPipe):
             local["lm_head"], local["final_norm"] = module.lm_head, module.final_norm
         else:

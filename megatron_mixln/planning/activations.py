@@ -41,6 +41,11 @@ input is the embedding alone); without it the adds of the second stream save not
 tensors needs neither for its backward), and SiameseNorm's extra norms are counted as norms. The
 final norms: three for SiameseNorm, one for ResiDual (whose head input x + N(d) is the LM-head input). The LM head keeps the final norm's
 tensors, its input and the fp32 log-softmax of the logits (4*b*s*V/t), plus int64 labels.
+
+The embedding saves nothing but its int64 indices (counted with the labels), except that the learnable
+embedding scale (--learnable-embedding-scale, h = embed(tokens) * scale) keeps the embedding output for the
+scale's gradient: e*b*s*h (/t under SP, where the embedding output is already this rank's sequence shard),
+on the first pipeline stage, recomputation or not.
 """
 from __future__ import annotations
 
@@ -118,12 +123,15 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq: int, bf16: bool 
                      layers: range | None = None, with_head: bool = True) -> dict[str, int]:
     """Activation bytes of one micro-batch over `layers` (default: all), per GPU.
 
-    -> {'blocks': saved by the blocks, 'recompute_peak': one block alive again in backward (0 without
-    recompute), 'head': LM head and loss, 'total'}.
+    -> {'embedding': the embedding scale's saved input (when `layers` starts the model), 'blocks': saved by the
+    blocks, 'recompute_peak': one block alive again in backward (0 without recompute), 'head': LM head and
+    loss, 'total'}.
     """
     layers = range(model.num_layers) if layers is None else layers
     e = 2 if bf16 else 4
     sp = tp if sequence_parallel else 1
+    scaled = model.learnable_embedding_scale and 0 in layers
+    embedding = e * micro_batch * seq * model.hidden_size // sp if scaled else 0
     per_block = [sum(block_activation_bytes(model, model.positions[i], micro_batch, seq, bf16, impl, tp,
                                             sequence_parallel, first=i == 0).values()) for i in layers]
     if recompute:  # each block keeps its input: one tensor, or two streams after the first layer
@@ -133,4 +141,5 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq: int, bf16: bool 
     else:
         blocks, peak = sum(per_block), 0
     head = head_activation_bytes(model, micro_batch, seq, bf16, impl, tp, sequence_parallel) if with_head else 0
-    return {"blocks": blocks, "recompute_peak": peak, "head": head, "total": blocks + peak + head}
+    return {"embedding": embedding, "blocks": blocks, "recompute_peak": peak, "head": head,
+            "total": embedding + blocks + peak + head}

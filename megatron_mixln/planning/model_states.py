@@ -64,15 +64,16 @@ def layer_param_counts(model: ModelConfig, tp: int = 1) -> dict[str, int]:
 
 
 def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]:
-    """{'total', 'rank', 'largest_layer'}: the whole model, one rank's share on the fullest pipeline
-    stage, and the largest single module there (DeepSpeed's "largest layer": the most parameters any
-    module owns directly; under ZeRO-3 it is gathered whole)."""
+    """{'total', 'rank', 'largest_layer'}: the whole model (with --learnable-embedding-scale's one scalar),
+    one rank's share on the fullest pipeline stage, and the largest single module there (DeepSpeed's
+    "largest layer": the most parameters any module owns directly; under ZeRO-3 it is gathered whole)."""
     per_layer = layer_param_counts(model, tp)
     v = model.siamese_variant  # norm parameters (q/k/v norms, DyT scalars too), plus hybrid_pre's c1 (hidden gains)
     layer_norm_params = [layer_norm_param_count(model, p) + scales_per_layer(p, v) * model.hidden_size
                          for p in model.positions]
     layer_params = [sum(v for k, v in per_layer.items() if k != "norm") + n for n in layer_norm_params]
     vocab = model.vocab_size * model.hidden_size // tp
+    scale = 1 if model.learnable_embedding_scale else 0  # whole on every TP rank, on the first stage
     final = final_norm_count(model) * per_layer["norm"]
     head = 0 if model.tie_embeddings else vocab
     per_stage = model.num_layers // pp
@@ -80,13 +81,13 @@ def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]
     for s in range(pp):
         n = sum(layer_params[s * per_stage:(s + 1) * per_stage])
         if s == 0:
-            n += vocab
+            n += vocab + scale
         if s == pp - 1:
             n += final + (vocab if (head or pp > 1) else 0)
         stages.append(n)
     total_full = sum(layer_param_counts(model, 1)[k] for k in per_layer if k != "norm") * model.num_layers
     total_full += sum(layer_norm_params) + model.vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2)
-    total_full += final
+    total_full += final + scale
     return {"total": total_full, "rank": max(stages),
             "largest_layer": max(vocab, max(v for k, v in per_layer.items() if k != "norm"))}
 

@@ -43,6 +43,7 @@ def zero_buffers(zero: dict, layout: Layout, model: ModelConfig) -> dict[str, in
         norms = sum(layer_norm_param_count(model, p) for p in model.positions)
         norms += final_norm_count(model) * norm_param_count(model, h)
         norms += sum(scales_per_layer(p, model.siamese_variant) for p in model.positions) * h
+        norms += 1 if model.learnable_embedding_scale else 0
         small = norms // layout.pipeline_model_parallel_size
     return {"reduce bucket": e * reduce, "prefetch bucket": e * prefetch, "persistent small params": e * small}
 
@@ -87,9 +88,10 @@ def _activations(model: ModelConfig, layout: Layout, global_batch_size: int | No
     for s in range(pp):
         a = activation_bytes(model, layers=range(s * per_stage, (s + 1) * per_stage), with_head=s == pp - 1, **kw)
         flight = min(pp - s, accumulation)
-        total = flight * a["blocks"] + a["recompute_peak"] + a["head"]
+        total = flight * (a["embedding"] + a["blocks"]) + a["recompute_peak"] + a["head"]
         if best is None or total > best["total"]:
-            best, best_flight = {**a, "blocks": flight * a["blocks"], "total": total}, flight
+            best = {**a, "embedding": flight * a["embedding"], "blocks": flight * a["blocks"], "total": total}
+            best_flight = flight
     return best, best_flight
 
 
@@ -214,6 +216,8 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"    (DeepSpeed's estimator:           {_gib(plan.deepspeed_estimate['gpu'])})")
     a = plan.activations
     flight = f" x {plan.in_flight} micro-batches in flight (1F1B)" if plan.in_flight > 1 else ""
+    if a["embedding"]:
+        lines.append(f"  activations, embedding scale        {_gib(a['embedding'])}")
     lines += [
         f"  activations, blocks{flight:<17}{_gib(a['blocks'])}",
         f"  activations, block recomputed       {_gib(a['recompute_peak'])}",

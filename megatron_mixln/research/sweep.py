@@ -157,6 +157,8 @@ def parse_lrs(text: str | None) -> list[float] | None:
 
 ZOO_FIELDS = ("qk_norm", "normalization", "z_loss_weight")  # set per run by the ZOO_VARIANTS
 ZOO_FLAGS = tuple("--" + f.replace("_", "-") for f in ZOO_FIELDS)
+# defaults that follow a per-run field: the DyT/Derf variants' --normalization turns on --learnable-embedding-scale
+ZOO_DERIVED_FIELDS = ("learnable_embedding_scale",)
 
 
 def check_passthrough(args: list[str], lr_swept: bool = False, positions=()) -> None:
@@ -254,7 +256,7 @@ def validate(sweep: Sweep) -> dict:
             sys.stderr.write(parser_output.getvalue())  # warnings of a parse that succeeded
             swept = (LR_FIELD, "min_lr") if sweep.lrs else ()  # min_lr defaults to 0.1 x lr
             if any(u.position in ZOO_VARIANTS for u in sweep.variants):
-                swept += ZOO_FIELDS
+                swept += ZOO_FIELDS + ZOO_DERIVED_FIELDS
             this = {"model": _strip(model.to_dict(), swept), "training": _strip(train.to_dict(), swept)}
             if common is None:
                 common = this

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed_config", dest="deepspeed_config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    for name in ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler"):  # Megatron's spelling
+        p.add_argument("--" + name.replace("_", "-").replace("opt-param", "opt_param"), dest=name,
+                       action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 

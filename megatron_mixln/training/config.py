@@ -102,6 +102,14 @@ class TrainingConfig:
         "check each file of the loaded checkpoint against its manifest checksum (sizes are always checked)",
         default=True,
     )
+    override_opt_param_scheduler: bool = _help(
+        "resume with this run's LR schedule flags even though they differ from the checkpoint's (the LR curve "
+        "changes at the resume step); Megatron-LM's --override-opt_param-scheduler", default=False,
+    )
+    use_checkpoint_opt_param_scheduler: bool = _help(
+        "resume with the checkpoint's LR schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, "
+        "--lr-decay-style) in place of this run's; Megatron-LM's --use-checkpoint-opt_param-scheduler", default=False,
+    )
     override_data_check: bool = _help(
         "resume even though the data files differ from the checkpoint's fingerprint (size, mtime, .idx hash)",
         default=False,

@@ -48,6 +48,8 @@ def _type_name(cls, f: dataclasses.Field) -> str:
 
 
 def _default(f: dataclasses.Field) -> str:
+    if "flag_default" in f.metadata:  # a default that depends on another flag (resolved by flag_defaults)
+        return f.metadata["flag_default"]
     if f.default is dataclasses.MISSING or f.default is None:
         return "—"
     if isinstance(f.default, bool):

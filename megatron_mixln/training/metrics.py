@@ -104,6 +104,8 @@ def paper_modes(model_config, cfg) -> str:
     parts = [f"sample-mode {cfg.sample_mode}", "pure bf16" if cfg.bf16_pure else "bf16 (fp32 masters)" if cfg.bf16
              else "fp32", f"eval {cfg.eval_tokens} tokens" if cfg.eval_tokens else f"eval {cfg.eval_iters} iters",
              f"embedding std {'sqrt(2/5)' if model_config.scaled_embedding_init else model_config.init_method_std}"]
+    if model_config.learnable_embedding_scale:
+        parts.append("embedding x learnable scale (init sqrt(hidden))")
     if model_config.scaled_output_layers:
         parts.append(f"scaled output init on layers {list(model_config.scaled_output_layers)}")
     if model_config.gated_layers:

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from megatron_mixln.model.norms import Norm
+from megatron_mixln.model.two_stream import ChannelScale
 
-NORM_TYPES = (Norm, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+# gains (norms; SiameseNorm's c1 and the learnable embedding scale) are never decayed
+NORM_TYPES = (Norm, ChannelScale, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 NO_DECAY_NAMES = ("bias",)
 
 

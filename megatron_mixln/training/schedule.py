@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from megatron_mixln.checkpoint.meta import LR_SCHEDULE_FIELDS, lr_schedule_of
+from megatron_mixln.errors import UsageError
 from megatron_mixln.training.config import TrainingConfig
 
 
@@ -32,3 +34,35 @@ def set_lr(optimizer, lr: float) -> None:
     DeepSpeed's own schedulers do."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def check_resumed_schedule(saved: dict | None, cfg: TrainingConfig, where: str) -> str | None:
+    """Make a resumed run's LR curve continue the checkpoint's, as Megatron's OptimizerParamScheduler does.
+
+    `saved`: the checkpoint's recorded schedule (mixln_meta.json "lr_schedule"; None for checkpoints that
+    predate it or were imported, which are not checked). Without a difference nothing happens. With one
+    (typically a larger --train-iters, which moves --lr-decay-iters and stretches the cosine mid-run):
+    --use-checkpoint-opt-param-scheduler copies the checkpoint's values into `cfg`,
+    --override-opt-param-scheduler keeps this run's; the change is returned as one line to print.
+    Raises UsageError (one line naming the flags that differ and both ways out) when neither is given,
+    or when both are.
+    """
+    if cfg.override_opt_param_scheduler and cfg.use_checkpoint_opt_param_scheduler:
+        raise UsageError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler: give one, not both")
+    if not saved:
+        return None
+    ours = lr_schedule_of(cfg)
+    differ = [name for name in LR_SCHEDULE_FIELDS if name in saved and saved[name] != ours[name]]
+    if not differ:
+        return None
+    change = ", ".join(f"--{n.replace('_', '-')} {saved[n]} -> {ours[n]}" for n in differ)
+    if cfg.use_checkpoint_opt_param_scheduler:
+        for name in differ:
+            setattr(cfg, name, saved[name])
+        return f"{where}: --use-checkpoint-opt-param-scheduler: keeping the checkpoint's LR schedule ({change} not applied)"
+    if cfg.override_opt_param_scheduler:
+        return f"{where}: --override-opt-param-scheduler: the LR schedule changes at the resume step ({change})"
+    raise UsageError(
+        f"{where} was trained with another LR schedule ({change}); resuming would bend the LR curve mid-run: "
+        "pass --use-checkpoint-opt-param-scheduler to continue the checkpoint's schedule, or "
+        "--override-opt-param-scheduler to switch to this run's")

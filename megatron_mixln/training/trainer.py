@@ -46,7 +46,7 @@ from megatron_mixln.training.model_setup import (build_model_and_optimizer, comp
                                                  compiled_graph_count)
 from megatron_mixln.training.param_groups import describe_param_groups, param_group_counts
 from megatron_mixln.training.rollback import RollbackMonitor, drop_abandoned, verified_rollback_target
-from megatron_mixln.training.schedule import lr_at, set_lr
+from megatron_mixln.training.schedule import check_resumed_schedule, lr_at, set_lr
 from megatron_mixln.training.signals import PREEMPTION_SIGNALS, PreemptionFlag
 from megatron_mixln.training.stability import SpikeDetector, StepGuard
 from megatron_mixln.training.startup_checks import check_startup_layout
@@ -404,6 +404,7 @@ def _check_resume(model_config: ModelConfig, cfg: TrainingConfig, ds_config: dic
                         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.bf16)
     if meta.get("universal"):  # DeepSpeed cuts this run's TP slices and ZeRO partitions out of it
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    _warn(check_resumed_schedule(meta.get("lr_schedule"), cfg, f"--load {cfg.load} ({meta['tag']})"))
     if bool(meta.get("bf16_pure", False)) != cfg.bf16_pure:
         raise UsageError(f"--load {cfg.load} ({meta['tag']}) was written {'with' if meta.get('bf16_pure') else 'without'}"
                          f" --bf16-pure; resume with the same precision")

@@ -58,6 +58,19 @@ def test_export_of_a_zero3_run(tmp_path, spm_model, single_rank):
     tokens = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(tokens).logits - model.eval()(tokens)).abs().max() <= 1e-5
+    # A padded batch generates what each text generates alone: the tokenizer pads on the left
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = ["the model", "a longer prompt than the first one, with more tokens"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert tok.padding_side == "left" and (batch["attention_mask"][0] == 0).any()
+    with torch.no_grad():
+        together = hf.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        for row, text in enumerate(texts):
+            alone = tok(text, return_tensors="pt")
+            out = hf.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1]:]
+            assert out.tolist() == together[row].tolist(), (text, out, together[row])
     card = (tmp_path / "hf" / "README.md").read_text()
     valid = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ppl = [r["valid_ppl"] for r in valid if "valid_ppl" in r][-1]

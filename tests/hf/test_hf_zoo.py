@@ -48,8 +48,11 @@ def test_export_to_stock_class_matches_our_model(tmp_path, case):
 CUSTOM = {  # zoo models no stock class holds: the exported modeling file (MixLNLlamaForCausalLM)
     "hybridnorm-star-derf-per-head": dict(norm_position="hybridnorm-star", normalization="Derf",
                                           qk_norm_per_head_gain=True, num_query_groups=2),
-    "dyt-bias-qk-head-list": dict(norm_position="pre,reordered,peri,hybrid", normalization="DyT", dyt_bias=True,
-                                  qk_norm="head", hybrid_ffn_residual_after_norm=False),
+    "dyt-bias-qk-head-list-embedding-scale": dict(norm_position="pre,reordered,peri,hybrid", normalization="DyT",
+                                                  dyt_bias=True, qk_norm="head", hybrid_ffn_residual_after_norm=False,
+                                                  learnable_embedding_scale=True),
+    # a model a stock class would hold but for the scale (--learnable-embedding-scale with RMSNorm Pre-LN)
+    "pre-rmsnorm-embedding-scale": dict(norm_position="pre", learnable_embedding_scale=True),
     "layernorm-full-qk": dict(norm_position="reordered,lns,post,deepnorm", normalization="LayerNorm", qk_norm="full"),
 }
 
@@ -63,6 +66,7 @@ def test_export_to_modeling_file_matches_our_model_and_imports_back(tmp_path, ca
 
     back_config, back = _our_model(tmp_path / "ckpt")
     assert back_config.positions == config.positions and back_config.qk_norm == config.qk_norm
+    assert back_config.learnable_embedding_scale == config.learnable_embedding_scale
     with torch.no_grad():
         assert torch.equal(back(tokens), ours)
 

@@ -19,7 +19,7 @@ def _randomise_norms(model, seed=1):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name == "embed_scale.weight":
                 p.copy_((1 + 0.3 * torch.randn(p.shape, generator=gen)).to(p.dtype))
 
 
@@ -27,6 +27,8 @@ def model_ref(model, tokens):
     """The whole model from the formulas, layer by layer (float64 when the model is)."""
     cfg = model.config
     h = model.embed.weight[tokens]
+    if cfg.learnable_embedding_scale:  # DyT's LLaMA code: x_in = self.shared(x_in) * self.shared_scale
+        h = h * model.embed_scale.weight
     for block in model.layers:
         h = block_ref(h, block, cfg.num_layers, cfg.norm_epsilon, cfg.rotary_base)
     return apply_norm(model.final_norm, h, cfg.norm_epsilon) @ model.lm_head.weight.T
@@ -39,10 +41,12 @@ CASES = {
                                       num_query_groups=2),
     "hybridnorm-star": dict(norm_position="hybridnorm-star"),
     "hybrid textbook Post-Norm FFN": dict(norm_position="hybrid*2,pre,hybrid", hybrid_ffn_residual_after_norm=False),
-    "DyT everywhere + head qk": dict(norm_position=ALL_POSITIONS, normalization="DyT", qk_norm="head"),
+    "DyT everywhere + head qk, embedding scale": dict(norm_position=ALL_POSITIONS, normalization="DyT", qk_norm="head",
+                                                      learnable_embedding_scale=True),
     "DyT with beta": dict(norm_position="pre,reordered,hybrid", normalization="DyT", dyt_bias=True),
-    "Derf everywhere": dict(norm_position=ALL_POSITIONS, normalization="Derf", qk_norm="head",
-                            qk_norm_per_head_gain=True, num_query_groups=2),
+    "Derf everywhere, embedding scale": dict(norm_position=ALL_POSITIONS, normalization="Derf", qk_norm="head",
+                                             qk_norm_per_head_gain=True, num_query_groups=2,
+                                             learnable_embedding_scale=True),
     "mix + full-qk": dict(norm_position="post*2,reordered,pre", qk_norm="full"),
 }
 
@@ -102,6 +106,29 @@ def test_parameters_and_inits_per_site():
     assert full.q_norm.weight.shape == (32,) and full.k_norm.weight.shape == (16,) and full.v_norm is None
     dyt = build_model(ModelConfig(**TINY, num_layers=1, normalization="DyT")).layers[0]
     assert dyt.attn_norm.bias is None and dyt.attn_norm.alpha.item() == pytest.approx(0.8)  # DyT LLaMA: no beta
+    assert model.embed_scale is None  # the dataclass default: off
+    scaled = build_model(ModelConfig(**TINY, num_layers=1, normalization="DyT", learnable_embedding_scale=True))
+    assert scaled.embed_scale.weight.shape == (1,) and scaled.embed_scale.weight.item() == pytest.approx(math.sqrt(32))
+
+
+def test_embedding_scale_defaults_to_the_code_at_the_command_line():
+    """On with DyT/Derf (their LLaMA / GPT-2 code), off otherwise, overridable; a config dict written before the
+    field existed (an old DyT checkpoint's) builds the model it was, without the scale."""
+    from megatron_mixln.cli import config_from_flags
+    from megatron_mixln.training.arguments import parse_configs
+
+    def resolved(**given):
+        return config_from_flags(ModelConfig, {**TINY, "num_layers": 1, **given}).learnable_embedding_scale
+
+    assert resolved(normalization="DyT") and resolved(normalization="derf")
+    assert not resolved() and not resolved(normalization="LayerNorm")
+    assert not resolved(normalization="DyT", learnable_embedding_scale=False) and resolved(learnable_embedding_scale=True)
+    assert parse_configs(["--normalization", "DyT", "--vocab-size", "64"])[0].learnable_embedding_scale
+    assert not parse_configs(["--normalization", "DyT", "--no-learnable-embedding-scale"])[0].learnable_embedding_scale
+    old = {k: v for k, v in ModelConfig(**TINY, num_layers=1, normalization="DyT").to_dict().items()
+           if k != "learnable_embedding_scale"}
+    model = build_model(ModelConfig(**old))
+    assert model.embed_scale is None and "embed_scale.weight" not in model.state_dict()
 
 
 @pytest.mark.parametrize("kw, flag", [

@@ -33,8 +33,25 @@ def test_partition_dims():
     assert tp_partition_dim("layers.3.attn.q_proj.weight") == 0
     assert tp_partition_dim("layers.3.mlp.down_proj.weight") == 1
     assert tp_partition_dim("embed.weight") == 0 and tp_partition_dim("lm_head.weight") == 0
+    assert tp_partition_dim("embed_scale.weight") is None  # --learnable-embedding-scale: one replicated scalar
     for k in ("layers.0.attn_norm.weight", "layers.1.attn_out_norm.weight", "final_norm.weight", "final_norm.bias"):
         assert tp_partition_dim(k) is None
+
+
+def test_universal_checkpoints_keep_the_embedding_scale_whole():
+    """DeepSpeed's universal checkpoint merges/splits TP slices by the patterns the trainer records: the learnable
+    embedding scale is one replicated scalar (the embedding itself is split by vocabulary rows)."""
+    import re
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.checkpoint.constants import PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS
+
+    from megatron_mixln.checkpoint.universal import universal_checkpoint_info
+
+    info = universal_checkpoint_info(build_model(tiny_config(learnable_embedding_scale=True)))
+    replicated = info[TP_REPLICATED_PARAMETER_PATTERNS] + info[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS]
+    assert any(re.match(p, "embed_scale.weight") for p in info[TP_REPLICATED_PARAMETER_PATTERNS])
+    assert not any(re.match(p, "embed.weight") for p in replicated)
 
 
 def test_split_merge_round_trip_and_replica_check():
@@ -49,7 +66,7 @@ def test_split_merge_round_trip_and_replica_check():
 
 
 def test_pipeline_layout_files_and_round_trip(tmp_path):
-    cfg, sd = full_state_dict()
+    cfg, sd = full_state_dict(learnable_embedding_scale=True)
     write_deepspeed_checkpoint(sd, str(tmp_path), "step7", tp=2, pp=2, engine="pipeline", config=cfg,
                                metadata={"global_steps": 7, "iteration": 7})
     names = sorted(os.listdir(tmp_path / "step7"))
@@ -58,6 +75,8 @@ def test_pipeline_layout_files_and_round_trip(tmp_path):
     assert (tmp_path / "latest").read_text() == "step7"
     head = torch.load(tmp_path / "step7" / "layer_05-model_01-model_states.pt", weights_only=True)
     assert sorted(head) == ["final_norm.weight", "lm_head.weight"] and head["lm_head.weight"].shape == (64, 32)
+    embedding = torch.load(tmp_path / "step7" / "layer_00-model_01-model_states.pt", weights_only=True)
+    assert sorted(embedding) == ["embed.weight", "embed_scale.weight"]  # the first stage owns the scale
     block = torch.load(tmp_path / "step7" / "layer_02-model_00-model_states.pt", weights_only=True)
     assert "attn_out_norm.weight" in block  # layer 2 is the peri block, keys relative to the block
     plain, meta, layout = read_deepspeed_checkpoint(str(tmp_path))

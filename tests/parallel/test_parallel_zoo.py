@@ -29,6 +29,14 @@ def test_every_parameter_gradient_matches_single_process(tp_results, case, varia
         assert not bad, f"rank {rank} {prefix}: gradients differ from TP=1: {bad}"
     names = tp_results[0][f"{case}/{variant}/grads"]
     assert any("q_norm" in k for k in names) and any(".alpha" in k or "attn.q_norm" in k for k in names)
+    assert ("embed_scale.weight" in names) == (case != "walk_full_qk_olmo2")  # DyT/Derf: the embedding scale too
+
+
+def test_embedding_scale_without_its_sequence_parallel_sum_is_caught(tp_results):
+    """Negative control: under SP the scale multiplies this rank's sequence shard of the embedding; without the
+    TP sum its gradient is one rank's part, which the walk above would report."""
+    for res in tp_results:
+        assert res["hybridnorm_star_dyt/sp_unsummed_embed_scale"] > 1e-3
 
 
 def test_rank_local_full_qk_norm_is_a_different_function(tp_results):

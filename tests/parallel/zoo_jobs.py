@@ -17,10 +17,12 @@ from parallel_jobs import batch, tiny_config
 ZOO_CASES = {
     "walk_derf_every_position": dict(
         norm_position="pre,post,peri,lns,deepnorm,deeppost,reordered,hybrid-first,hybrid", num_layers=9,
-        normalization="Derf", qk_norm="head", qk_norm_per_head_gain=True, num_query_groups=2),
+        normalization="Derf", qk_norm="head", qk_norm_per_head_gain=True, num_query_groups=2,
+        learnable_embedding_scale=True),
     "walk_full_qk_olmo2": dict(norm_position="lns,reordered,peri,post,reordered", num_layers=5, qk_norm="full",
                                num_query_groups=2),
-    "hybridnorm_star_dyt": dict(norm_position="hybridnorm-star", num_layers=3, normalization="DyT", dyt_bias=True),
+    "hybridnorm_star_dyt": dict(norm_position="hybridnorm-star", num_layers=3, normalization="DyT", dyt_bias=True,
+                                learnable_embedding_scale=True),
 }
 Z_LOSS = {"walk_full_qk_olmo2": 1e-2}  # a large W so its gradient is visible at this size
 
@@ -48,7 +50,7 @@ def tp_zoo_job(rank, world_size, tmpdir):
         with torch.no_grad():  # gains at 1 and alphas at their init would hide a wrong slice or a missing sum
             gen = torch.Generator().manual_seed(3)
             for name, p in ref.named_parameters():
-                if "norm" in name:
+                if "norm" in name or name == "embed_scale.weight":
                     p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
         tokens, labels = batch(cfg)
         ref_logits = ref(tokens)
@@ -72,6 +74,14 @@ def tp_zoo_job(rank, world_size, tmpdir):
             out[f"{prefix}/logits"] = float((gather_from_tp_last_dim(logits, state.tp_group) - ref_logits).abs().max())
             out[f"{prefix}/loss"] = abs(float(loss) - float(ref_loss))
             out[f"{prefix}/grads"] = {k: float((grads[k] - g).abs().max()) for k, g in ref_grads.items()}
+        if case == "hybridnorm_star_dyt":  # negative control: SP without the TP sum of the marked gradients
+            model = copy.deepcopy(ref)
+            model.zero_grad(set_to_none=True)
+            apply_tensor_parallel(model, state, sequence_parallel=True, sp_grad_hooks=False)
+            _loss(model(tokens), labels, z_weight, state.tp_group).backward()
+            ref_scale = ref_grads["embed_scale.weight"]
+            out[f"{case}/sp_unsummed_embed_scale"] = float((model.embed_scale.weight.grad - ref_scale).abs().max()
+                                                           / ref_scale.abs().max())
     return out
 
 
@@ -82,7 +92,7 @@ def pp_zoo_job(rank, world_size, tmpdir):
 
     deepspeed = _deepspeed()
     cfg = tiny_config(norm_position="hybrid-first,lns,reordered,lns", num_layers=4, qk_norm="head",
-                      normalization="DyT", num_query_groups=2)
+                      normalization="DyT", num_query_groups=2, learnable_embedding_scale=True)
     torch.manual_seed(0)
     sd0 = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
     out = {"ref": reference_losses(cfg, sd0, sgd, range(3))}
@@ -92,7 +102,8 @@ def pp_zoo_job(rank, world_size, tmpdir):
     out["pp2_layer_numbers"] = [b.layer_number for b in engine.module.modules() if hasattr(b, "layer_number")]
     del engine
     out.update(_pipeline_z_loss(deepspeed, cfg, sd0))
-    cfg_full = tiny_config(norm_position="reordered,peri,reordered", num_layers=3, qk_norm="full", num_query_groups=2)
+    cfg_full = tiny_config(norm_position="reordered,peri,reordered", num_layers=3, qk_norm="full", num_query_groups=2,
+                           learnable_embedding_scale=True)  # the scale sees sequence shards under SP
     torch.manual_seed(0)
     sd1 = {k: v.clone() for k, v in build_model(cfg_full).state_dict().items()}
     out["ref_full"] = reference_losses(cfg_full, sd1, sgd, range(3))

@@ -69,11 +69,13 @@ def test_model_activations_equal_saved_tensor_bytes(position, dtype, recompute):
     assert fused <= forward_saved + 16 if recompute else abs(fused - forward_saved) <= 16, (fused, predicted)
 
 
-ZOO = {  # the norm zoo (docs/norm-zoo.md): q/k/v norms, reordered/hybrid positions, DyT/Derf
+ZOO = {  # the norm zoo (docs/norm-zoo.md): q/k/v norms, reordered/hybrid positions, DyT/Derf (+ embedding scale)
     "olmo2": dict(norm_position="reordered", qk_norm="full"),
     "qwen3-layernorm": dict(norm_position="pre,post,pre", qk_norm="head", normalization="LayerNorm"),
-    "hybridnorm-star-dyt": dict(norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True),
-    "derf-mix": dict(norm_position="hybrid,peri,reordered", normalization="Derf", qk_norm="head"),
+    "hybridnorm-star-dyt": dict(norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True,
+                                learnable_embedding_scale=True),
+    "derf-mix": dict(norm_position="hybrid,peri,reordered", normalization="Derf", qk_norm="head",
+                     learnable_embedding_scale=True),
 }
 
 
@@ -85,6 +87,12 @@ def test_zoo_model_activations_equal_saved_tensor_bytes(zoo, dtype):
     for fusion in (False, True):
         measured = _model_saved_bytes(cfg.replace(cross_block_fusion=fusion), dtype, False)
         assert abs(measured - predicted["total"]) <= 16, (fusion, measured, predicted)
+    # the learnable embedding scale keeps the embedding output, with or without recomputation
+    assert predicted["embedding"] == (B * S * cfg.hidden_size * (2 if dtype == torch.bfloat16 else 4)
+                                      if cfg.learnable_embedding_scale else 0)
+    recomputed = activation_bytes(cfg, B, S, bf16=dtype == torch.bfloat16, impl="torch", recompute=True)
+    measured = _model_saved_bytes(cfg.replace(cross_block_fusion=False), dtype, True)
+    assert abs(measured - (recomputed["total"] - recomputed["recompute_peak"])) <= 16, (measured, recomputed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -186,23 +194,24 @@ def _tensor_parallel_job(rank, world_size, tmpdir):
                 model = build_model(cfg)
                 apply_tensor_parallel(model, state, sequence_parallel=sp)
                 model.to(dtype)
-                inside = [False]
-                for block in model.layers:
-                    block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-                    block.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+                inside = [None]  # "blocks" or "embedding" (the learnable scale) while one of them runs
+                for part, modules in (("blocks", model.layers), ("embedding", [model.embed_scale])):
+                    for m in (m for m in modules if m is not None):
+                        m.register_forward_pre_hook(lambda *a, part=part: inside.__setitem__(0, part))
+                        m.register_forward_hook(lambda *a: inside.__setitem__(0, None))
                 tokens = torch.randint(0, cfg.vocab_size, (B, S))
                 params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-                seen = {}
+                seen = {"blocks": {}, "embedding": {}}
 
                 def pack(t):
                     s = t.untyped_storage()
                     if inside[0] and s.nbytes() and s.data_ptr() not in params:
-                        seen[s.data_ptr()] = s.nbytes()
+                        seen[inside[0]][s.data_ptr()] = s.nbytes()
                     return t
 
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     model(tokens)
-                out[(position, sp, str(dtype))] = sum(seen.values())
+                out[(position, sp, str(dtype))] = {k: sum(v.values()) for k, v in seen.items()}
     return out
 
 
@@ -218,4 +227,9 @@ def test_tensor_and_sequence_parallel_blocks_equal_their_formula():
             cfg = _tp_config(position)
             want = sum(sum(block_activation_bytes(cfg, p, B, S, bf16=dtype == str(torch.bfloat16), impl="torch",
                                                   tp=2, sequence_parallel=sp).values()) for p in cfg.positions)
-            assert got == want, (position, sp, dtype, got, want)
+            assert got["blocks"] == want, (position, sp, dtype, got, want)
+            # the embedding scale's saved input: this rank's sequence shard under SP
+            embedding = activation_bytes(cfg, B, S, bf16=dtype == str(torch.bfloat16), impl="torch", tp=2,
+                                         sequence_parallel=sp)["embedding"]
+            assert got["embedding"] == embedding and (embedding > 0) == cfg.learnable_embedding_scale, \
+                (position, sp, dtype, got, embedding)

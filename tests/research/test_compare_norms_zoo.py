@@ -21,6 +21,9 @@ def test_three_variant_zoo_sweep(tmp_path):
         train = [r for r in rows if r.get("kind") == "train"]
         assert train and all(r["loss"] == r["loss"] for r in train), name  # finite losses were logged
         assert ("z_loss" in train[-1]) == (name == "olmo2-recipe-s1")  # the z-loss is logged apart, only there
+        with open(os.path.join(out, "runs", name, "config.json")) as fh:
+            model = json.load(fh)["model"]
+        assert model["learnable_embedding_scale"] == (name == "dyt-pre-s1")  # DyT's code default: its embedding scale
 
 
 def test_zoo_flags_are_owned_by_the_variants_and_configs_parse():

@@ -2,6 +2,7 @@
 run for real with DRY_RUN=1 each passes the paper's recipe (docs/paper.md#training-recipe) to the trainer, whose
 parser accepts it; bad data or tokenizer paths fail in the first seconds with one line; an unreachable
 rendezvous ends every rank with one line naming the address and port instead of hanging."""
+import os
 import re
 import shlex
 import time
@@ -11,6 +12,8 @@ import pytest
 from slurm_testlib import job_env, job_output, two_node_options
 
 from megatron_mixln.model import PAPER_POST_LN_LAYERS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The paper's table (lr, steps, warm-up); 350m is not in it: the script documents its choice.
 PAPER = {"71m": ("1e-3", 10000, 1000), "130m": ("1e-3", 20000, 2000), "250m": ("1e-3", 40000, 4000),
@@ -61,6 +64,10 @@ def test_paper_scripts_pass_the_paper_recipe(slurm_cluster, tiny_data, tmp_path)
         if size in PAPER:
             lr, steps, warmup = PAPER[size]
             assert (cfg.lr, cfg.train_iters, cfg.lr_warmup_iters) == (float(lr), steps, warmup), size
+        # the script and configs/paper/<size>.yaml are one recipe
+        _, paper = parse_configs(["--config", os.path.join(REPO, "configs", "paper", f"{size}.yaml")])
+        for name in ("lr", "min_lr", "train_iters", "lr_warmup_iters", "global_batch_size", "optimizer", "weight_decay"):
+            assert getattr(cfg, name) == getattr(paper, name), (size, name, getattr(cfg, name), getattr(paper, name))
         assert cfg.save.endswith(f"/checkpoints/{size}-mix"), cfg.save
         assert ("--recompute-activations" in argv) == (size == "7b")
 
@@ -77,7 +84,7 @@ def test_missing_data_or_tokenizer_fails_in_seconds_with_one_line(slurm_cluster,
     assert len(out.splitlines()) == 1, out  # one line, before any launch or rendezvous
     expected = f"error: DATA: {tmp_path}/nowhere/c4_train_text_document.bin does not exist" if what == "DATA" \
         else f"error: TOKENIZER={tmp_path}/t5.model does not exist"
-    assert out.startswith(expected), out
+    assert out.startswith(f"{info['JobName']}: {expected}"), out  # the entry point's name first (docs/errors.md)
 
 
 def test_unreachable_rendezvous_fails_every_rank_with_one_line(slurm_cluster, tiny_data, tmp_path):

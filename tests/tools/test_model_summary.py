@@ -35,11 +35,19 @@ def test_zoo_summary_counts_norm_parameters():
     flags = ["--preset", "9m", "--norm-position", "hybridnorm-star", "--normalization", "DyT", "--qk-norm-per-head-gain"]
     r = _run(*flags)
     assert r.returncode == 0, r.stderr
-    assert "norm zoo: qk-norm none (per-head gain), alpha init attn/ffn/final 0.8,0.2,0.2" in r.stdout
+    # DyT turns on the learnable embedding scale by default (its LLaMA code's shared_scale, init sqrt(hidden))
+    assert ("norm zoo: qk-norm none (per-head gain), alpha init attn/ffn/final 0.8,0.2,0.2, embedding x learnable "
+            "scalar (init sqrt(128)=11.31)") in r.stdout
     rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:2].strip().isdigit() and len(l.split()) == 6]
-    cfg = ModelConfig.from_preset("9m", norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True)
+    cfg = ModelConfig.from_preset("9m", norm_position="hybridnorm-star", normalization="DyT", qk_norm_per_head_gain=True,
+                                  learnable_embedding_scale=True)
     assert [row[1] for row in rows] == list(cfg.positions)
     assert [int(row[4].replace(",", "")) for row in rows] == [layer_norm_param_count(cfg, p) for p in cfg.positions]
+    from megatron_mixln.planning import param_counts
+
+    assert f"parameters: {param_counts(cfg)['total']:,} total" in r.stdout
+    r = _run(*flags, "--no-learnable-embedding-scale")
+    assert f"parameters: {param_counts(cfg)['total'] - 1:,} total" in r.stdout and "embedding x" not in r.stdout
 
 
 def test_two_stream_positions_count_both_residual_streams():

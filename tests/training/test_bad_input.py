@@ -86,6 +86,17 @@ def test_load_nothing_or_another_shape(capsys, data, tmp_path):
     _fails(capsys, args, f"--load {save} (iter_0000001) holds a different model", "hidden_size: checkpoint 32 vs now 64")
 
 
+def test_resuming_a_checkpoint_without_the_embedding_scale(capsys, data, tmp_path):
+    """A DyT checkpoint written without the learnable embedding scale (as before the flag existed) resumed with
+    --normalization DyT, whose default now adds the scale: refused, naming the flag that resumes it."""
+    save = str(tmp_path / "ckpt")
+    args = tiny_cli_args(data, train_iters=1, save=save) + ["--normalization", "DyT", "--no-learnable-embedding-scale"]
+    assert main(args) == 0
+    capsys.readouterr()
+    _fails(capsys, tiny_cli_args(data, train_iters=2, load=save) + ["--normalization", "DyT"],
+           "learnable_embedding_scale: checkpoint False vs now True", "resume it with --no-learnable-embedding-scale")
+
+
 def test_parallel_sizes_that_do_not_fit_the_world(capsys, data):
     _fails(capsys, tiny_cli_args(data, tensor_model_parallel_size=2),
            "--tensor-model-parallel-size=2 x --pipeline-model-parallel-size=1 = 2 does not divide the world size 1")

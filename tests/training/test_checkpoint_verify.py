@@ -17,7 +17,7 @@ from megatron_mixln import checkpoint as ckpt
 from megatron_mixln.errors import UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUN = dict(train_iters=6, zero_stage=1, eval_iters=0, split="90,10,0")
+RUN = dict(train_iters=6, lr_decay_iters=6, zero_stage=1, eval_iters=0, split="90,10,0")  # one LR curve, however long a run
 MODEL_FILE, OPTIM_FILE = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 

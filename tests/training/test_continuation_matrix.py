@@ -33,6 +33,7 @@ def _module_weights(engine) -> dict:
 
 def _one_tiny_step(model_config, load, iteration, precision, zero):
     cfg = tiny_train(load=load, train_iters=iteration + 1, lr=TINY_LR, min_lr=0.0, lr_warmup_iters=0,
+                     override_opt_param_scheduler=True,  # the tiny LR is the point: not the checkpoint's
                      eval_iters=0, zero_stage=zero, clip_grad=0.0, **PRECISIONS[precision])
     run = trainer.pretrain(model_config, cfg, tiny_datasets())
     try:

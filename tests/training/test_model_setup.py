@@ -3,6 +3,7 @@ compose with each other, and compute the same thing; weight decay skips norm gai
 whatever shape ZeRO-3 left the parameters in."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -142,5 +143,32 @@ def test_zero3_engine_keeps_weight_decay(single_rank):
         plain = build_model(tiny_model())
         assert groups == {0.5: sum(p.numel() for p in plain.parameters() if p.ndim >= 2),
                           0.0: sum(p.numel() for p in plain.parameters() if p.ndim < 2)}
+    finally:
+        engine.destroy()
+
+
+def test_zero3_gathers_the_learnable_embedding_scale(single_rank):
+    """--learnable-embedding-scale under ZeRO-3's partitioned construction: the scale is applied as a module call,
+    so ZeRO-3's hooks gather it (the engine's logits equal the plain model's from the same seed), and it sits
+    in the no-decay group (like the DyT/Derf code's other scalars in this stack: gains are never decayed)."""
+    from megatron_mixln.training.ds_config import build_ds_config
+    from megatron_mixln.training.model_setup import build_model_and_optimizer, build_plain_model
+    from training_testlib import tiny_train
+
+    cfg = tiny_train(zero_stage=3, weight_decay=0.5)
+    model_cfg = tiny_model(normalization="DyT", norm_position="pre", post_ln_layers=None, learnable_embedding_scale=True)
+    ds_config = build_ds_config(cfg, 4, 2)
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even a (1,) tensor
+    engine = build_model_and_optimizer(model_cfg, cfg, ds_config)
+    try:
+        assert engine.module.embed_scale.weight.numel() == 0  # partitioned between forwards
+        plain = build_plain_model(model_cfg, cfg.seed, {})
+        assert plain.embed_scale.weight.item() == pytest.approx(32 ** 0.5)
+        tokens = torch.randint(0, 256, (2, 9))
+        with torch.no_grad():
+            torch.testing.assert_close(engine(tokens), plain(tokens), rtol=1e-5, atol=1e-6)
+        no_decay = [p for g, tensors in zip(engine.optimizer.param_groups, engine.optimizer.fp16_groups)
+                    if g["weight_decay"] == 0.0 for p in tensors]
+        assert any(p is engine.module.embed_scale.weight for p in no_decay)
     finally:
         engine.destroy()

@@ -97,7 +97,8 @@ def test_loading_never_unpickles(single_rank, tmp_path, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    run_and_destroy(tiny_model(), tiny_train(load=save, **{**RUN, "train_iters": 2}), tiny_datasets())
+    run_and_destroy(tiny_model(), tiny_train(load=save, use_checkpoint_opt_param_scheduler=True,
+                                             **{**RUN, "train_iters": 2}), tiny_datasets())
     assert seen and all(w is True for w in seen), seen
 
 
@@ -163,3 +164,39 @@ def test_resume_with_another_precision_fails_before_building(single_rank, tmp_pa
     with pytest.raises(UsageError, match=r"iter_0000001\) was written without --bf16; this run has --bf16"):
         trainer.pretrain(tiny_model(), tiny_train(load=save, bf16=True, **{**RUN, "train_iters": 2}), tiny_datasets())
     assert not built
+
+
+def test_resume_with_another_lr_schedule_is_refused_or_resolved(single_rank, tmp_path, monkeypatch):
+    """A larger --train-iters on resume moves --lr-decay-iters and would stretch the cosine mid-run
+    (Megatron's OptimizerParamScheduler refuses it too): refused before building, unless one of the
+    two flags says which schedule to follow; each choice gives the LR curve it names."""
+    from megatron_mixln.training import trainer
+    from megatron_mixln.training.schedule import lr_at
+
+    save = str(tmp_path / "ckpt")
+    run_and_destroy(tiny_model(), tiny_train(save=save, **RUN), tiny_datasets())  # 6 steps, decays to step 6
+    assert ckpt.inspect_checkpoint(save, tiny_model())["lr_schedule"]["lr_decay_iters"] == 6
+    longer = {**RUN, "train_iters": 9}
+    built = []
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "build_model_and_optimizer", lambda *a, **k: built.append(1))
+        with pytest.raises(UsageError, match=r"^--load .*\(iter_0000006\) was trained with another LR schedule "
+                                             r"\(--lr-decay-iters 6 -> 9\); .*--use-checkpoint-opt-param-scheduler"):
+            trainer.pretrain(tiny_model(), tiny_train(load=save, **longer), tiny_datasets())
+        with pytest.raises(UsageError, match="give one, not both"):
+            trainer.pretrain(tiny_model(), tiny_train(load=save, override_opt_param_scheduler=True,
+                                                      use_checkpoint_opt_param_scheduler=True, **longer), tiny_datasets())
+    assert not built
+    kept = run_and_destroy(tiny_model(), tiny_train(load=save, use_checkpoint_opt_param_scheduler=True, **longer),
+                           tiny_datasets())
+    old = tiny_train(**RUN)  # the checkpoint's curve: flat at --min-lr after step 6
+    assert [h["lr"] for h in kept["history"]] == pytest.approx([lr_at(s, old) for s in (7, 8, 9)], rel=1e-12)
+    new = run_and_destroy(tiny_model(), tiny_train(load=save, override_opt_param_scheduler=True, **longer),
+                          tiny_datasets())
+    assert [h["lr"] for h in new["history"]] == pytest.approx([lr_at(s, tiny_train(**longer)) for s in (7, 8, 9)],
+                                                            rel=1e-12)
+    assert new["history"][0]["lr"] > kept["history"][0]["lr"]
+    # Megatron's spelling of the flags parses to the same fields
+    from megatron_mixln.training.arguments import parse_configs
+    _, cfg = parse_configs(["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"])
+    assert cfg.override_opt_param_scheduler and cfg.use_checkpoint_opt_param_scheduler

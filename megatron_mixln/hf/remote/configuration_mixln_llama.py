@@ -37,6 +37,8 @@ Fields beyond LlamaConfig's:
     qk_norm_per_head_gain  head QK-norm (and hybrid layers' q/k/v norms) with one gain per head
     hybrid_ffn_residual_after_norm  see hybrid above
     dyt_bias           DyT norms have a bias
+    learnable_embedding_scale  the embedding output is multiplied by a learnable scalar
+                       (model.embed_tokens.embed_scale, shape (1,); DyT's LLaMA code's shared_scale)
     final_norm         whether a norm precedes the LM head
     siamese_variant    SiameseNorm block: "post_pre" (default) or "hybrid_pre" (the official code's MODEL_TYPE)
     real_vocab_size    the tokenizer's vocabulary (vocab_size is the padded embedding size)
@@ -86,6 +88,7 @@ class MixLNLlamaConfig(LlamaConfig):
     qk_norm_per_head_gain: bool = False
     hybrid_ffn_residual_after_norm: bool = True
     dyt_bias: bool = False
+    learnable_embedding_scale: bool = False
     real_vocab_size: int | None = None
     mixln_model_config: dict | None = None
 

@@ -78,6 +78,19 @@ def _squash_or_normalize(s, dims, normalization, eps, alpha, shift):
     return s * torch.rsqrt(s.pow(2).mean(dims, keepdim=True) + eps)
 
 
+class MixLNScaledEmbedding(nn.Embedding):
+    """nn.Embedding whose output is multiplied by a learnable scalar embed_scale, shape (1,)
+    (config.learnable_embedding_scale; DyT's LLaMA code: `self.shared(x) * self.shared_scale`). As in
+    Gemma's scaled embedding, `inputs_embeds` passed to the model bypass it: scale them yourself."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = nn.Parameter(torch.full((1,), math.sqrt(embedding_dim)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
 class MixLNRMSOrLayerNorm(nn.Module):
     """RMSNorm (weight), LayerNorm (weight + bias), DyT (weight, alpha, optional bias) or Derf (weight, bias,
     alpha, shift) over the last dimension, in fp32."""
@@ -278,7 +291,8 @@ class MixLNLlamaModel(MixLNLlamaPreTrainedModel, LlamaModel):
         MixLNLlamaPreTrainedModel.__init__(self, config)  # PreTrainedModel's; LlamaModel's would build stock layers
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        embedding = MixLNScaledEmbedding if config.learnable_embedding_scale else nn.Embedding
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(MixLNLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = final_norm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
