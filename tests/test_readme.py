@@ -1,17 +1,15 @@
 """README.md and docs/*.md are a program: every ```bash and ```python block runs, in order, in a fresh directory.
 
-The documents are README.md first, then every docs/*.md page in sorted order. Their runnable blocks
-are joined into one bash script, as a user would type them into one terminal from the repository
-root: bash blocks verbatim, Python blocks as `python - <<'EOF'` (cwd = the same directory). The
-directory is new and empty except for symlinks to the repository's tracked top-level entries
-(tools/, megatron_mixln/, ds_configs/, ...) and `.venv`, which points at the environment running the
-tests; so every file a command reads must be made by an earlier command (a page may use the README's
-outputs, not another page's). A failure names the block (file and line) and shows its output.
+The documents are README.md first, then every docs/*.md page in sorted order. A document's runnable
+blocks are joined into one bash script, as a user would type them into one terminal from the
+repository root: bash blocks verbatim, Python blocks as `python - <<'EOF'` (cwd = the same directory).
+The README's runs first, in a directory that is new and empty except for symlinks to the repository's
+tracked top-level entries (tools/, megatron_mixln/, ds_configs/, ...) and `.venv`, which points at the
+environment running the tests. Then each page's runs in its own copy of the directory the README left
+(hard links to its files, the README's exported environment restored), `PAGE_WORKERS` pages at a time:
+every file a command reads must be made by an earlier command of its document or by the README, never
+by another page. A failure names the block (file and line) and shows its output.
 `MIXLN_DOCS_PAGE=<page>` (e.g. `checkpoints`) runs the README and that one page, for quick edits.
-
-The README runs first; then each page runs in its own copy of the directory the README left (hard
-links to its files, the README's exported environment restored), pages side by side on `PAGE_WORKERS`
-processes. So a page sees the README's outputs and never another page's, whatever the order.
 
 Convention (shared by everyone who edits README.md or docs/): a block that cannot run on a CPU in
 seconds to a minute (needs a GPU, a cluster, a download, a 7B model) is preceded by the line
