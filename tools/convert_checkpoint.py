@@ -14,8 +14,8 @@ LR scheduler and client state carry over; optimizer moments restart (they are no
   # resumes it (--load runs/y/ckpt) at any data-parallel size, TP size and ZeRO stage 1-2
   python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/y/ckpt --to universal
 
-  # a LayerNorm Pre-LN model (pre/lns layers, every LayerNorm bias zero) -> the RMSNorm model with the
-  # same outputs (arXiv 2305.14858), in the plain format; --to deepspeed lays it out for a run
+  # a LayerNorm Pre-LN model (pre/lns layers) -> the RMSNorm model with the same outputs (arXiv 2305.14858;
+  # LayerNorm biases folded into linear biases), in the plain format; --to deepspeed lays it out for a run
   python tools/convert_checkpoint.py --input runs/x/ckpt --output runs/x/rmsnorm --to rmsnorm
 """
 from __future__ import annotations

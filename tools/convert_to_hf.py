@@ -2,7 +2,7 @@
 """Export a training checkpoint to a Hugging Face transformers directory (logic: megatron_mixln/hf/export.py).
 
   python tools/convert_to_hf.py --checkpoint runs/71m-mix/ckpt --output hf/71m-mix [--tag iter_0010000] \
-      [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--always-custom] [--overwrite]
+      [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--always-custom | --stock] [--overwrite]
 
 --checkpoint: a training --save directory (DeepSpeed, any TP/PP layout, ZeRO 0-3; `latest` or --tag) or a
 plain directory from tools/convert_checkpoint.py. The tokenizer defaults to the run's --tokenizer.
@@ -33,6 +33,8 @@ def _main(argv) -> int:
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model or tokenizer.json (default: the run's)")
     p.add_argument("--config", default=None, help="ModelConfig JSON, when the checkpoint records none")
     p.add_argument("--always-custom", action="store_true", help="custom code even for an all-pre RMSNorm model")
+    p.add_argument("--stock", action="store_true",
+                   help="require a stock transformers class (no remote code); refused when none computes the model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     args = p.parse_args(argv)
 
@@ -43,7 +45,7 @@ def _main(argv) -> int:
     if hint:
         raise UsageError(hint)
     summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
-                           args.tokenizer, args.always_custom, args.overwrite, args.config)
+                           args.tokenizer, args.always_custom, args.overwrite, args.config, stock=args.stock)
     print(json.dumps(summary))
     return 0
 

@@ -47,6 +47,10 @@ def summarize(cfg: ModelConfig) -> str:
                  if cfg.learnable_embedding_scale else "")
         lines.append(f"norm zoo: qk-norm {cfg.qk_norm}{' (per-head gain)' if cfg.qk_norm_per_head_gain else ''}"
                      f"{pointwise}{scale}")
+    biases = [name for name, on in (("q/k/v", cfg.qkv_bias), ("o, gate/up/down", cfg.add_bias_linear),
+                                    ("LM head", cfg.add_output_layer_bias)) if on]
+    if biases:  # counted in every layer's params and the total below
+        lines.append(f"linear biases: {', '.join(biases)}")
     lines += [
         "",
         f"{'layer':>5}  {'position':<12} {'residual a':>10} {'out scale':>9} {'norm params':>11} {'params':>14}",

@@ -235,7 +235,7 @@ def convert(src: str, dst: str, to: str = "plain", tp: int = 1, pp: int = 1, eng
     """Convert `src` (plain dir or DeepSpeed dir) into `dst`: to="plain" or to="deepspeed" with a
     TP x PP layout (engine "pipeline" when pp > 1, else "plain" unless given), or to="rmsnorm": a
     LayerNorm Pre-LN model as the RMSNorm one with the same outputs, written in the plain format
-    (checkpoint/rmsnorm.py; UsageError when the model is not one or a LayerNorm β is non-zero).
+    (checkpoint/rmsnorm.py: β folded into linear biases; UsageError when the model is not one).
     Returns a summary."""
     if is_plain_dir(src):
         plain, src_config, metadata = load_plain(src)

@@ -18,8 +18,8 @@ import shutil
 import torch
 
 from megatron_mixln.checkpoint.reader import read_full_state_dict
-from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, stock_class
-from megatron_mixln.hf.mapping import to_hf_state_dict
+from megatron_mixln.hf.hf_config import DTYPES, build_hf_config, stock_class, stock_refusal
+from megatron_mixln.hf.mapping import to_hf_state_dict, zero_biases_for_hf
 from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
 from megatron_mixln.hf.outdir import check_output, staged_directory
 from megatron_mixln.hf.remote_code import REMOTE_DIR, REMOTE_FILES
@@ -59,8 +59,9 @@ def _checked_model_config(plain: dict, config, where: str):
 
 def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: str | None = None,
                  max_shard_size: str | int = "5GB", tokenizer: str | None = None, always_custom: bool = False,
-                 overwrite: bool = False, config_path: str | None = None) -> dict:
-    """Write `output` from `checkpoint`; returns a summary dict. Raises ValueError/FileNotFoundError with a
+                 overwrite: bool = False, config_path: str | None = None, stock: bool = False) -> dict:
+    """Write `output` from `checkpoint`; returns a summary dict. `stock`: refuse (ValueError naming --stock)
+    unless a stock transformers class computes the model exactly. Raises ValueError/FileNotFoundError with a
     one-line message naming the file or field on bad input, before anything is written."""
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
@@ -82,15 +83,19 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
         raise ValueError(f"{checkpoint}: no model config (neither config.json nor the trainer's "
                          "client_state['mixln']['model_config']); pass --config FILE")
     _checked_model_config(plain, config, checkpoint)
-    stock = stock_class(config)  # None: the custom modeling file (every position and norm-zoo option)
+    stock_name = stock_class(config)  # None: the custom modeling file (every position and norm-zoo option)
+    if stock and (stock_name is None or always_custom):
+        raise ValueError(stock_refusal(config, always_custom))
     summary = training_summary(meta)
     tok_spec = tokenizer or (summary.get("training_config") or {}).get("tokenizer")
     tok, ids = (None, {}) if not tok_spec or tok_spec.startswith("null:") else load_tokenizer(
         tok_spec, config.vocab_size, "--tokenizer" if tokenizer else f"{checkpoint} (training_config.tokenizer)")
     stored = {v: k for k, v in TORCH_DTYPES.items()}.get(plain["embed.weight"].dtype, "fp32")
     dtype = dtype or stored
-    custom = always_custom or stock is None
-    hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom, stock or "")
+    custom = always_custom or stock_name is None
+    hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom, stock_name or "")
+    if custom or stock_name == "LlamaForCausalLM":  # HF's attention_bias also biases o_proj: a zero one, if needed
+        plain = zero_biases_for_hf(plain, config)
     hf_plain = to_hf_state_dict(plain, config, fold_lns=not custom)  # lns -> stock Llama: 1/sqrt(l) into the gains
     tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in hf_plain.items()}
     training = summary.get("training_config") or {}
@@ -107,8 +112,8 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
                 shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(tmp, name))
         tok_files, tok_class = write_tokenizer(tok, tmp, config.seq_length) if tok else ([], None)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(config, summary, custom, ppl, os.path.abspath(checkpoint), dtype,
-                               boundary_token(tok) if tok else None))
+            f.write(model_card(config, summary, hf_config.architectures[0], custom, ppl, os.path.abspath(checkpoint),
+                               dtype, boundary_token(tok) if tok else None))
         files = sorted(os.listdir(tmp))
     return {"output": output, "source": source, "class": hf_config.architectures[0], "custom_code": custom,
             "dtype": dtype, "positions": config.positions_str, "tensors": len(tensors),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_mixln.hf.mapping import per_layer_scales
+from megatron_mixln.hf.mapping import hf_bias_flags, per_layer_scales
 from megatron_mixln.model.positions import format_positions
 
 AUTO_MAP = {
@@ -13,9 +13,10 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_mixln_llama.MixLNLlamaForCausalLM",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Stock transformers families that are norm-zoo models (docs/norm-zoo.md): model_type -> ModelConfig fields.
+# Stock transformers families this stack computes (docs/norm-zoo.md, docs/model.md): model_type -> ModelConfig fields.
 STOCK_ZOO = {"olmo2": dict(norm_position="reordered", qk_norm="full"), "qwen3": dict(norm_position="pre", qk_norm="head"),
-             "stablelm": dict(norm_position="pre", normalization="LayerNorm")}
+             "stablelm": dict(norm_position="pre", normalization="LayerNorm"),
+             "qwen2": dict(norm_position="pre", add_qkv_bias=True)}
 # Stock fields that must hold these values for the class to be this stack's model.
 STOCK_REQUIRES = {"stablelm": dict(use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False)}
 
@@ -24,11 +25,19 @@ def stock_class(config) -> str | None:
     """The transformers class that computes `config` (ModelConfig) exactly without remote code, or None:
     pre (and lns, whose 1/sqrt(l) folds into the gains) -> LlamaForCausalLM; pre + --qk-norm head ->
     Qwen3ForCausalLM; reordered + --qk-norm full -> Olmo2ForCausalLM (RMSNorm, a final norm, shared QK gains);
-    pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary)."""
+    pre/lns with LayerNorm -> StableLmForCausalLM (sequential Pre-LN LayerNorm, SwiGLU, full rotary). Linear
+    biases, pre/lns RMSNorm only: --add-qkv-bias -> Qwen2ForCausalLM (q/k/v biases), --add-bias-linear ->
+    LlamaForCausalLM with attention_bias and mlp_bias; an LM-head bias (--add-output-layer-bias): no stock class."""
     if (not config.final_norm or getattr(config, "gated_layers", ()) or getattr(config, "qk_norm_per_head_gain", False)
             or getattr(config, "learnable_embedding_scale", False)):  # no stock class scales the embedding by a weight
         return None
+    if config.add_output_layer_bias:  # no stock causal-LM class has an LM-head bias
+        return None
     positions, qk = set(config.positions), getattr(config, "qk_norm", "none")
+    if config.qkv_bias:  # q/k/v biases only: Qwen2; every linear: Llama's attention_bias + mlp_bias
+        if not (positions <= {"pre", "lns"} and qk == "none" and config.normalization == "RMSNorm"):
+            return None
+        return "LlamaForCausalLM" if config.add_bias_linear else "Qwen2ForCausalLM"
     if config.normalization == "LayerNorm":
         return "StableLmForCausalLM" if positions <= {"pre", "lns"} and qk == "none" else None
     if config.normalization != "RMSNorm":
@@ -40,6 +49,18 @@ def stock_class(config) -> str | None:
     if positions == {"reordered"} and qk == "full":
         return "Olmo2ForCausalLM"
     return None
+
+
+def stock_refusal(config, always_custom: bool = False) -> str:
+    """The one-line reason `tools/convert_to_hf.py --stock` refuses `config` (ModelConfig)."""
+    if always_custom:
+        return "--stock: conflicts with --always-custom; give one of them"
+    if config.add_output_layer_bias:
+        return ("--stock: --add-output-layer-bias: no stock transformers class has an LM-head bias; drop --stock "
+                "(the custom modeling file keeps the bias)")
+    return (f"--stock: no stock transformers class computes this model exactly (positions {config.positions_str}, "
+            f"--normalization {config.normalization}, --qk-norm {config.qk_norm}); drop --stock for the custom "
+            "modeling file (docs/huggingface.md lists the stock rows)")
 
 
 def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int | None, custom: bool,
@@ -58,7 +79,7 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         max_position_embeddings=config.seq_length, rms_norm_eps=config.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rotary_base)},
         tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_method_std,
-        attention_bias=False, mlp_bias=False,
+        **hf_bias_flags(config),
         bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"), pad_token_id=special_ids.get("pad"),
     )
     if not custom and stock == "Olmo2ForCausalLM":
@@ -75,6 +96,13 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         recorded = config.replace(norm_position="pre") if "lns" in config.positions else config  # lns folded
         hf = StableLmConfig(**common, layer_norm_eps=config.norm_epsilon, use_qkv_bias=False, qk_layernorm=False,
                             use_parallel_residual=False, mixln_model_config=recorded.to_dict())
+        hf.architectures = [stock]
+    elif not custom and stock == "Qwen2ForCausalLM":
+        from transformers import Qwen2Config
+
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "mlp_bias", "attention_bias")}
+        recorded = config.replace(norm_position="pre") if "lns" in config.positions else config  # lns folded
+        hf = Qwen2Config(**common, use_sliding_window=False, mixln_model_config=recorded.to_dict())
         hf.architectures = [stock]
     elif not custom and stock == "Qwen3ForCausalLM":
         from transformers import Qwen3Config
@@ -96,7 +124,8 @@ def build_hf_config(config, dtype: str, special_ids: dict, real_vocab_size: int 
         hf = MixLNLlamaConfig(
             **common, norm_positions=list(config.positions), residual_scales=residual, output_scales=output,
             layer_numbers=list(range(1, config.num_layers + 1)), normalization=config.normalization,
-            final_norm=config.final_norm, real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
+            final_norm=config.final_norm, lm_head_bias=config.add_output_layer_bias,
+            real_vocab_size=real_vocab_size, siamese_variant=config.siamese_variant,
             mixln_model_config=config.to_dict(),
             qk_norm=config.qk_norm, qk_norm_per_head_gain=config.qk_norm_per_head_gain,
             hybrid_ffn_residual_after_norm=config.hybrid_ffn_residual_after_norm, dyt_bias=config.dyt_bias,
@@ -129,7 +158,7 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
 
     where = os.path.join(path, "config.json")
     archs = cfg.get("architectures") or []
-    zoo = STOCK_ZOO.get(cfg.get("model_type"), {})  # Olmo2 / Qwen3: a position and QK-norm of the norm zoo
+    zoo = STOCK_ZOO.get(cfg.get("model_type"), {})  # Olmo2 / Qwen3 / StableLM / Qwen2: fields they fix
     if not zoo and cfg.get("model_type") not in ("llama", "mixln_llama") and "LlamaForCausalLM" not in archs:
         raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} is not LLaMA-shaped "
                          f"(expected 'llama', 'mixln_llama', {', '.join(repr(k) for k in STOCK_ZOO)})")
@@ -144,7 +173,8 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
     if cfg.get("use_sliding_window") or (cfg.get("model_type") == "qwen3" and cfg.get("sliding_window")
                                          and cfg.get("use_sliding_window") is not False):
         raise ValueError(f"{where}: use_sliding_window is set; only full causal attention is supported here")
-    for field, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    biased = {f: bool(cfg.get(f)) for f in ("attention_bias", "mlp_bias")}
+    for field, want in (("hidden_act", "silu"),) + (tuple((f, False) for f in biased) if zoo else ()):
         if cfg.get(field, want) != want:
             raise ValueError(f"{where}: {field} is {cfg.get(field)!r}; only {want!r} is LLaMA-shaped here")
     rope = cfg.get("rope_parameters") or {}
@@ -198,7 +228,10 @@ def model_config_from_hf(cfg: dict, path: str, norm_position: str | None, post_l
             norm_epsilon=float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-6))),
             norm_position=norm_position or "pre", post_ln_layers=post_ln_layers,
             final_norm=bool(cfg.get("final_norm", True)),
-            qk_norm=zoo.get("qk_norm", "none"),
+            qk_norm=zoo.get("qk_norm", "none"), add_qkv_bias=zoo.get("add_qkv_bias", False),
+            # HF's attention_bias is q/k/v/o, mlp_bias gate/up/down: --add-bias-linear holds either exactly (the
+            # linears HF has no bias on get zero ones, see mapping.from_hf_state_dict)
+            add_bias_linear=biased["attention_bias"] or biased["mlp_bias"],
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             init_method_std=float(cfg.get("initializer_range", 0.02)),
         )

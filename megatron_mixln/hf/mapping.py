@@ -4,11 +4,15 @@ Weight names (per layer i, HF side under "model."):
 
     embed.weight                      model.embed_tokens.weight
     embed_scale.weight                model.embed_tokens.embed_scale   (--learnable-embedding-scale)
-    layers.i.attn.{q,k,v,o}_proj      model.layers.i.self_attn.{q,k,v,o}_proj
-    layers.i.mlp.{gate,up,down}_proj  model.layers.i.mlp.{gate,up,down}_proj
+    layers.i.attn.{q,k,v,o}_proj      model.layers.i.self_attn.{q,k,v,o}_proj   (.weight, .bias)
+    layers.i.mlp.{gate,up,down}_proj  model.layers.i.mlp.{gate,up,down}_proj   (.weight, .bias)
     layers.i.<norm>                   model.layers.i.<NORM_NAMES[family][norm]>   (by the layer's position)
     final_norm                        model.norm       (two-stream: final_norm.<n> -> model.norm.<n>)
     lm_head.weight                    lm_head.weight  (absent on the HF side when tied)
+    lm_head.bias                      lm_head.bias    (--add-output-layer-bias: the custom class only)
+
+HF's attention_bias puts a bias on q, k, v AND o, mlp_bias on gate, up, down: a model with
+--add-qkv-bias only is exported with a zero o_proj bias (`zero_biases_for_hf`).
 
 The norm names are the Mix-LN reference code's (`NORM_NAMES`), so a name alone does not fix a role:
 `post_attention_layernorm` is the norm before the MLP in a pre layer but the norm after the attention
@@ -16,9 +20,12 @@ residual add in a post layer (docs/paper.md#the-naming-trap).
 """
 from __future__ import annotations
 
+import torch
+
 from megatron_mixln.model.positions import deepnorm_alpha, lns_scale
 from megatron_mixln.model.two_stream import FINAL_NORMS, layer_form
 
+ATTN_LINEARS, MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 PRE_LIKE, POST_LIKE = ("pre", "lns", "hybrid-first"), ("post", "deepnorm", "deeppost", "residual-dual")
 NORM_NAMES = {
     "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
@@ -48,8 +55,8 @@ def family(position: str, siamese_variant: str = "post_pre") -> str:
 
 def layer_name_map(position: str, siamese_variant: str = "post_pre") -> dict[str, str]:
     """Suffix map of one layer, ours -> HF (without the "layers.i." / "model.layers.i." prefixes)."""
-    out = {f"attn.{p}.weight": f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    out.update({f"mlp.{p}.weight": f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")})
+    out = {f"attn.{p}.{w}": f"self_attn.{p}.{w}" for p in ATTN_LINEARS for w in ("weight", "bias")}
+    out.update({f"mlp.{p}.{w}": f"mlp.{p}.{w}" for p in MLP_LINEARS for w in ("weight", "bias")})
     out.update({f"attn.{n}.{p}": f"self_attn.{n}.{p}" for n in ("q_norm", "k_norm", "v_norm") for p in NORM_PARAMS})
     for ours, hf in NORM_NAMES[family(position, siamese_variant)].items():
         out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
@@ -69,7 +76,28 @@ def full_name_map(positions, final_norm: bool = True, tied: bool = False,
             out.update({f"{ours}.{p}": f"{hf}.{p}" for p in NORM_PARAMS})
     if not tied:
         out["lm_head.weight"] = "lm_head.weight"
+    out["lm_head.bias"] = "lm_head.bias"
     return out
+
+
+def hf_bias_flags(config) -> dict:
+    """transformers' attention_bias (q, k, v, o) and mlp_bias (gate, up, down) for `config` (ModelConfig)."""
+    return {"attention_bias": config.qkv_bias, "mlp_bias": config.add_bias_linear}
+
+
+def zero_biases_for_hf(plain: dict, config) -> dict:
+    """`plain` plus a zero bias for every linear that HF's attention_bias/mlp_bias gives one and `config` does
+    not (o_proj with --add-qkv-bias only): exact, the HF linear then adds zero."""
+    flags = hf_bias_flags(config)
+    out = dict(plain)
+    for i in range(config.num_layers):
+        for sub, names, on in (("attn", ATTN_LINEARS, flags["attention_bias"]), ("mlp", MLP_LINEARS, flags["mlp_bias"])):
+            for name in names if on else ():
+                key, weight = f"layers.{i}.{sub}.{name}.bias", plain[f"layers.{i}.{sub}.{name}.weight"]
+                if key not in out:
+                    out[key] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return out
+
 
 
 def to_hf_state_dict(plain: dict, config, fold_lns: bool = False) -> dict:
@@ -103,6 +131,8 @@ def from_hf_state_dict(hf: dict, config, where: str) -> dict:
         if key.endswith(IGNORED_SUFFIXES) or (config.tie_embeddings and key == "lm_head.weight"):
             continue
         ours = inverse.get(key)
+        if ours is not None and ours not in expected and ours.endswith("_proj.bias") and not value.any():
+            continue  # a zero bias HF's attention_bias/mlp_bias forced on a linear the model has none on
         if ours is None or ours not in expected:
             raise ValueError(f"{where}: unexpected tensor {key!r} for a {config.normalization} model with "
                              f"positions {config.positions_str}")
@@ -112,6 +142,12 @@ def from_hf_state_dict(hf: dict, config, where: str) -> dict:
         out[ours] = value
     if config.tie_embeddings and "embed.weight" in out:
         out["lm_head.weight"] = out["embed.weight"]
+    # HF's attention_bias/mlp_bias false (no such bias anywhere in the file): the model's biases there are zero
+    hf_has = {sub: any(k.endswith(f".{p}.bias") for k in hf for p in linears)
+              for sub, linears in (("attn", ATTN_LINEARS), ("mlp", MLP_LINEARS))}
+    for key in expected:
+        if key not in out and key.endswith("_proj.bias") and not hf_has[key.split(".")[2]]:
+            out[key] = torch.zeros(expected[key].shape, dtype=out.get(key[:-4] + "weight", expected[key]).dtype)
     missing = [names.get(k, k) for k in expected if k not in out]
     if missing:
         raise ValueError(f"{where}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")

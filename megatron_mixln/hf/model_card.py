@@ -38,12 +38,13 @@ def last_validation_ppl(run_dir: str | None, iteration: int | None = None) -> fl
     return last
 
 
-def model_card(config, summary: dict, custom: bool, valid_ppl: float | None, source: str, dtype: str,
-               boundary: tuple[int, str] | None = None) -> str:
-    """README.md text; `boundary`: (id, token) every training document followed, None without a tokenizer."""
+def model_card(config, summary: dict, architecture: str, custom: bool, valid_ppl: float | None, source: str,
+               dtype: str, boundary: tuple[int, str] | None = None) -> str:
+    """README.md text. `architecture`: the class transformers loads (config.json's architectures[0]);
+    `boundary`: (id, token) every training document followed, None without a tokenizer."""
     positions = format_positions(config.positions)
     load = ("AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)" if custom
-            else "AutoModelForCausalLM.from_pretrained(DIR)  # stock LlamaForCausalLM")
+            else f"AutoModelForCausalLM.from_pretrained(DIR)  # stock {architecture}")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, mix-ln, megatron-mixln]",
         "---", "", f"# LLaMA-shaped model, norm positions `{positions}`", "",

@@ -27,23 +27,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """q/k/v/o projections without bias. Head counts are read from the projection shapes in
-    forward, so tensor parallelism can swap in sharded linears without touching this code.
+    """q/k/v/o projections, bias-free as LLaMA's unless `qkv_bias` (q, k, v) / `out_bias` (o). Head counts are
+    read from the projection shapes in forward, so tensor parallelism can swap in sharded linears without
+    touching this code.
 
     Optional `q_norm`, `k_norm`, `v_norm` (QKNorm modules, HF's names) normalise the projection
     outputs before RoPE: QK-norm (Qwen3 per head, OLMo 2 over the whole projection) and HybridNorm's
     QKV-norm."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rotary_base: float,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, v_norm: nn.Module | None = None):
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False):
         super().__init__()
         self.q_norm, self.k_norm, self.v_norm = q_norm, k_norm, v_norm
         self.head_dim = hidden_size // num_heads
         self.rotary_base = rotary_base
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

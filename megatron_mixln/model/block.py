@@ -95,8 +95,9 @@ class Block(nn.Module):
         self.starts_with_norm = self.position in STARTS_WITH_NORM
 
         self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_query_groups,
-                              config.rotary_base, **qkv_norms(config, self.position))
-        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+                              config.rotary_base, **qkv_norms(config, self.position),
+                              qkv_bias=config.qkv_bias, out_bias=config.add_bias_linear)
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, bias=config.add_bias_linear)
         self.form = layer_form(self.position, config.siamese_variant)
         for name in BLOCK_NORMS.get(self.form, ("attn_norm", "mlp_norm")):
             setattr(self, name, make_norm(config, "attn" if name.startswith("attn") else "ffn"))

@@ -31,6 +31,12 @@ class ModelConfig:
     num_query_groups: int | None = _help("key/value heads for grouped-query attention (default: = heads)", default=None)
     seq_length: int = _help("maximum sequence length", default=256)
     rotary_base: float = _help("RoPE base", default=10000.0)
+    # --- linear biases (Megatron-LM's flags; all off: LLaMA has none) ---
+    add_qkv_bias: bool = _help("bias on the q, k, v projections only (Megatron-LM --add-qkv-bias; Qwen2)", default=False)
+    add_bias_linear: bool = _help("bias on every attention and MLP linear: q, k, v, o, gate, up, down (Megatron-LM "
+                                  "--add-bias-linear; HF attention_bias + mlp_bias)", default=False)
+    add_output_layer_bias: bool = _help("bias on the LM head (Megatron's output_layer; no peer has a flag for it)",
+                                        default=False)
     # --- norms and their positions ---
     normalization: str = _help("RMSNorm, LayerNorm, or the pointwise DyT / Derf (no statistics)", default="RMSNorm")
     norm_epsilon: float = _help("epsilon of every norm", default=1e-6)
@@ -205,6 +211,11 @@ class ModelConfig:
     def norm_kind(self) -> str:
         """rmsnorm, layernorm, dyt or derf (the kernels' kind names)."""
         return self.normalization.lower()
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q, k and v have a bias (--add-qkv-bias or --add-bias-linear)."""
+        return self.add_qkv_bias or self.add_bias_linear
 
     @property
     def head_dim(self) -> int:

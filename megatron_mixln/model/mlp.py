@@ -4,11 +4,13 @@ from torch import nn
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    """`bias`: a bias on gate, up and down (--add-bias-linear); LLaMA has none."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

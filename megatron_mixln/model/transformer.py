@@ -10,7 +10,7 @@ from torch import nn
 
 from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
 from megatron_mixln.model.config import ModelConfig
-from megatron_mixln.model.init import init_weights
+from megatron_mixln.model.init import init_weights, make_lm_head
 from megatron_mixln.model.two_stream import ChannelScale, make_final_norm
 
 
@@ -31,7 +31,7 @@ class Transformer(nn.Module):
         self.embed_scale = make_embedding_scale(config)
         self.layers = nn.ModuleList(Block(config, n) for n in range(1, config.num_layers + 1))
         self.final_norm = make_final_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = make_lm_head(config)
         if config.cross_block_fusion:
             plan_residual_handoff(self.layers, then_norm=config.final_norm)
         if config.tie_embeddings:

@@ -1,7 +1,10 @@
 """Tensor-parallel linears and embedding, built from the full layers they replace.
 
-Each keeps the replaced module's parameter name (`weight`), so a TP model's state-dict keys are the
-plain model's keys with shard-shaped values (see `sharding.py` for which dimension is split).
+Each keeps the replaced module's parameter names (`weight`, `bias`), so a TP model's state-dict keys are
+the plain model's keys with shard-shaped values (see `sharding.py` for which dimension is split).
+Biases follow Megatron-LM's tensor_parallel layers: a column-parallel bias is split with its output
+rows; a row-parallel bias is replicated and added once, after the all-reduce / reduce-scatter (under
+sequence parallelism it then sees only this rank's tokens, so `sequence_parallel.py` sums its gradient).
 Sharded parameters carry `tensor_model_parallel = True` and `partition_dim`: DeepSpeed's gradient
 clipping counts such parameters on every TP rank and replicated ones on model-parallel rank 0 only.
 """
@@ -35,34 +38,39 @@ def mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
     param.partition_stride = 1
 
 
-def _no_bias(linear: nn.Linear) -> None:
-    if linear.bias is not None:
-        raise NotImplementedError("tensor parallelism: linears with a bias are not supported (the model has none)")
+def _replicated(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """A row-parallel linear's bias: the whole vector on every TP rank (a new Parameter, same values)."""
+    if bias is None:
+        return None
+    if bias.is_meta:
+        return nn.Parameter(torch.empty_like(bias, device="meta"), requires_grad=bias.requires_grad)
+    return nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_shard = x @ W_shard^T, W split by output features (rows).
+    """y_shard = x @ W_shard^T + b_shard, W (and the bias b, if any) split by output features (rows).
 
     `enter_input=False` (q/k/v, gate/up): the owning sublayer has already brought its input into the
     TP region once (see `tensor_parallel.py`), so three projections cost one collective, not three.
     `enter_input=True` (the LM head): the layer enters the region itself. The output stays sharded.
     """
 
-    def __init__(self, weight: nn.Parameter, group, sequence_parallel: bool, enter_input: bool):
+    def __init__(self, weight: nn.Parameter, group, sequence_parallel: bool, enter_input: bool,
+                 bias: nn.Parameter | None = None):
         super().__init__()
-        self.weight = weight
+        self.weight, self.bias = weight, bias
         self.group, self.sequence_parallel, self.enter_input = group, sequence_parallel, enter_input
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, state, sequence_parallel: bool, enter_input: bool = False):
-        _no_bias(linear)
+        bias = None if linear.bias is None else shard_parameter(linear.bias, 0, state.tp_rank, state.tp_size)
         return cls(shard_parameter(linear.weight, 0, state.tp_rank, state.tp_size), state.tp_group,
-                   sequence_parallel, enter_input)
+                   sequence_parallel, enter_input, bias)
 
     def forward(self, x):
         if self.enter_input:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
         out, inp = self.weight.shape
@@ -70,21 +78,23 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum_ranks x_shard @ W_shard^T, W split by input features (columns); the sum is an
-    all-reduce, or a reduce-scatter into sequence shards under sequence parallelism."""
+    """y = sum_ranks x_shard @ W_shard^T (+ b), W split by input features (columns); the sum is an
+    all-reduce, or a reduce-scatter into sequence shards under sequence parallelism. The bias b is
+    replicated and added once, after the sum (adding it inside would count it tp_size times)."""
 
-    def __init__(self, weight: nn.Parameter, group, sequence_parallel: bool):
+    def __init__(self, weight: nn.Parameter, group, sequence_parallel: bool, bias: nn.Parameter | None = None):
         super().__init__()
-        self.weight = weight
+        self.weight, self.bias = weight, bias
         self.group, self.sequence_parallel = group, sequence_parallel
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, state, sequence_parallel: bool):
-        _no_bias(linear)
-        return cls(shard_parameter(linear.weight, 1, state.tp_rank, state.tp_size), state.tp_group, sequence_parallel)
+        return cls(shard_parameter(linear.weight, 1, state.tp_rank, state.tp_size), state.tp_group, sequence_parallel,
+                   _replicated(linear.bias))
 
     def forward(self, x):
-        return exit_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        y = exit_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
         out, inp = self.weight.shape

@@ -4,7 +4,7 @@ The model becomes a flat list of layers, each mapping one tensor to the next:
 
     layer 0        EmbeddingPipe   tokens -> h          (keys: embed.weight, embed_scale.weight)
     layers 1..L    Block(config, l) h -> h               (its own position, global 1-based layer_number l)
-    layer L+1      HeadPipe        h -> logits          (keys: final_norm.*, lm_head.weight)
+    layer L+1      HeadPipe        h -> logits          (keys: final_norm.*, lm_head.weight (, lm_head.bias))
 
 Two-stream positions (siamese, residual-dual) pass the pair of residual streams (x, y) instead of h
 (x: the post-norm stream, y: SiameseNorm's pre-norm / ResiDual's dual stream). A stage boundary
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from megatron_mixln.model.block import Block, plan_residual_handoff, resolve_stream
-from megatron_mixln.model.init import init_weights
+from megatron_mixln.model.init import init_weights, make_lm_head
 from megatron_mixln.model.transformer import make_embedding_scale
 from megatron_mixln.model.two_stream import make_final_norm, stream_count
 from megatron_mixln.parallel.cross_entropy import vocab_parallel_lm_loss
@@ -58,7 +58,7 @@ class HeadPipe(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.final_norm = make_final_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = make_lm_head(config)
 
     def forward(self, h):
         """h: a tensor, or the last block's handed-off (h, d) pair: the final norm does that add."""
@@ -155,7 +155,7 @@ class _InitView:
 
     @property
     def lm_head(self):
-        return self._get("lm_head", lambda: nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False))
+        return self._get("lm_head", lambda: make_lm_head(self.config))
 
     @property
     def layers(self):

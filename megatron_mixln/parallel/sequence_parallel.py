@@ -5,7 +5,9 @@ our [batch, seq, hidden] activations). A norm's weight gradient is a sum over to
 holds only its shard's part of it; without a sum over the TP group, the TP ranks' "replicated" norm
 weights drift apart and the model silently trains on partial gradients. This holds for every norm
 of every position: pre/LNS input norms, Post-LN/DeepNorm norms after the residual add, Peri-LN's
-four norms and the final norm. (Without SP the norms see the full, replicated activation and their
+four norms and the final norm; and for the bias of a row-parallel linear (o_proj, down_proj with
+--add-bias-linear), added after the reduce-scatter to this rank's tokens (Megatron-LM marks it the
+same way). (Without SP the norms see the full, replicated activation and their
 gradients are already complete on every rank: nothing to do.)
 
 Two ways to do the sum, pick one:
@@ -27,6 +29,7 @@ from megatron_mixln.model.two_stream import ChannelScale
 
 # modules whose parameters are replicated over TP and applied token by token (norm gains, SiameseNorm's c1)
 TOKENWISE = (Norm, ChannelScale)
+from megatron_mixln.parallel.layers import RowParallelLinear
 from megatron_mixln.parallel.mappings import all_reduce_sum
 
 
@@ -38,8 +41,8 @@ def _sum_over_tp_hook(group):
 
 
 def mark_sequence_parallel_params(module: nn.Module, state, hooks: bool = True) -> list[nn.Parameter]:
-    """Mark (and optionally hook) the parameters of every `Norm` (and `ChannelScale`) in `module`:
-    `param.sequence_parallel = True`.
+    """Mark (and optionally hook) the parameters of every `Norm` (and `ChannelScale`) in `module`, and the
+    bias of every `RowParallelLinear`: `param.sequence_parallel = True`.
 
     Raises if any other parameter is neither TP-sharded nor a norm's: it would run on sequence shards
     with nobody summing its gradient.
@@ -49,6 +52,8 @@ def mark_sequence_parallel_params(module: nn.Module, state, hooks: bool = True) 
         if isinstance(m, TOKENWISE):
             for p in m.parameters(recurse=False):
                 marked[id(p)] = p
+        elif isinstance(m, RowParallelLinear) and m.bias is not None:
+            marked[id(m.bias)] = m.bias
     for name, p in module.named_parameters():
         if id(p) not in marked and not getattr(p, "tensor_model_parallel", False) and not getattr(p, "tp_partial_grad", False):
             raise RuntimeError(

@@ -2,9 +2,10 @@
 
 One table serves `apply_tensor_parallel` (modules) and the checkpoint converter (state dicts):
 
-    column-parallel (dim 0): q_proj, k_proj, v_proj, gate_proj, up_proj, lm_head, embed (vocab rows)
-    row-parallel    (dim 1): o_proj, down_proj
-    replicated             : every norm weight/bias
+    column-parallel (dim 0): q_proj, k_proj, v_proj, gate_proj, up_proj, lm_head, embed (vocab rows),
+                             and the biases of the column-parallel linears (split with their rows)
+    row-parallel    (dim 1): o_proj, down_proj weights
+    replicated             : every norm weight/bias, the o_proj/down_proj biases (added after the sum)
 
 Heads occupy contiguous blocks of head_dim rows in q/k/v, so a contiguous split gives each rank
 whole query heads and their matching key/value heads (GQA: kv heads split when groups % tp == 0).
@@ -24,7 +25,7 @@ def tp_partition_dim(key: str) -> int | None:
     if module in COLUMN_PARALLEL:
         return 0
     if module in ROW_PARALLEL:
-        return 1
+        return None if parts[-1] == "bias" else 1
     return None
 
 

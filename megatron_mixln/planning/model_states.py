@@ -54,13 +54,16 @@ def layer_norm_param_count(model: ModelConfig, position: str) -> int:
 
 
 def layer_param_counts(model: ModelConfig, tp: int = 1) -> dict[str, int]:
-    """Parameters of one transformer block on one TP rank, by module (norms are not split)."""
+    """Parameters of one transformer block on one TP rank, by module (norms are not split). Linear biases:
+    q/k/v and gate/up biases are split with their rows; o/down biases are whole on every rank."""
     h, f, hd = model.hidden_size, model.ffn_hidden_size, model.head_dim
-    q = h * model.num_attention_heads * hd // tp
-    kv = h * model.num_query_groups * hd // tp
+    qkv_bias, bias = int(model.qkv_bias), int(model.add_bias_linear)
+    q = (h + qkv_bias) * model.num_attention_heads * hd // tp
+    kv = (h + qkv_bias) * model.num_query_groups * hd // tp
+    o = h * model.num_attention_heads * hd // tp + bias * h
     norm = norm_param_count(model, h)
-    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q, "gate_proj": h * f // tp,
-            "up_proj": h * f // tp, "down_proj": h * f // tp, "norm": norm}
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": o, "gate_proj": (h + bias) * f // tp,
+            "up_proj": (h + bias) * f // tp, "down_proj": h * f // tp + bias * h, "norm": norm}
 
 
 def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]:
@@ -75,7 +78,8 @@ def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]
     vocab = model.vocab_size * model.hidden_size // tp
     scale = 1 if model.learnable_embedding_scale else 0  # whole on every TP rank, on the first stage
     final = final_norm_count(model) * per_layer["norm"]
-    head = 0 if model.tie_embeddings else vocab
+    head_bias = model.vocab_size // tp if model.add_output_layer_bias else 0  # split with the vocabulary rows
+    head = (0 if model.tie_embeddings else vocab) + head_bias
     per_stage = model.num_layers // pp
     stages = []
     for s in range(pp):
@@ -83,13 +87,13 @@ def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> dict[str, int]
         if s == 0:
             n += vocab + scale
         if s == pp - 1:
-            n += final + (vocab if (head or pp > 1) else 0)
+            n += final + (vocab if (head - head_bias or pp > 1) else 0) + head_bias
         stages.append(n)
     total_full = sum(layer_param_counts(model, 1)[k] for k in per_layer if k != "norm") * model.num_layers
     total_full += sum(layer_norm_params) + model.vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2)
-    total_full += final + scale
+    total_full += final + scale + model.vocab_size * int(model.add_output_layer_bias)
     return {"total": total_full, "rank": max(stages),
-            "largest_layer": max(vocab, max(v for k, v in per_layer.items() if k != "norm"))}
+            "largest_layer": max(vocab + head_bias, max(v for k, v in per_layer.items() if k != "norm"))}
 
 
 @dataclass

@@ -33,7 +33,7 @@ def tiny_model(seed: int = 0, **overrides):
     model = build_model(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "scale" in name:  # norms, SiameseNorm hybrid_pre's c1
+            if "norm" in name or "scale" in name or name.endswith(".bias"):  # norms, c1, linear biases (0 at init)
                 p.add_(0.3 * torch.randn_like(p))
             else:
                 p.mul_(3.0)  # larger activations than init: attention is not uniform

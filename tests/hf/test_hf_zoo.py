@@ -43,6 +43,7 @@ def test_export_to_stock_class_matches_our_model(tmp_path, case):
     overrides, cls = STOCK[case]
     _export_and_compare(tmp_path, overrides, cls)
     assert not list((tmp_path / "hf").glob("*.py"))  # no remote code
+    assert f"from_pretrained(DIR)  # stock {cls}" in (tmp_path / "hf" / "README.md").read_text()  # the card says which
 
 
 CUSTOM = {  # zoo models no stock class holds: the exported modeling file (MixLNLlamaForCausalLM)

@@ -55,10 +55,16 @@ def qk_norm_ref(t, n, hd, eps):
     return (y if n.bias is None else y + n.bias).reshape(B, T, -1)
 
 
+def linear_ref(x, lin):
+    """x W^T (+ b when the linear has a bias: --add-qkv-bias, --add-bias-linear, --add-output-layer-bias)."""
+    y = x @ lin.weight.T
+    return y if lin.bias is None else y + lin.bias
+
+
 def attn_ref(x, attn, base, eps=1e-6):
     B, T, _ = x.shape
     hd = attn.head_dim
-    q, k, v = x @ attn.q_proj.weight.T, x @ attn.k_proj.weight.T, x @ attn.v_proj.weight.T
+    q, k, v = linear_ref(x, attn.q_proj), linear_ref(x, attn.k_proj), linear_ref(x, attn.v_proj)
     q, k, v = (t if n is None else qk_norm_ref(t, n, hd, eps) for t, n in ((q, attn.q_norm), (k, attn.k_norm), (v, attn.v_norm)))
     q = q.view(B, T, -1, hd).transpose(1, 2)
     k = k.view(B, T, -1, hd).transpose(1, 2)
@@ -70,12 +76,12 @@ def attn_ref(x, attn, base, eps=1e-6):
     mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
     probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(B, T, -1)
-    return out @ attn.o_proj.weight.T
+    return linear_ref(out, attn.o_proj)
 
 
 def mlp_ref(x, mlp):
-    g = x @ mlp.gate_proj.weight.T
-    return (g * torch.sigmoid(g) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    g = linear_ref(x, mlp.gate_proj)
+    return linear_ref(g * torch.sigmoid(g) * linear_ref(x, mlp.up_proj), mlp.down_proj)
 
 
 def block_ref(x, block, num_layers, eps=1e-6, base=10000.0):

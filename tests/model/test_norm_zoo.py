@@ -7,7 +7,7 @@ import torch
 
 from megatron_mixln.model import ModelConfig, build_model
 from megatron_mixln.model.block import resolve_stream
-from model_reference import apply_norm, block_ref
+from model_reference import apply_norm, block_ref, linear_ref
 
 TINY = dict(vocab_size=61, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, seq_length=16,
             norm_impl="torch")
@@ -15,11 +15,12 @@ ALL_POSITIONS = "pre,post,peri,lns,deepnorm,deeppost,reordered,hybrid-first,hybr
 
 
 def _randomise_norms(model, seed=1):
-    # Gains start at 1, biases/shifts at 0, alphas at the init: randomise so a swapped/skipped parameter shows.
+    # Gains start at 1, biases/shifts at 0 (linear biases too), alphas at the init: randomise so a
+    # swapped/skipped parameter shows.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name == "embed_scale.weight":
+            if "norm" in name or name.endswith(".bias") or name == "embed_scale.weight":
                 p.copy_((1 + 0.3 * torch.randn(p.shape, generator=gen)).to(p.dtype))
 
 
@@ -31,7 +32,7 @@ def model_ref(model, tokens):
         h = h * model.embed_scale.weight
     for block in model.layers:
         h = block_ref(h, block, cfg.num_layers, cfg.norm_epsilon, cfg.rotary_base)
-    return apply_norm(model.final_norm, h, cfg.norm_epsilon) @ model.lm_head.weight.T
+    return linear_ref(apply_norm(model.final_norm, h, cfg.norm_epsilon), model.lm_head)
 
 
 CASES = {
@@ -48,6 +49,9 @@ CASES = {
                                              qk_norm_per_head_gain=True, num_query_groups=2,
                                              learnable_embedding_scale=True),
     "mix + full-qk": dict(norm_position="post*2,reordered,pre", qk_norm="full"),
+    "qkv bias (Qwen2), GQA": dict(norm_position="pre,post", add_qkv_bias=True, num_query_groups=2),
+    "every linear + head bias, LayerNorm": dict(norm_position="pre,peri,hybrid", normalization="LayerNorm",
+                                                 add_bias_linear=True, add_output_layer_bias=True),
 }
 
 

@@ -38,6 +38,32 @@ def test_partition_dims():
         assert tp_partition_dim(k) is None
 
 
+def test_linear_bias_partition_dims_split_merge_and_universal_patterns():
+    """Column-parallel biases split with their rows; o/down biases replicated (they are added after the TP sum):
+    in the split/merge table and in the patterns DeepSpeed's universal checkpoints reshape TP with."""
+    import re
+
+    from megatron_mixln.checkpoint.universal import universal_checkpoint_info
+    from deepspeed.checkpoint.constants import PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS
+
+    assert [tp_partition_dim(f"layers.0.{m}.bias") for m in ("attn.q_proj", "attn.v_proj", "mlp.up_proj")] == [0, 0, 0]
+    assert tp_partition_dim("lm_head.bias") == 0
+    assert tp_partition_dim("layers.0.attn.o_proj.bias") is None and tp_partition_dim("layers.0.mlp.down_proj.bias") is None
+    cfg, sd = full_state_dict(add_bias_linear=True, add_output_layer_bias=True)
+    shards = [split_tp(sd, 2, r) for r in range(2)]
+    assert shards[1]["layers.0.attn.k_proj.bias"].shape == (8,) and shards[1]["lm_head.bias"].shape == (64,)
+    assert torch.equal(shards[1]["layers.0.attn.o_proj.bias"], sd["layers.0.attn.o_proj.bias"])
+    _equal(merge_tp(shards), sd)
+    info = universal_checkpoint_info(build_model(cfg, device="meta"))
+    def matches(key, patterns):
+        return any(re.match(p, key) for p in info[patterns])
+    assert matches("layers.1.mlp.down_proj.bias", TP_REPLICATED_PARAMETER_PATTERNS)
+    assert not matches("layers.1.mlp.down_proj.bias", PARAMETER_WITH_ROW_PARALLELISM_PATTERNS)
+    assert matches("layers.1.mlp.down_proj.weight", PARAMETER_WITH_ROW_PARALLELISM_PATTERNS)
+    assert not any(matches("layers.1.attn.q_proj.bias", p) for p in (TP_REPLICATED_PARAMETER_PATTERNS,
+                                                                     PARAMETER_WITH_ROW_PARALLELISM_PATTERNS))
+
+
 def test_universal_checkpoints_keep_the_embedding_scale_whole():
     """DeepSpeed's universal checkpoint merges/splits TP slices by the patterns the trainer records: the learnable
     embedding scale is one replicated scalar (the embedding itself is split by vocabulary rows)."""

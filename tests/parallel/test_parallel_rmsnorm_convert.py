@@ -1,5 +1,6 @@
 """convert_checkpoint.py --to rmsnorm: a LayerNorm Pre-LN checkpoint as the RMSNorm one with the same
-outputs (arXiv 2305.14858). The reference is the original LayerNorm model itself."""
+outputs (arXiv 2305.14858), for any LayerNorm β (folded into linear biases). The reference is the
+original LayerNorm model itself."""
 import importlib.util
 import json
 import os
@@ -22,9 +23,10 @@ def _cli():
     return cli
 
 
-def layernorm_model(beta: float = 0.0, **overrides):
+def layernorm_model(beta: float = 0.0, linear_bias: float = 0.0, **overrides):
     """A LayerNorm Pre-LN model (a pre and an lns layer) with random gains, embeddings that are NOT
-    zero-mean, and every norm's β = `beta`."""
+    zero-mean, every norm's β random with std `beta` (0: all zero) and, when the config has linear
+    biases, those random with std `linear_bias`."""
     cfg = tiny_config(**{"normalization": "LayerNorm", "norm_position": "pre,lns", "num_layers": 2, **overrides})
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -34,7 +36,9 @@ def layernorm_model(beta: float = 0.0, **overrides):
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.5 * torch.randn_like(p))
             elif name.endswith("norm.bias"):
-                p.fill_(beta)
+                p.copy_(beta * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 + linear_bias * torch.randn_like(p))  # o/down biases not zero-mean either
     return cfg, model
 
 
@@ -42,12 +46,18 @@ def _tokens(cfg):
     return torch.randint(0, cfg.vocab_size, (2, cfg.seq_length), generator=torch.Generator().manual_seed(1))
 
 
-def test_converted_rmsnorm_model_matches_layernorm_logits(tmp_path):
-    cfg, model = layernorm_model()
+@pytest.mark.parametrize("beta, options", [
+    (0.0, {}),  # every β zero: the converted model stays bias-free
+    (0.3, {"add_qkv_bias": True, "add_bias_linear": True, "add_output_layer_bias": True}),
+])
+def test_converted_rmsnorm_model_matches_layernorm_logits(tmp_path, beta, options):
+    cfg, model = layernorm_model(beta)
     save_plain(model.state_dict(), str(tmp_path / "ln"), cfg)
     assert _cli().main(["--input", str(tmp_path / "ln"), "--output", str(tmp_path / "rms"), "--to", "rmsnorm"]) == 0
     plain, new_cfg, _ = load_plain(str(tmp_path / "rms"))
     assert new_cfg.normalization == "RMSNorm" and new_cfg.positions == cfg.positions
+    assert {k: getattr(new_cfg, k) for k in ("add_qkv_bias", "add_bias_linear", "add_output_layer_bias")} == \
+        {"add_qkv_bias": False, "add_bias_linear": False, "add_output_layer_bias": False, **options}
     converted = build_model(new_cfg)
     converted.load_state_dict(plain, strict=True)  # no LayerNorm bias left over, nothing missing
     tokens = _tokens(cfg)
@@ -55,17 +65,22 @@ def test_converted_rmsnorm_model_matches_layernorm_logits(tmp_path):
         ref, out = model(tokens), converted(tokens)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    # The check is not vacuous: the same weights without recentring give other logits.
+    # The check is not vacuous: the same weights without recentring (and folding) give other logits.
     raw = build_model(new_cfg)
-    raw.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("norm.bias")})
+    raw.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("norm.bias")}, strict=False)
     with torch.no_grad():
         assert (raw(tokens) - ref).abs().max() > 1e-2
 
 
-def test_recentred_residual_stream_is_zero_mean_float64():
-    cfg, model = layernorm_model(cross_block_fusion=False)
+@pytest.mark.parametrize("overrides", [{}, {"add_bias_linear": True, "num_query_groups": 2}])
+def test_folded_recentred_model_is_exact_in_float64(overrides):
+    """Non-zero β and γ (and, second case, a model that already has q/k/v/o/gate/up/down biases, o/down ones not
+    zero-mean): every residual-stream vector of the converted model is zero-mean and its logits equal the
+    LayerNorm model's to float64 rounding."""
+    cfg, model = layernorm_model(0.3, linear_bias=0.2, cross_block_fusion=False, **overrides)
     plain64 = {k: v.double() for k, v in model.state_dict().items()}
     plain, new_cfg, _ = to_rmsnorm(plain64, cfg, {}, "test")
+    assert new_cfg.add_bias_linear and new_cfg.add_output_layer_bias
     converted = build_model(new_cfg).double()
     converted.load_state_dict(plain)
     model.double()
@@ -84,7 +99,8 @@ def test_recentred_residual_stream_is_zero_mean_float64():
 
 
 def test_deepspeed_input_updates_the_recorded_config(tmp_path):
-    cfg, model = layernorm_model()
+    """A TP=2 DeepSpeed checkpoint with non-zero β: merged, folded, and every recorded config updated."""
+    cfg, model = layernorm_model(0.3)
     meta = {"mixln": {"model_config": cfg.to_dict()}, "sidecar_files": {"mixln_meta.json": json.dumps({"model_config": cfg.to_dict()})}}
     write_deepspeed_checkpoint(model.state_dict(), str(tmp_path / "ds"), "step1", tp=2, pp=1, engine="plain",
                                metadata=meta, config=cfg)
@@ -100,7 +116,7 @@ def test_deepspeed_input_updates_the_recorded_config(tmp_path):
 
 
 @pytest.mark.parametrize("beta, overrides, words", [
-    (0.1, {}, ("LayerNorm biases are non-zero", "StableLmForCausalLM")),
+    (0.1, {"tie_embeddings": True}, ("--tie-embeddings",)),
     (0.0, {"norm_position": "post,pre"}, ("--norm-position has post",)),
     (0.0, {"qk_norm": "head"}, ("--qk-norm head",)),
 ])
@@ -112,3 +128,14 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, beta, overrides, words):
     assert err.startswith("convert_checkpoint: error: --input ") and err.count("\n") == 1, err
     assert all(w in err for w in words), err
     assert not os.path.exists(tmp_path / "rms")  # refused before anything is written
+
+
+def test_converted_model_under_tensor_parallelism_matches_layernorm_logits():
+    """The folded biases split over TP=2 (q/k/v, gate/up and the head with their rows) give the LayerNorm
+    model's logits, with and without sequence parallelism."""
+    from spawn_testlib import run_spawned
+    from zoo_jobs import rmsnorm_convert_tp_job
+
+    for res in run_spawned(rmsnorm_convert_tp_job, 2):
+        assert res["options"] == [True, True, True]
+        assert res["tp"] < 1e-5 and res["sp"] < 1e-5, res

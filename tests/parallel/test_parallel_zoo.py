@@ -1,6 +1,6 @@
 """Norm-zoo options under TP=2, TP=2+SP and PP=2 equal one process (see zoo_jobs.py).
 
-The SP-gradient walk: models that between them use every position and option, one step at TP=2+SP,
+The SP-gradient walk: models that between them use every position and option (linear biases included), one step at TP=2+SP,
 and every parameter's gradient compared by name with TP=1 (Megatron-LM #1446's bug class: a norm-like
 parameter that sees sequence (or head) shards and whose gradient is not summed over TP).
 """
@@ -28,8 +28,12 @@ def test_every_parameter_gradient_matches_single_process(tp_results, case, varia
         bad = {k: v for k, v in res[f"{prefix}/grads"].items() if not v < TOL}
         assert not bad, f"rank {rank} {prefix}: gradients differ from TP=1: {bad}"
     names = tp_results[0][f"{case}/{variant}/grads"]
-    assert any("q_norm" in k for k in names) and any(".alpha" in k or "attn.q_norm" in k for k in names)
-    assert ("embed_scale.weight" in names) == (case != "walk_full_qk_olmo2")  # DyT/Derf: the embedding scale too
+    if "biases" in case:  # every kind of linear bias was compared
+        assert {"layers.0.attn.q_proj.bias", "layers.0.attn.o_proj.bias", "layers.2.mlp.down_proj.bias",
+                "lm_head.bias"} <= set(names)
+    else:
+        assert any("q_norm" in k for k in names) and any(".alpha" in k or "attn.q_norm" in k for k in names)
+    assert ("embed_scale.weight" in names) == (case not in ("walk_full_qk_olmo2", "walk_linear_biases_gqa"))
 
 
 def test_embedding_scale_without_its_sequence_parallel_sum_is_caught(tp_results):

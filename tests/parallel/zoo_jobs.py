@@ -23,6 +23,9 @@ ZOO_CASES = {
                                num_query_groups=2),
     "hybridnorm_star_dyt": dict(norm_position="hybridnorm-star", num_layers=3, normalization="DyT", dyt_bias=True,
                                 learnable_embedding_scale=True),
+    # linear biases: q/k/v, gate/up and the head split with their rows, o/down replicated (summed over TP under SP)
+    "walk_linear_biases_gqa": dict(norm_position="pre,post,reordered", num_layers=3, normalization="LayerNorm",
+                                   add_bias_linear=True, add_output_layer_bias=True, num_query_groups=2),
 }
 Z_LOSS = {"walk_full_qk_olmo2": 1e-2}  # a large W so its gradient is visible at this size
 
@@ -47,10 +50,10 @@ def tp_zoo_job(rank, world_size, tmpdir):
         z_weight = Z_LOSS.get(case, 0.0)
         torch.manual_seed(0)
         ref = build_model(cfg)
-        with torch.no_grad():  # gains at 1 and alphas at their init would hide a wrong slice or a missing sum
+        with torch.no_grad():  # gains at 1, alphas at their init, biases at 0 would hide a wrong slice or a missing sum
             gen = torch.Generator().manual_seed(3)
             for name, p in ref.named_parameters():
-                if "norm" in name or name == "embed_scale.weight":
+                if "norm" in name or name.endswith(".bias") or name == "embed_scale.weight":
                     p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
         tokens, labels = batch(cfg)
         ref_logits = ref(tokens)
@@ -92,7 +95,8 @@ def pp_zoo_job(rank, world_size, tmpdir):
 
     deepspeed = _deepspeed()
     cfg = tiny_config(norm_position="hybrid-first,lns,reordered,lns", num_layers=4, qk_norm="head",
-                      normalization="DyT", num_query_groups=2, learnable_embedding_scale=True)
+                      normalization="DyT", num_query_groups=2, learnable_embedding_scale=True, add_bias_linear=True,
+                      add_output_layer_bias=True)
     torch.manual_seed(0)
     sd0 = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
     out = {"ref": reference_losses(cfg, sd0, sgd, range(3))}
@@ -103,7 +107,7 @@ def pp_zoo_job(rank, world_size, tmpdir):
     del engine
     out.update(_pipeline_z_loss(deepspeed, cfg, sd0))
     cfg_full = tiny_config(norm_position="reordered,peri,reordered", num_layers=3, qk_norm="full", num_query_groups=2,
-                           learnable_embedding_scale=True)  # the scale sees sequence shards under SP
+                           learnable_embedding_scale=True, add_qkv_bias=True)  # the scale sees sequence shards under SP
     torch.manual_seed(0)
     sd1 = {k: v.clone() for k, v in build_model(cfg_full).state_dict().items()}
     out["ref_full"] = reference_losses(cfg_full, sd1, sgd, range(3))
@@ -149,3 +153,27 @@ def _pipeline_z_loss(deepspeed, cfg, sd0, weight=1e-2):
         z = engine.module.loss_fn.pop_mean()
         zs.append(None if z is None else float(z))
     return {"pp2_z_total": totals, "pp2_z_terms": zs, "ref_z_total": ref_total, "ref_z": ref_z}
+
+
+def rmsnorm_convert_tp_job(rank, world_size, tmpdir):
+    """convert_checkpoint --to rmsnorm with non-zero LayerNorm β, then the converted RMSNorm model (with the
+    q/k/v, gate/up and head biases the folding adds) at TP=2 and TP=2+SP: max logit error against the
+    LayerNorm model in one process."""
+    from megatron_mixln.checkpoint.rmsnorm import to_rmsnorm
+    from test_parallel_rmsnorm_convert import _tokens, layernorm_model
+
+    state = initialize_model_parallel(2, 1)
+    cfg, ln_model = layernorm_model(0.3, num_query_groups=2)
+    plain, new_cfg, _ = to_rmsnorm(ln_model.state_dict(), cfg, {}, "test")
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        ref = ln_model(tokens)
+    out = {"options": [new_cfg.add_qkv_bias, new_cfg.add_bias_linear, new_cfg.add_output_layer_bias]}
+    for variant, sp in (("tp", False), ("sp", True)):
+        model = build_model(new_cfg)
+        model.load_state_dict(plain)
+        apply_tensor_parallel(model, state, sequence_parallel=sp)
+        with torch.no_grad():
+            logits = gather_from_tp_last_dim(model(tokens), state.tp_group)
+        out[variant] = float((logits - ref).abs().max())
+    return out

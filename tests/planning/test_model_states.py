@@ -134,7 +134,11 @@ def test_agrees_with_deepspeeds_estimators(nodes, gpus, stage, offload_opt, offl
     dict(preset="20m", norm_position="reordered", qk_norm="full", num_query_groups=2),
     dict(preset="9m", norm_position="hybridnorm-star", normalization="Derf", qk_norm_per_head_gain=True, num_query_groups=2),
     dict(preset="9m", norm_position="pre,peri,hybrid,reordered", normalization="DyT", dyt_bias=True, qk_norm="head",
-         learnable_embedding_scale=True)])
+         learnable_embedding_scale=True),
+    # linear biases: q/k/v (Qwen2), every linear, the LM head
+    dict(preset="9m", add_qkv_bias=True, num_query_groups=2),
+    dict(preset="20m", add_bias_linear=True, add_output_layer_bias=True),
+    dict(preset="9m", add_output_layer_bias=True, tie_embeddings=True)])
 def test_param_counts_match_the_model(overrides):
     overrides = dict(overrides)
     model_cfg = ModelConfig.from_preset(overrides.pop("preset"), **overrides)
@@ -149,5 +153,5 @@ def test_param_counts_match_the_model(overrides):
     stages = [sum(p.numel() for layer in model.layers[s * model_cfg.num_layers // pp:(s + 1) * model_cfg.num_layers // pp]
                   for p in layer.parameters()) for s in range(pp)]
     stages[0] += model.embed.weight.numel() + (1 if model.embed_scale is not None else 0)  # the embedding's scale
-    stages[-1] += sum(p.numel() for p in model.final_norm.parameters()) + model.lm_head.weight.numel()
+    stages[-1] += sum(p.numel() for p in model.final_norm.parameters()) + sum(p.numel() for p in model.lm_head.parameters())
     assert param_counts(model_cfg, pp=pp)["rank"] == max(stages)

@@ -83,3 +83,19 @@ def test_two_stream_positions_count_both_residual_streams():
                  for p in ("pre", "residual-dual"))
     L = ModelConfig.from_preset("71m").num_layers
     assert dual == pre * (2 * L - 1) // L
+
+
+def test_linear_biases_are_counted_like_the_planner():
+    """--add-bias-linear --add-output-layer-bias: the summary names the biases and its total is the planner's."""
+    from megatron_mixln.model import ModelConfig
+    from megatron_mixln.planning import param_counts
+
+    r = _run("--preset", "9m", "--add-bias-linear", "--add-output-layer-bias")
+    assert r.returncode == 0, r.stderr
+    assert "linear biases: q/k/v, o, gate/up/down, LM head" in r.stdout
+    cfg = ModelConfig.from_preset("9m", add_bias_linear=True, add_output_layer_bias=True)
+    plain = param_counts(ModelConfig.from_preset("9m"))["total"]
+    total = param_counts(cfg)["total"]
+    extra = cfg.num_layers * (2 * cfg.hidden_size + 2 * cfg.num_query_groups * cfg.head_dim + 2 * cfg.ffn_hidden_size
+                              + cfg.hidden_size) + cfg.vocab_size  # q,o | k,v | gate,up | down | head
+    assert total - plain == extra and f"{total:,} total" in r.stdout

@@ -116,11 +116,15 @@ def test_weight_decay_groups_from_structure_not_shapes():
     is the same as on the plain model, where it is the >= 2-D rule."""
     from megatron_mixln.training.param_groups import split_decay
 
-    model = build_model(tiny_model(num_layers=3, norm_position="peri", post_ln_layers=None, normalization="LayerNorm"))
+    model = build_model(tiny_model(num_layers=3, norm_position="peri", post_ln_layers=None, normalization="LayerNorm",
+                                   add_bias_linear=True, add_output_layer_bias=True))
     decay, no_decay = split_decay(model)
     assert [id(p) for p in decay] == [id(p) for p in model.parameters() if p.ndim >= 2]
     assert [id(p) for p in no_decay] == [id(p) for p in model.parameters() if p.ndim < 2]
-    assert any(n.endswith("bias") for n, _ in model.named_parameters())  # LayerNorm biases are in no_decay
+    # LayerNorm biases and the linears' biases (Megatron-LM: no decay on biases) are in no_decay
+    no_decay_ids = {id(p) for p in no_decay}
+    assert all(id(p) in no_decay_ids for n, p in model.named_parameters() if n.endswith("bias"))
+    assert id(model.lm_head.bias) in no_decay_ids and id(model.layers[0].attn.o_proj.bias) in no_decay_ids
     for p in model.parameters():
         p.ds_shape = p.shape
         p.data = torch.empty(0)

@@ -1,5 +1,5 @@
 """The norm zoo through the trainer itself (`pretrain`): an OLMo-2-style model (reordered norm, full QK-norm,
-z-loss) with HybridNorm* and DyT layers trains to the same losses and z-losses on 1 process, TP=2 + SP and PP=2,
+z-loss) with HybridNorm* and DyT layers, and biases on every linear and the LM head, trains to the same losses and z-losses on 1 process, TP=2 + SP and PP=2,
 and the z-loss is logged apart from the NLL."""
 import pytest
 
@@ -7,7 +7,7 @@ from training_testlib import run_spawned, tiny_datasets
 
 MODEL = dict(vocab_size=256, hidden_size=32, ffn_hidden_size=64, num_layers=4, num_attention_heads=4,
              num_query_groups=2, seq_length=16, norm_position="reordered,hybrid-first,lns,reordered", qk_norm="head",
-             norm_impl="torch")
+             norm_impl="torch", add_bias_linear=True, add_output_layer_bias=True)
 TRAIN = dict(micro_batch_size=2, global_batch_size=4, train_iters=3, lr=1e-2, lr_warmup_iters=0, eval_iters=0,
              log_interval=1, grad_norm_interval=0, seed=7, wandb_mode="disabled", z_loss_weight=1e-2, clip_grad=0.0)
 

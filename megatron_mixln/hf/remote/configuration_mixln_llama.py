@@ -40,6 +40,8 @@ Fields beyond LlamaConfig's:
     learnable_embedding_scale  the embedding output is multiplied by a learnable scalar
                        (model.embed_tokens.embed_scale, shape (1,); DyT's LLaMA code's shared_scale)
     final_norm         whether a norm precedes the LM head
+    lm_head_bias       the LM head has a bias (no stock class has one); q/k/v/o and MLP biases are LlamaConfig's
+                       attention_bias / mlp_bias
     siamese_variant    SiameseNorm block: "post_pre" (default) or "hybrid_pre" (the official code's MODEL_TYPE)
     real_vocab_size    the tokenizer's vocabulary (vocab_size is the padded embedding size)
     mixln_model_config the training stack's full model config, verbatim (for the way back)
@@ -83,6 +85,7 @@ class MixLNLlamaConfig(LlamaConfig):
     layer_numbers: list | None = None
     normalization: str = "RMSNorm"
     final_norm: bool = True
+    lm_head_bias: bool = False
     siamese_variant: str = "post_pre"
     qk_norm: str = "none"
     qk_norm_per_head_gain: bool = False
