@@ -46,6 +46,8 @@ def _main(argv) -> int:
         raise UsageError(hint)
     summary = export_to_hf(args.checkpoint, args.output, args.tag, args.dtype, args.max_shard_size,
                            args.tokenizer, args.always_custom, args.overwrite, args.config, stock=args.stock)
+    if summary.get("note"):
+        print(f"convert_to_hf: note: {summary['note']}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

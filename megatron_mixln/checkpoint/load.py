@@ -27,7 +27,19 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "n
                 "num_query_groups", "normalization", "tie_embeddings", "final_norm")
 # The norm zoo's (docs/norm-zoo.md), with the value a checkpoint written before them implies.
 ZOO_FIELDS = {"qk_norm": "none", "qk_norm_per_head_gain": False, "dyt_bias": False,
-              "hybrid_ffn_residual_after_norm": True, "learnable_embedding_scale": False}
+              "hybrid_ffn_residual_after_norm": True, "learnable_embedding_scale": False,
+              "add_qkv_bias": False, "add_bias_linear": False, "add_output_layer_bias": False}
+
+
+def _difference(field: str, saved, now) -> str:
+    """One model difference, by its flag: `--hidden-size: checkpoint 32 vs now 64`; an on/off flag also
+    says how to resume (`--add-qkv-bias: ... (resume it with --add-qkv-bias)`)."""
+    flag = "--" + field.replace("_", "-")
+    line = f"{flag}: checkpoint {saved!r} vs now {now!r}"
+    if isinstance(saved, bool):
+        line += f" (resume it with {flag if saved else '--no-' + flag[2:]})"
+    return line
+
 
 
 def candidate_tags(load_dir: str) -> list[str]:
@@ -96,12 +108,8 @@ def inspect_checkpoint(load_dir: str, model_config: ModelConfig, tag: str | None
     # "tag" names the source tag, while the converter may have written it under another one.
     meta["tag"], meta["skipped"] = candidate, skipped
     saved, current = meta["model_config"], model_config.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
-    diffs += [f"{k}: checkpoint {saved.get(k, d)!r} vs now {current[k]!r}" for k, d in ZOO_FIELDS.items()
-              if saved.get(k, d) != current[k]]
-    scale = saved.get("learnable_embedding_scale", False)
-    if scale != current["learnable_embedding_scale"]:  # e.g. a DyT checkpoint from before the flag existed
-        diffs.append(f"resume it with --{'' if scale else 'no-'}learnable-embedding-scale")
+    diffs = [_difference(k, saved.get(k), current[k]) for k in SHAPE_FIELDS if saved.get(k) != current[k]]
+    diffs += [_difference(k, saved.get(k, d), current[k]) for k, d in ZOO_FIELDS.items() if saved.get(k, d) != current[k]]
     saved_positions = ModelConfig(**saved).positions_str
     if saved_positions != model_config.positions_str:
         diffs.append(f"norm positions: checkpoint {saved_positions!r} vs now {model_config.positions_str!r}")
@@ -126,10 +134,11 @@ def fallback_warning(load_dir: str, meta: dict) -> str | None:
     return f"warning: --load {load_dir}: {what}; falling back to {meta['tag']}"
 
 
-def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
-    """Restore model, optimizer, counters and this rank's RNG states. A checkpoint converted to
-    another TP/PP layout has no optimizer states: the optimizer's moments then restart from zero
-    (the LR is set from the schedule at every step, so it is right from the first resumed step)."""
+def load_checkpoint(engine, load_dir: str, tag: str) -> tuple[TrainState, dict]:
+    """Restore model, optimizer, counters and this rank's RNG states; returns the counters and the
+    TrainingConfig dict the checkpoint was written with. A checkpoint converted to another TP/PP layout
+    has no optimizer states: the optimizer's moments then restart from zero (the LR is set from the
+    schedule at every step, so it is right from the first resumed step)."""
     converted = os.path.isfile(os.path.join(load_dir, tag, CONVERTED))  # a universal one keeps its optimizer states
     # DeepSpeed's ZeRO-3 universal loader assumes one param group (checkpoint.universal.repair_zero3_universal_load)
     zero3_universal = engine.zero_optimization_stage() == 3 and os.path.isfile(os.path.join(load_dir, tag, UNIVERSAL))
@@ -150,7 +159,7 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> TrainState:
         set_rng_state(rng_states[rank])
     else:  # another world size: nothing to match rank to rank; reseed reproducibly instead
         seed_everything(state["training_config"]["seed"] + state["train_state"]["iteration"] + rank)
-    return TrainState(**state["train_state"])
+    return TrainState(**state["train_state"]), dict(state.get("training_config") or {})
 
 
 def load_weights_only(engine, load_dir: str, tag: str) -> tuple[str, dict]:

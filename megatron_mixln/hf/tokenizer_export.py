@@ -98,13 +98,21 @@ def _write_config(out_dir: str, config: dict) -> None:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-def _load(out_dir: str):
-    """AutoTokenizer on the directory, by its tokenizer_config.json's class. An empty model config is
-    passed: config.json may name this project's custom model type, which AutoConfig would offer to run
-    (an interactive prompt) before falling back to the same class."""
+def _load(out_dir: str, model_config=None):
+    """AutoTokenizer on the directory, as users and lm-eval load it next to `model_config` (the export's
+    transformers config: for some model types -- qwen2, olmo2, stablelm, ... -- AutoTokenizer ignores
+    tokenizer_config.json's class and builds its own). None (the custom model type) passes an empty config:
+    config.json names this project's model type, which AutoConfig would offer to run (an interactive
+    prompt) before falling back to tokenizer_config.json's class, as this does."""
     from transformers import AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(out_dir, config=PretrainedConfig())
+    return AutoTokenizer.from_pretrained(out_dir, config=PretrainedConfig() if model_config is None else model_config)
+
+
+def _loaded_as(hf_tok, model_config) -> str:
+    """"Qwen2Tokenizer (AutoTokenizer for model type qwen2)": the class a difference came from."""
+    kind = type(hf_tok).__name__
+    return kind if model_config is None else f"{kind} (AutoTokenizer for model type {model_config.model_type})"
 
 
 def _check_loaded(hf_tok, ids: dict, where: str) -> None:
@@ -119,7 +127,7 @@ def _check_loaded(hf_tok, ids: dict, where: str) -> None:
 PADDING_SIDE = "left"
 
 
-def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int) -> str:
+def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int, model_config=None) -> str:
     """tokenizer.model (+ tokenizer.json for BPE when exact) + tokenizer_config.json; returns the class."""
     from megatron_mixln.hf.spm_tokenizer_json import spm_tokenizer_json
 
@@ -141,22 +149,22 @@ def _write_spm(tok: SentencePieceTokenizer, out_dir: str, max_length: int) -> st
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(fast)
         _write_config(out_dir, {"tokenizer_class": "PreTrainedTokenizerFast", **config})
-        hf_tok = _load(out_dir)
+        hf_tok = _load(out_dir, model_config)
         if _first_difference(hf_tok, reference, texts) is None:
             _check_loaded(hf_tok, ids, tok.model_path)
             return "PreTrainedTokenizerFast"
         os.remove(os.path.join(out_dir, "tokenizer.json"))  # not proven equal: sentencepiece serves it
     _write_config(out_dir, {"tokenizer_class": "SentencePieceBackend", **config})
-    hf_tok = _load(out_dir)
+    hf_tok = _load(out_dir, model_config)
     diff = _first_difference(hf_tok, reference, texts)
     if diff is not None:
-        raise ValueError(f"{tok.model_path}: transformers' SentencePieceBackend encodes {diff[0]!r} as {diff[2]}, "
-                         f"sentencepiece as {diff[1]}")
+        raise ValueError(f"{tok.model_path}: transformers' {_loaded_as(hf_tok, model_config)} encodes {diff[0]!r} "
+                         f"as {diff[2]}, sentencepiece as {diff[1]}")
     _check_loaded(hf_tok, ids, tok.model_path)
     return "SentencePieceBackend"
 
 
-def _write_hf_json(tok: HFTokenizer, out_dir: str, max_length: int) -> str:
+def _write_hf_json(tok: HFTokenizer, out_dir: str, max_length: int, model_config=None) -> str:
     """tokenizer.json + a tokenizer_config.json keeping the pipeline's behaviour: special tokens matched in
     text as `tokenizers.Tokenizer.encode` matches them, nothing added around a text. The file is copied
     bit for bit, unless its post-processor adds tokens (a BOS template): the preprocessor encoded with
@@ -183,20 +191,35 @@ def _write_hf_json(tok: HFTokenizer, out_dir: str, max_length: int) -> str:
         if ids[name] is not None:
             config[key] = tok._tok.id_to_token(ids[name])
     _write_config(out_dir, config)
-    hf_tok = _load(out_dir)
+    hf_tok = _load(out_dir, model_config)
     diff = _first_difference(hf_tok, tok.encode_batch, PROBE_TEXTS)
     if diff is not None:
-        raise ValueError(f"{tok.path}: transformers encodes {diff[0]!r} as {diff[2]}, tokenizers as {diff[1]}")
+        raise ValueError(f"{tok.path}: transformers' {_loaded_as(hf_tok, model_config)} encodes {diff[0]!r} as "
+                         f"{diff[2]}, tokenizers as {diff[1]}")
     _check_loaded(hf_tok, ids, tok.path)
     return "PreTrainedTokenizerFast"
 
 
-def write_tokenizer(tok, out_dir: str, max_length: int) -> tuple[list[str], str]:
-    """Write the tokenizer files into out_dir, checked to encode the probe strings as `tok` does.
-    Returns (file names, tokenizer class AutoTokenizer loads). Raises ValueError when no transformers
-    tokenizer reproduces `tok`."""
+def write_tokenizer(tok, out_dir: str, max_length: int, model_config=None) -> tuple[list[str], str]:
+    """Write the tokenizer files into out_dir, checked to encode the probe strings as `tok` does when
+    AutoTokenizer loads them beside `model_config` (the export's transformers config; None: a custom
+    model type). Returns (file names, tokenizer class AutoTokenizer loads). Raises ValueError when no
+    transformers tokenizer reproduces `tok` for that model type."""
     if isinstance(tok, HFTokenizer):
-        cls = _write_hf_json(tok, out_dir, max_length)
+        cls = _write_hf_json(tok, out_dir, max_length, model_config)
     else:
-        cls = _write_spm(tok, out_dir, max_length)
+        cls = _write_spm(tok, out_dir, max_length, model_config)
     return sorted(n for n in os.listdir(out_dir) if n.startswith(("tokenizer", "special_tokens"))), cls
+
+
+def serves_stock_class(tok, max_length: int, model_config) -> str | None:
+    """None when AutoTokenizer, loading an export of `model_config`'s type, reproduces `tok` exactly;
+    else the reason (one clause). Written to a scratch directory; nothing is kept."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            write_tokenizer(tok, scratch, max_length, model_config)
+        except ValueError as e:
+            return str(e)
+    return None

@@ -22,7 +22,7 @@ from megatron_mixln.model import ModelConfig
 from megatron_mixln.checkpoint.compat import check_resume_layout
 from megatron_mixln.checkpoint.layout import write_latest
 from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint, load_checkpoint
-from megatron_mixln.checkpoint.meta import TrainState
+from megatron_mixln.checkpoint.meta import LR_SCHEDULE_FIELDS, TrainState
 from megatron_mixln.checkpoint.rng import seed_everything
 from megatron_mixln.checkpoint.save import save_checkpoint
 from megatron_mixln.errors import UsageError
@@ -357,7 +357,12 @@ def setup_run(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
 
     seed_everything(cfg.seed)
     engine = build_model_and_optimizer(model_config, cfg, ds_config, state)
-    train_state = load_checkpoint(engine, cfg.load, resume["tag"]) if resume else TrainState()
+    train_state = TrainState()
+    if resume:
+        train_state, saved_training = load_checkpoint(engine, cfg.load, resume["tag"])
+        if resume.get("lr_schedule") is None:  # written before mixln_meta.json recorded it: the client state has it
+            saved = {k: saved_training[k] for k in LR_SCHEDULE_FIELDS if k in saved_training}
+            _warn(check_resumed_schedule(saved, cfg, f"--load {cfg.load} ({resume['tag']})"))
     watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
 
     n_params = _num_params(engine.module, state)
@@ -638,7 +643,7 @@ def _roll_back(engine, cfg: TrainingConfig, ts: TrainState, monitor: RollbackMon
                          + (f" ({len(skipped)} failed verification)" if skipped else "") + "; lower --save-interval")
     barrier()
     consumed_samples, consumed_tokens = ts.consumed_samples, ts.consumed_tokens
-    restored = load_checkpoint(engine, cfg.save, tag)
+    restored, _ = load_checkpoint(engine, cfg.save, tag)
     restored.consumed_samples, restored.consumed_tokens = consumed_samples, consumed_tokens
     restored.rollbacks = ts.rollbacks + 1
     restored.lr_scale = ts.lr_scale * cfg.rollback_lr_factor

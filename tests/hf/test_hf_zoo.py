@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hf_testlib import greedy, load_hf, run_tool, save_tiny
+from hf_testlib import ROOT, greedy, load_hf, run_tool, save_tiny
 
 STOCK = {  # id: (ModelConfig overrides, the class transformers loads)
     "olmo2": (dict(norm_position="reordered", qk_norm="full", num_query_groups=2), "Olmo2ForCausalLM"),
@@ -103,3 +103,45 @@ def test_transformers_checkpoints_import_with_equal_logits(tmp_path, family):
     tokens = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
+STOCK_WITH_TOKENIZER = {**STOCK, "qwen2-qkv-bias": (dict(norm_position="pre", add_qkv_bias=True), "Qwen2ForCausalLM"),
+                        "llama-bias-linear": (dict(norm_position="pre", add_bias_linear=True), "LlamaForCausalLM")}
+
+
+@pytest.mark.parametrize("case", list(STOCK_WITH_TOKENIZER))
+def test_stock_export_tokenizer_gives_the_training_ids(tmp_path, spm_model, case):
+    """AutoTokenizer builds its own tokenizer for some stock model types (qwen2, olmo2, stablelm: transformers 5
+    ignores tokenizer_config.json's class there). With this project's default sentencepiece model (nmt_nfkc, which
+    no tokenizer.json reproduces) such an export must still encode every text to the training ids: the stock class
+    is kept only where AutoTokenizer, loading the export as users and lm-eval do, is exact; else the custom
+    modeling file, with a note; and --stock refuses."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    overrides, cls = STOCK_WITH_TOKENIZER[case]
+    config, model = save_tiny(tmp_path / "plain", **overrides)
+    code, out, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output",
+                              str(tmp_path / "hf"), "--tokenizer", spm_model)
+    assert code == 0, err
+    info = json.loads(out)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=info["custom_code"])
+    texts = [line for line in (ROOT / "docs" / "norm-zoo.md").read_text().splitlines() if line.strip()][:60]
+    texts += ["a  b", "x\ny", "ﬁ ① Ａ", "  lead", "Ünïcödé", "<s> </s>"]
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    assert tok(texts)["input_ids"] == sp.encode(texts)
+    if info["custom_code"]:  # fell back: said so, once, and the weights are still ours
+        assert "note" in info and f"{cls} holds the weights exactly, but AutoTokenizer" in err, err
+        assert info["class"] == "MixLNLlamaForCausalLM"
+        code, _, err = run_tool("convert_to_hf", "--checkpoint", str(tmp_path / "plain"), "--output",
+                                str(tmp_path / "hf-stock"), "--tokenizer", spm_model, "--stock")
+        assert code == 2 and err.strip().endswith("drop --stock (the custom modeling file keeps the tokenizer exact)")
+        assert not (tmp_path / "hf-stock").exists()
+    else:
+        assert info["class"] == cls and "note" not in info
+    hf = load_hf(tmp_path / "hf")
+    tokens = torch.tensor([sp.encode(texts[0])[:12]])
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-5
+    if case == "olmo2":  # the case a user found: OLMo 2's AutoTokenizer rebuilds the tokenizer without sentencepiece
+        assert info["custom_code"]

@@ -108,11 +108,12 @@ def job_output(out_dir: str, name: str, job_id: str) -> str:
 
 
 def train_losses(run_dir: str) -> dict[int, float]:
-    """step -> loss of metrics.jsonl's train lines (a later line for the same step wins: a resumed run)."""
+    """step -> loss of metrics.jsonl's train lines (a later line for the same step wins: a resumed run).
+    Read while a job may be appending: a last line without its newline is not complete yet."""
     losses = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         for line in fh:
-            if line.strip().startswith("{"):
+            if line.startswith("{") and line.endswith("\n"):
                 rec = json.loads(line)
                 if rec.get("kind") == "train":
                     losses[rec["step"]] = rec["loss"]

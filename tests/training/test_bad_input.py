@@ -83,7 +83,7 @@ def test_load_nothing_or_another_shape(capsys, data, tmp_path):
     capsys.readouterr()
     args = tiny_cli_args(data, train_iters=2, load=save)
     args[args.index("--hidden-size") + 1] = "64"
-    _fails(capsys, args, f"--load {save} (iter_0000001) holds a different model", "hidden_size: checkpoint 32 vs now 64")
+    _fails(capsys, args, f"--load {save} (iter_0000001) holds a different model", "--hidden-size: checkpoint 32 vs now 64")
 
 
 def test_resuming_a_checkpoint_without_the_embedding_scale(capsys, data, tmp_path):
@@ -94,7 +94,22 @@ def test_resuming_a_checkpoint_without_the_embedding_scale(capsys, data, tmp_pat
     assert main(args) == 0
     capsys.readouterr()
     _fails(capsys, tiny_cli_args(data, train_iters=2, load=save) + ["--normalization", "DyT"],
-           "learnable_embedding_scale: checkpoint False vs now True", "resume it with --no-learnable-embedding-scale")
+           "--learnable-embedding-scale: checkpoint False vs now True (resume it with --no-learnable-embedding-scale)")
+
+
+def test_resuming_a_biased_checkpoint_names_the_bias_flags(capsys, data, tmp_path):
+    """A checkpoint with linear biases (e.g. the output of convert_checkpoint.py --to rmsnorm, which turns them
+    on) resumed without the flags, and a bias-free one resumed with one: one line naming each flag to give."""
+    save = str(tmp_path / "ckpt")
+    assert main(tiny_cli_args(data, train_iters=1, save=save) + ["--add-qkv-bias", "--add-output-layer-bias"]) == 0
+    capsys.readouterr()
+    _fails(capsys, tiny_cli_args(data, train_iters=2, load=save) + ["--add-qkv-bias"],
+           "--add-output-layer-bias: checkpoint True vs now False (resume it with --add-output-layer-bias)")
+    plain = str(tmp_path / "plain")
+    assert main(tiny_cli_args(data, train_iters=1, save=plain)) == 0
+    capsys.readouterr()
+    _fails(capsys, tiny_cli_args(data, train_iters=2, load=plain) + ["--add-bias-linear"],
+           "--add-bias-linear: checkpoint False vs now True (resume it with --no-add-bias-linear)")
 
 
 def test_parallel_sizes_that_do_not_fit_the_world(capsys, data):

@@ -69,7 +69,7 @@ def test_finished_and_diverged_runs_exit_with_their_codes(tmp_path, data):
     assert codes == [2, 2], errs
     for rank, err in enumerate(errs):
         lines = [ln for ln in err.splitlines() if "error:" in ln]
-        assert len(lines) == 1 and "vocab_size: checkpoint 256 vs now 512" in lines[0], err
+        assert len(lines) == 1 and "--vocab-size: checkpoint 256 vs now 512" in lines[0], err
         assert "give --vocab-size 256" in lines[0], err  # the fix, in the same line
         assert ("[rank 1] " in lines[0]) == (rank == 1) and "Traceback" not in err, err
 

@@ -16,7 +16,9 @@ from megatron_mixln import checkpoint as ckpt
 def _last_step(metrics_path):
     if not os.path.exists(metrics_path):
         return 0
-    steps = [json.loads(line)["step"] for line in open(metrics_path) if line.strip().startswith("{")]
+    # The trainer is appending while this polls: a last line without its newline is still being written.
+    with open(metrics_path) as fh:
+        steps = [json.loads(line)["step"] for line in fh if line.endswith("\n") and line.startswith("{")]
     return max(steps, default=0)
 
 

@@ -54,9 +54,9 @@ def test_rollback_recovers_onto_the_expected_curve(single_rank, monkeypatch, tmp
     real_load = trainer.load_checkpoint
 
     def load_at_skip(engine, load_dir, tag):
-        ts = real_load(engine, load_dir, tag)
+        ts, training = real_load(engine, load_dir, tag)
         ts.consumed_samples, ts.lr_scale = 12 * 4, 0.5
-        return ts
+        return ts, training
 
     monkeypatch.setattr(trainer, "load_checkpoint", load_at_skip)
     resumed = _run(tiny_train(**BASE, load=str(tmp_path / "b")))

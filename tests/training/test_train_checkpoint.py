@@ -46,8 +46,8 @@ def test_rng_states_round_trip(single_rank, tmp_path):
     ckpt.save_checkpoint(engine, str(tmp_path), state, tiny_model(), tiny_train(), keep_last=0)
     expected = (random.random(), np.random.rand(), torch.rand(2))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    loaded = ckpt.load_checkpoint(engine, str(tmp_path), "iter_0000001")
-    assert loaded == state
+    loaded, training = ckpt.load_checkpoint(engine, str(tmp_path), "iter_0000001")
+    assert loaded == state and training == tiny_train().to_dict()
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
     engine.destroy()
@@ -115,14 +115,14 @@ def test_load_errors_name_the_problem(single_rank, tmp_path):
         ckpt.inspect_checkpoint(str(tmp_path / "plain"), tiny_model())
     save = str(tmp_path / "ckpt")
     run_and_destroy(tiny_model(), tiny_train(save=save, **{**RUN, "train_iters": 1}), tiny_datasets())
-    with pytest.raises(UsageError, match=r"hidden_size: checkpoint 32 vs now 64"):
+    with pytest.raises(UsageError, match=r"--hidden-size: checkpoint 32 vs now 64"):
         ckpt.inspect_checkpoint(save, tiny_model(hidden_size=64))
     with pytest.raises(UsageError, match=r"norm positions: checkpoint 'post,pre' vs now 'pre\*2'"):
         ckpt.inspect_checkpoint(save, tiny_model(norm_position="pre", post_ln_layers=None))
     # ...and it fails before training: pretrain raises before building anything.
     from megatron_mixln.training.trainer import pretrain
 
-    with pytest.raises(UsageError, match="num_layers: checkpoint 2 vs now 3"):
+    with pytest.raises(UsageError, match="--num-layers: checkpoint 2 vs now 3"):
         pretrain(tiny_model(num_layers=3), tiny_train(load=save), tiny_datasets())
 
 
@@ -196,6 +196,23 @@ def test_resume_with_another_lr_schedule_is_refused_or_resolved(single_rank, tmp
     assert [h["lr"] for h in new["history"]] == pytest.approx([lr_at(s, tiny_train(**longer)) for s in (7, 8, 9)],
                                                             rel=1e-12)
     assert new["history"][0]["lr"] > kept["history"][0]["lr"]
+    # A checkpoint written before mixln_meta.json recorded the schedule: the client state's training config
+    # decides, once the checkpoint is loaded (a refusal then, the checkpoint's curve with the flag)
+    import json
+
+    from megatron_mixln.manifest import describe, list_files, write_manifest
+    tag_dir = os.path.join(save, "iter_0000006")
+    meta_path = os.path.join(tag_dir, "mixln_meta.json")
+    meta = json.load(open(meta_path))
+    del meta["lr_schedule"]
+    with open(meta_path, "w") as fh:
+        json.dump(meta, fh)
+    write_manifest(tag_dir, describe(tag_dir, [f for f in list_files(tag_dir) if f != "manifest.json"]))
+    with pytest.raises(UsageError, match=r"trained with another LR schedule \(--lr-decay-iters 6 -> 9\)"):
+        run_and_destroy(tiny_model(), tiny_train(load=save, **longer), tiny_datasets())
+    old_kept = run_and_destroy(tiny_model(), tiny_train(load=save, use_checkpoint_opt_param_scheduler=True, **longer),
+                               tiny_datasets())
+    assert [h["lr"] for h in old_kept["history"]] == [h["lr"] for h in kept["history"]]
     # Megatron's spelling of the flags parses to the same fields
     from megatron_mixln.training.arguments import parse_configs
     _, cfg = parse_configs(["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"])
