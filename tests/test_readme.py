@@ -1,12 +1,14 @@
 """README.md and docs/*.md are a program: every ```bash and ```python block runs, in order, in a fresh directory.
 
-The documents are README.md first, then every docs/*.md page in sorted order. Their runnable blocks
-are joined into one bash script, as a user would type them into one terminal from the repository
-root: bash blocks verbatim, Python blocks as `python - <<'EOF'` (cwd = the same directory). The
-directory is new and empty except for symlinks to the repository's tracked top-level entries
-(tools/, megatron_mixln/, ds_configs/, ...) and `.venv`, which points at the environment running the
-tests; so every file a command reads must be made by an earlier command (a page may use the README's
-outputs, not another page's). A failure names the block (file and line) and shows its output.
+The documents are README.md first, then every docs/*.md page in sorted order. A document's runnable
+blocks are joined into one bash script, as a user would type them into one terminal from the
+repository root: bash blocks verbatim, Python blocks as `python - <<'EOF'` (cwd = the same directory).
+The README's runs first, in a directory that is new and empty except for symlinks to the repository's
+tracked top-level entries (tools/, megatron_mixln/, ds_configs/, ...) and `.venv`, which points at the
+environment running the tests. Then each page's runs in its own copy of the directory the README left
+(hard links to its files, the README's exported environment restored), `PAGE_WORKERS` pages at a time:
+every file a command reads must be made by an earlier command of its document or by the README, never
+by another page. A failure names the block (file and line) and shows its output.
 `MIXLN_DOCS_PAGE=<page>` (e.g. `checkpoints`) runs the README and that one page, for quick edits.
 
 Convention (shared by everyone who edits README.md or docs/): a block that cannot run on a CPU in
@@ -34,6 +36,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,8 @@ SUBSTITUTIONS = [  # (pattern, replacement, why)
 TIMEOUT_S = 900
 MARK = "@@README-BLOCK"
 PAGE_ENV = "MIXLN_DOCS_PAGE"
+PAGE_WORKERS = 2  # pages side by side: most blocks are one single-threaded process, CI has 2 cores
+README_ENV = ".readme-env.sh"  # the README's exported variables (e.g. `source .venv/bin/activate`), for the pages
 
 
 def documents() -> list[Path]:
@@ -148,8 +153,18 @@ def select_page(blocks: list[Block], page: str | None) -> list[Block]:
     return [b for b in blocks if b.path in ("README.md", path)]
 
 
-def build_script(blocks: list[Block]) -> str:
-    parts = ["set -eo pipefail"]
+def by_document(blocks: list[Block]) -> list[tuple[str, list[Block]]]:
+    """[(document, its blocks)] in document order (README.md first); documents without blocks are left out."""
+    groups: dict[str, list[Block]] = {}
+    for b in blocks:
+        groups.setdefault(b.path, []).append(b)
+    return list(groups.items())
+
+
+def build_script(blocks: list[Block], prologue: str = "", epilogue: str = "") -> str:
+    """One bash script running `blocks` in order, each announced by a MARK line (index, file:line, seconds);
+    `prologue`/`epilogue`: bash run before the first block / after the last one."""
+    parts = ["set -eo pipefail", prologue]
     for n, b in enumerate(blocks):
         parts.append(f'echo "{MARK} {n} {b.where} $SECONDS"')
         if RUN_LANGUAGES[b.language] == "bash":
@@ -158,8 +173,20 @@ def build_script(blocks: list[Block]) -> str:
             eof = "__README_PYTHON__"
             assert eof not in b.text
             parts.append(f"python - <<'{eof}'\n{b.text}\n{eof}")
+    parts.append(epilogue)
     parts.append(f'echo "{MARK} end end:0 $SECONDS"')
     return "\n".join(parts) + "\n"
+
+
+# the README's environment, saved at its end and restored before each page (not the shell's own variables)
+SAVE_ENV = (f"declare -px | grep -Ev '^declare -[a-z]*r|^declare -[^ ]* (PWD|OLDPWD|SHLVL|_|BASH_[A-Z_]*)(=|$)' "
+            f"> {README_ENV}")
+LOAD_ENV = f"source {README_ENV}"
+
+
+def copy_state(src: Path, dst: Path) -> None:
+    """dst: the directory the README left in src, as hard links (no bytes copied; a page writes new files)."""
+    subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
 
 
 # --- links and anchors --------------------------------------------------------------------------
@@ -306,6 +333,22 @@ def test_script_stops_at_the_first_failing_block(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith(f"{MARK} 1 docs/a.md:5 ")
 
 
+def test_pages_see_the_readme_state_and_not_each_other(tmp_path):
+    """What the README exported and wrote reaches every page's copy; a file one page writes does not reach another."""
+    readme_dir = tmp_path / "readme"
+    readme_dir.mkdir()
+    readme = _run_script([Block(1, "bash", "export FROM_README=yes\necho made > made.txt")], readme_dir,
+                         tmp_path / "r.sh", epilogue=SAVE_ENV)
+    assert _failure(readme) is None, readme["output"]
+    outcomes = []
+    for name, text in (("a", 'test "$FROM_README" = yes && cat made.txt && echo mine > a.txt'), ("b", "cat a.txt")):
+        copy_state(readme_dir, tmp_path / name)
+        outcomes.append(_run_script([Block(3, "bash", text, path=f"docs/{name}.md")], tmp_path / name,
+                                    tmp_path / f"{name}.sh", prologue=LOAD_ENV))
+    assert _failure(outcomes[0]) is None and "made" in outcomes[0]["output"], outcomes[0]["output"]
+    assert _failure(outcomes[1]).startswith("docs/b.md:3: the bash block exits 1"), outcomes[1]["output"]
+
+
 def test_github_anchors():
     # expected values: the anchors github.com gives these headings
     assert github_anchor("Data: corpus → tokenizer → Megatron indexed dataset → GPT samples") == \
@@ -356,27 +399,64 @@ def test_readme_blocks_parse_and_skips_have_reasons():
     assert len(runnable) >= 18
 
 
+def _run_script(blocks: list[Block], work: Path, script: Path, prologue: str = "", epilogue: str = "") -> dict:
+    """Runs `blocks` as one bash script in `work`; -> returncode, output, marks [(pos, index, where, seconds)]."""
+    script.write_text(build_script(blocks, prologue, epilogue))
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(script)], cwd=work, env=_env(work), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    marks = [(m.start(), m.group(1), m.group(2), int(m.group(3)))
+             for m in re.finditer(rf"^{MARK} (\S+) (\S+) (\d+)$", proc.stdout, flags=re.M)]
+    return {"returncode": proc.returncode, "output": proc.stdout, "marks": marks, "blocks": blocks,
+            "seconds": time.monotonic() - start}
+
+
+def _failure(run: dict) -> str | None:
+    """None when the script ran to its end, else the failing block (file:line), as run, and its output's tail."""
+    marks, output = run["marks"], run["output"]
+    if run["returncode"] == 0 and marks and marks[-1][1] == "end":
+        return None
+    if not marks:
+        return f"the script exits {run['returncode']} before its first block\n{output[-4000:]}"
+    pos, n, where, _ = marks[-1]
+    if n == "end":  # the epilogue (saving the README's environment) failed
+        return f"{where}: after the last block, exit {run['returncode']}\n{output[pos:][-4000:]}"
+    block = run["blocks"][int(n)]
+    return (f"{where}: the {block.language} block exits {run['returncode']}\n"
+            f"--- block (as run) ---\n{block.text}\n--- its output (tail) ---\n{output[pos:][-4000:]}")
+
+
+def _timings(run: dict) -> str:
+    return ", ".join(f"{a[2]} {b[3] - a[3]} s" for a, b in zip(run["marks"], run["marks"][1:]))
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs_in_a_fresh_directory(tmp_path):
-    blocks = select_page(substitute(all_blocks()), os.environ.get(PAGE_ENV))
+    documents_ = by_document(select_page(substitute(all_blocks()), os.environ.get(PAGE_ENV)))
+    assert documents_[0][0] == "README.md"
     work = tmp_path / "readme"
     work.mkdir()
     fresh_checkout(work)
-    script = build_script(blocks)
-    (tmp_path / "readme.sh").write_text(script)
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(tmp_path / "readme.sh")], cwd=work, env=_env(work), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-    output = proc.stdout
-    marks = [(m.start(), m.group(1), m.group(2), int(m.group(3)))
-             for m in re.finditer(rf"^{MARK} (\S+) (\S+) (\d+)$", output, flags=re.M)]
-    timings = [f"{a[2]} {b[3] - a[3]} s" for a, b in zip(marks, marks[1:])]
-    print(f"\nREADME test: {len(blocks)} blocks in {time.monotonic() - start:.0f} s: " + ", ".join(timings))
-    if proc.returncode != 0:
-        pos, n, where, _ = marks[-1]
-        block = blocks[int(n)]
-        raise AssertionError(f"{where}: the {block.language} block exits {proc.returncode}\n"
-                             f"--- block (as run) ---\n{block.text}\n--- its output (tail) ---\n{output[pos:][-4000:]}")
-    assert marks[-1][1] == "end"
+    readme = _run_script(documents_[0][1], work, tmp_path / "readme.sh", epilogue=SAVE_ENV)
+    print(f"\nREADME test: README.md, {len(documents_[0][1])} blocks in {readme['seconds']:.0f} s: {_timings(readme)}")
+    problem = _failure(readme)
+    if problem:
+        raise AssertionError(problem)
+
+    def run_page(path_blocks):
+        path, blocks = path_blocks
+        page = tmp_path / Path(path).stem
+        copy_state(work, page)
+        return _run_script(blocks, page, tmp_path / f"{Path(path).stem}.sh", prologue=LOAD_ENV)
+
+    with ThreadPoolExecutor(PAGE_WORKERS) as pool:
+        pages = list(pool.map(run_page, documents_[1:]))
+    for (path, blocks), run in zip(documents_[1:], pages):
+        print(f"  {path}, {len(blocks)} blocks in {run['seconds']:.0f} s: {_timings(run)}")
+    print(f"README test: {sum(len(b) for _, b in documents_)} blocks in {time.monotonic() - start:.0f} s")
+    problems = [p for p in map(_failure, pages) if p]
+    assert not problems, "\n\n".join(problems)
     # sizes in the snippets stay sane: no sample count that needs > 100 epochs of the data it reads
-    assert "(more than 100); its sample index" not in output, output
+    for run in [readme, *pages]:
+        assert "(more than 100); its sample index" not in run["output"], run["output"]

@@ -14,7 +14,7 @@ def test_three_variant_zoo_sweep(tmp_path):
     data = _data(tmp_path)
     out = str(tmp_path / "out")
     rc = tool.main(["--positions", "olmo2-recipe,hybridnorm-star,dyt-pre", "--seeds", "1", "--out", out,
-                    "--skip-layer-analysis", *_flags(data, train_iters=4, eval_interval=4, save_interval=4)])
+                    "--parallel", "2", "--skip-layer-analysis", *_flags(data, train_iters=4, eval_interval=4, save_interval=4)])
     assert rc == 0
     for name in ("olmo2-recipe-s1", "hybridnorm-star-s1", "dyt-pre-s1"):
         rows = [json.loads(l) for l in open(os.path.join(out, "runs", name, "metrics.jsonl"))]

@@ -38,7 +38,7 @@ def sweep(tmp_path_factory):
                 w.add_document(rng.integers(0, 256, 40))
     out = str(tmp / "out")
     argv = ["--positions", "pre,post", "--lr-sweep", ",".join(map(str, LRS)), "--seeds", "1", "--out", out,
-            "--skip-layer-analysis", *_flags(str(tmp / "d"))]
+            "--parallel", "2", "--skip-layer-analysis", *_flags(str(tmp / "d"))]  # 2 runs at a time: 2 cores
     code = tool.main(argv)
     return {"out": out, "argv": argv, "code": code}
 

@@ -1,13 +1,28 @@
+"""tools/model_summary.py's figures against the model and the planner. The tool runs in this process (its
+main(argv), what `python tools/model_summary.py` calls): a fresh interpreter per case would only repeat the
+torch import; the tool as a separate process, exit code and one-line errors included, is run by
+tests/tools/test_one_line_errors.py and test_no_abbreviations.py."""
+import contextlib
+import importlib.util
+import io
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("model_summary_tool", ROOT / "tools/model_summary.py")
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools/model_summary.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+def _run(*args) -> subprocess.CompletedProcess:
+    """The tool's exit code, stdout and stderr for the command line `args`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = tool.main(list(args))
+        except SystemExit as exc:  # argparse's errors
+            code = exc.code
+    return subprocess.CompletedProcess(["model_summary.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_7b_mix_summary_on_meta():

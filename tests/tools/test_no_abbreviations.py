@@ -4,23 +4,14 @@
 Two independent checks: every `argparse.ArgumentParser(...)` in the package, tools/ and bench/ passes
 allow_abbrev=False (found by parsing the source, so a new tool is covered without listing it), and
 every script with a `__main__` block, run as a user would, rejects `--hel` (which argparse would
-otherwise expand to --help and exit 0).
+otherwise expand to --help and exit 0; the same process as test_one_line_errors' unknown flag,
+tests/tools/entry_points_testlib.py).
 """
 import ast
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE_DIRS = ("megatron_mixln", "tools", "bench")
-
-
-def _python_files():
-    return sorted(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))
+from entry_points_testlib import BAD_FLAGS, ROOT, entry_points, python_files
 
 
 def _parser_calls(path):
@@ -32,24 +23,12 @@ def _parser_calls(path):
                 yield node
 
 
-def _has_main_block(path):
-    return any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
-               for n in ast.parse(path.read_text()).body)
-
-
-def _command(path):
-    rel = path.relative_to(ROOT)
-    if rel.parts[0] == "megatron_mixln":  # package modules run as `python -m`
-        return [sys.executable, "-m", ".".join(rel.with_suffix("").parts)]
-    return [sys.executable, str(rel)]
-
-
-ENTRY_POINTS = [p for p in _python_files() if _has_main_block(p)]
+ENTRY_POINTS = entry_points()
 
 
 def test_every_argument_parser_refuses_abbreviations():
     found, missing = [], []
-    for path in _python_files():
+    for path in python_files():
         for call in _parser_calls(path):
             found.append(f"{path.relative_to(ROOT)}:{call.lineno}")
             kw = {k.arg: k.value for k in call.keywords}
@@ -65,18 +44,13 @@ def test_entry_points_are_found():
             "bench/preprocess.py"} <= names, names
 
 
-def test_every_entry_point_rejects_an_abbreviated_flag():
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-    def run(path):
-        return path, subprocess.run(_command(path) + ["--hel"], cwd=ROOT, env=env, capture_output=True,
-                                    text=True, timeout=300)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run, ENTRY_POINTS))
-    for path, proc in results:
-        assert proc.returncode == 2, (path, proc.returncode, proc.stdout[-300:], proc.stderr[-300:])
-        assert "error:" in proc.stderr and "usage:" not in proc.stdout, (path, proc.stderr[-300:])
+def test_every_entry_point_rejects_an_abbreviated_flag(entry_point_runs):
+    """`--hel` among BAD_FLAGS (entry_points_testlib): expanded to --help it would print the usage and exit 0."""
+    assert "--hel" in BAD_FLAGS
+    for path in ENTRY_POINTS:
+        code, out, err = entry_point_runs[(path, "flag")]
+        assert code == 2, (path, code, out[-300:], err[-300:])
+        assert "error:" in err and "usage:" not in out, (path, err[-300:])
 
 
 @pytest.mark.parametrize("argv, unknown", [

@@ -1,7 +1,6 @@
 """tools/plot_metrics.py: run directories -> loss/perplexity curves and per-layer grad-norm plots."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -33,14 +32,15 @@ def _run_dir(path, position, positions, layers=3, steps=(10, 20, 30), extra_line
     return str(path)
 
 
-def test_plots_of_two_runs(tmp_path):
+def test_plots_of_two_runs(tmp_path, capsys):
+    """The command line, through main(argv) in this process (the process's exit codes: tests/tools/test_one_line_errors.py)."""
     mix = _run_dir(tmp_path / "mix", "mix", "post,pre*2")
     pre = _run_dir(tmp_path / "pre", "pre", "pre*3",
                    extra_lines=[json.dumps({"kind": "train", "step": 20, "loss": 99.0}), '{"kind": "tr'])
     out = tmp_path / "plots"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot_metrics.py"), mix, pre, "--out", str(out)],
-                          capture_output=True, text=True, env=dict(os.environ, MPLBACKEND="Agg"))
-    assert proc.returncode == 0, proc.stderr
+    code = plot_metrics.main([mix, pre, "--out", str(out)])
+    proc = capsys.readouterr()
+    assert code == 0, proc.err
     expected = {"loss.png", "perplexity.png", "grad_norms_Mix-LN_k_1.png", "grad_norm_heatmap_Mix-LN_k_1.png",
                 "grad_norms_Pre-LN.png", "grad_norm_heatmap_Pre-LN.png", "diagnostics_heatmap_Mix-LN_k_1.png",
                 "diagnostics_heatmap_Pre-LN.png", "layer_profiles.png"}
@@ -48,7 +48,7 @@ def test_plots_of_two_runs(tmp_path):
     for name in expected:
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
-    assert "Mix-LN (k=1)" in proc.stdout and "validation perplexity 20.090 at step 30" in proc.stdout
+    assert "Mix-LN (k=1)" in proc.out and "validation perplexity 20.090 at step 30" in proc.out
 
 
 def test_tables_and_labels(tmp_path):
