@@ -177,9 +177,9 @@ def test_guards_fall_back_at_start_and_stop_while_running(tmp_path, models, text
     bad = _differing_text(reference)
     # Only documents both encoders agree on sit beside the planted one: the sample corpus is built
     # from this Python's own sources, so which of its documents differ depends on the installation.
-    differ = set(_same_ids(backends.FastTokenizer(reference), reference, texts[:200]))
-    texts = [t for i, t in enumerate(texts[:200]) if i not in differ][:30]
-    assert len(texts) == 30
+    differ = set(_same_ids(backends.FastTokenizer(reference), reference, texts[:400]))
+    texts = [t for i, t in enumerate(texts[:400]) if i not in differ][:150]
+    assert len(texts) == 150
     monkeypatch.setattr(backends, "gigatoken_claim", lambda tok: (True, "pretended"))
     early = write_lines(tmp_path / "early.jsonl", [json.dumps({"text": t}) for t in [bad] + texts[:30]])
     summary = _preprocess(tmp_path, "early", [early], model, cross_check_docs=5)
@@ -187,9 +187,14 @@ def test_guards_fall_back_at_start_and_stop_while_running(tmp_path, models, text
     assert summary["tokenizer_backend"]["fell_back"]
     line = [x for x in capsys.readouterr().err.splitlines() if "--tokenizer-backend" in x]
     assert len(line) == 1 and "differed from sentencepiece on 1 of the" in line[0]
+    # the start-up check counts differences, whatever --verify-fraction says (with 1.0 it raised instead)
+    again = _preprocess(tmp_path, "early1", [early], model, cross_check_docs=5, verify_fraction=1.0)
+    assert again["tokenizer_backend"]["fell_back"] and again["tokenizer_backend"]["used"] == "sentencepiece"
+    capsys.readouterr()
 
-    late = write_lines(tmp_path / "late.jsonl", [json.dumps({"text": t}) for t in texts[:30] + [bad]])
-    with pytest.raises(TokenizerError, match=r"late.jsonl:31: --verify-fraction: gigatoken and "
+    # past the first 20 x 5 documents, where the start-up sample draws from: only the running check sees it
+    late = write_lines(tmp_path / "late.jsonl", [json.dumps({"text": t}) for t in texts + [bad]])
+    with pytest.raises(TokenizerError, match=r"late.jsonl:151: --verify-fraction: gigatoken and "
                                              r"sentencepiece encode a document differently"):
         _preprocess(tmp_path, "late", [late], model, cross_check_docs=5, verify_fraction=1.0)
     assert not (tmp_path / "late_text_document.bin").exists()
