@@ -51,6 +51,11 @@ def read_hf_model(hf_dir: str, norm_position: str | None = None, post_ln_layers:
     hf = load_weights(files)
     where = f"{hf_dir} (weights)"
     check_norm_layout(set(hf), config, where, norm_position is not None or "norm_positions" in cfg)
+    if config.add_qkv_bias and not config.add_bias_linear and any(
+            k.endswith("o_proj.bias") and bool(v.any()) for k, v in hf.items()):
+        # our --add-qkv-bias export carries HF's attention_bias, whose zero o_proj bias trains in transformers:
+        # after fine-tuning it is a real bias, held exactly by --add-bias-linear (zero gate/up/down biases)
+        config = config.replace(add_bias_linear=True)
     return from_hf_state_dict(hf, config, where), config
 
 

@@ -52,7 +52,7 @@ def check_resumed_schedule(saved: dict | None, cfg: TrainingConfig, where: str) 
     if not saved:
         return None
     ours = lr_schedule_of(cfg)
-    differ = [name for name in LR_SCHEDULE_FIELDS if name in saved and saved[name] != ours[name]]
+    differ = [name for name in LR_SCHEDULE_FIELDS if name in saved and not _same(saved[name], ours[name])]
     if not differ:
         return None
     change = ", ".join(f"--{n.replace('_', '-')} {_shown(saved[n])} -> {_shown(ours[n])}" for n in differ)
@@ -71,3 +71,10 @@ def check_resumed_schedule(saved: dict | None, cfg: TrainingConfig, where: str) 
 def _shown(value) -> str:
     """A flag value as a user would type it: 0.00030000000000000003 -> 0.0003."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _same(saved, ours) -> bool:
+    """Equal, floats up to rounding: a default of 0.1 x --lr (0.00030000000000000003) is --min-lr 3e-4."""
+    if isinstance(saved, (int, float)) and isinstance(ours, (int, float)) and not isinstance(saved, bool):
+        return math.isclose(saved, ours, rel_tol=1e-9, abs_tol=0.0)
+    return saved == ours

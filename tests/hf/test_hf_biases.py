@@ -45,6 +45,28 @@ def test_export_with_biases_matches_and_imports_back(tmp_path, case):
         assert (back(tokens) - ours).abs().max() <= 1e-5  # lns: 1/sqrt(l) was folded into the gains
 
 
+def test_a_trained_o_proj_bias_of_a_qkv_bias_export_imports_exactly(tmp_path):
+    """The custom export of a --add-qkv-bias model carries HF's attention_bias, so o_proj has a (zero) bias that
+    transformers trains: after fine-tuning, the import holds it with --add-bias-linear (it was refused)."""
+    from safetensors.torch import save_file
+
+    overrides, cls, _, _ = CASES["qkv-only-custom-head-bias"]
+    _export_and_compare(tmp_path, overrides, cls)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith("o_proj.bias")]:  # what a fine-tuning step does to it
+        tensors[key] = 0.1 * torch.randn_like(tensors[key])
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_tool("convert_from_hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"))
+    assert code == 0, err
+    back_config, back = _our_model(tmp_path / "ckpt")
+    assert back_config.add_qkv_bias and back_config.add_bias_linear and back_config.add_output_layer_bias
+    from hf_testlib import load_hf
+
+    tokens = torch.randint(0, back_config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (back(tokens) - load_hf(tmp_path / "hf")(tokens).logits).abs().max() <= 1e-5
+
+
 def test_stock_request_for_a_head_bias_is_refused_in_one_line(tmp_path):
     from hf_testlib import save_tiny
 

@@ -187,6 +187,12 @@ def test_resume_with_another_lr_schedule_is_refused_or_resolved(single_rank, tmp
             trainer.pretrain(tiny_model(), tiny_train(load=save, override_opt_param_scheduler=True,
                                                       use_checkpoint_opt_param_scheduler=True, **longer), tiny_datasets())
     assert not built
+    # the same schedule spelt out (--min-lr as typed, not 0.1 x --lr as computed) is the same schedule
+    from megatron_mixln.checkpoint.meta import lr_schedule_of
+
+    computed = lr_schedule_of(tiny_train(lr=3e-3))
+    typed = tiny_train(lr=3e-3, min_lr=3e-4)
+    assert computed["min_lr"] != typed.min_lr and trainer.check_resumed_schedule(computed, typed, "x") is None
     kept = run_and_destroy(tiny_model(), tiny_train(load=save, use_checkpoint_opt_param_scheduler=True, **longer),
                            tiny_datasets())
     old = tiny_train(**RUN)  # the checkpoint's curve: flat at --min-lr after step 6
