@@ -66,6 +66,11 @@ def stock_refusal(config, always_custom: bool = False) -> str:
         if on:
             return (f"--stock: {flag}: no stock transformers class has {what}; drop --stock (the custom modeling "
                     "file computes it)")
+    if config.qkv_bias:
+        flag = "--add-bias-linear" if config.add_bias_linear else "--add-qkv-bias"
+        return (f"--stock: {flag}: linear biases have a stock class (Llama, Qwen2) only with RMSNorm pre/lns layers "
+                f"and no QK-norm, not positions {config.positions_str}, --normalization {config.normalization}, "
+                f"--qk-norm {config.qk_norm}; drop --stock (the custom modeling file computes it)")
     return (f"--stock: no stock transformers class computes this model exactly (positions {config.positions_str}, "
             f"--normalization {config.normalization}, --qk-norm {config.qk_norm}); drop --stock for the custom "
             "modeling file (docs/huggingface.md lists the stock rows)")
