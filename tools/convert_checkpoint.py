@@ -70,10 +70,7 @@ def _main(argv) -> int:
                          "new directory (the source run stays as it is)")
     from megatron_mixln.fileio import check_output, staged_directory
 
-    try:
-        check_output(args.output, args.overwrite)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    check_output(args.output, args.overwrite)  # ValueError: run_tool's one-line error, exit 2
 
     from megatron_mixln.model import ModelConfig
     from megatron_mixln.checkpoint.convert import convert

@@ -23,7 +23,7 @@ from megatron_mixln.hf.mapping import to_hf_state_dict, zero_biases_for_hf
 from megatron_mixln.hf.model_card import last_validation_ppl, model_card, training_summary
 from megatron_mixln.fileio import check_output, staged_directory
 from megatron_mixln.hf.remote_code import REMOTE_DIR, REMOTE_FILES
-from megatron_mixln.hf.tokenizer_export import boundary_token, load_tokenizer, serves_stock_class, write_tokenizer
+from megatron_mixln.hf.tokenizer_export import boundary_token, load_tokenizer, write_tokenizer
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,25 +94,31 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
     dtype = dtype or stored
     custom = always_custom or stock_name is None
     hf_config = build_hf_config(config, dtype, ids, tok.vocab_size if tok else None, custom, stock_name or "")
-    tokenizer_note = None
-    if not custom and tok is not None:  # AutoTokenizer builds its own tokenizer for some stock model types
-        why = serves_stock_class(tok, config.seq_length, hf_config)
-        if why is not None:
-            if stock:
-                raise ValueError(f"--stock: {stock_name} would load another tokenizer than the training one ({why}); "
-                                 "drop --stock (the custom modeling file keeps the tokenizer exact)")
-            tokenizer_note = (f"{stock_name} holds the weights exactly, but AutoTokenizer would not give the training "
-                              f"ids for it ({why}): exported with the custom modeling file instead")
-            custom = True
-            hf_config = build_hf_config(config, dtype, ids, tok.vocab_size, custom, "")
-    if custom or stock_name == "LlamaForCausalLM":  # HF's attention_bias also biases o_proj: a zero one, if needed
-        plain = zero_biases_for_hf(plain, config)
-    hf_plain = to_hf_state_dict(plain, config, fold_lns=not custom)  # lns -> stock Llama: 1/sqrt(l) into the gains
-    tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in hf_plain.items()}
     training = summary.get("training_config") or {}
     ppl = last_validation_ppl(training.get("run_dir") or training.get("save") or checkpoint, summary.get("iteration"))
 
     with staged_directory(output) as tmp:
+        # The tokenizer first, checked as AutoTokenizer loads it beside this config: some stock model types
+        # (qwen2, olmo2, stablelm) rebuild their own tokenizer, and then the custom modeling file keeps it exact.
+        tok_files, tok_class, tokenizer_note = [], None, None
+        if tok is not None:
+            try:
+                tok_files, tok_class = write_tokenizer(tok, tmp, config.seq_length, None if custom else hf_config)
+            except ValueError as e:
+                if custom:
+                    raise
+                if stock:
+                    raise ValueError(f"--stock: {stock_name} would load another tokenizer than the training one "
+                                     f"({e}); drop --stock (the custom modeling file keeps the tokenizer exact)") from None
+                tokenizer_note = (f"{stock_name} holds the weights exactly, but AutoTokenizer would not give the "
+                                  f"training ids for it ({e}): exported with the custom modeling file instead")
+                custom = True
+                hf_config = build_hf_config(config, dtype, ids, tok.vocab_size, custom, "")
+                tok_files, tok_class = write_tokenizer(tok, tmp, config.seq_length, None)
+        if custom or stock_name == "LlamaForCausalLM":  # HF's attention_bias also biases o_proj: a zero one, if needed
+            plain = zero_biases_for_hf(plain, config)
+        hf_plain = to_hf_state_dict(plain, config, fold_lns=not custom)  # lns -> stock Llama: 1/sqrt(l) into gains
+        tensors = {k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in hf_plain.items()}
         hf_config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"),
                          pad_token_id=ids.get("pad")).save_pretrained(tmp)
@@ -121,8 +127,6 @@ def export_to_hf(checkpoint: str, output: str, tag: str | None = None, dtype: st
         if custom:
             for name in REMOTE_FILES:
                 shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(tmp, name))
-        tok_files, tok_class = write_tokenizer(tok, tmp, config.seq_length, None if custom else hf_config) \
-            if tok else ([], None)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(config, summary, hf_config.architectures[0], custom, ppl, os.path.abspath(checkpoint),
                                dtype, boundary_token(tok) if tok else None))

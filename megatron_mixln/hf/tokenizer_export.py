@@ -211,15 +211,3 @@ def write_tokenizer(tok, out_dir: str, max_length: int, model_config=None) -> tu
         cls = _write_spm(tok, out_dir, max_length, model_config)
     return sorted(n for n in os.listdir(out_dir) if n.startswith(("tokenizer", "special_tokens"))), cls
 
-
-def serves_stock_class(tok, max_length: int, model_config) -> str | None:
-    """None when AutoTokenizer, loading an export of `model_config`'s type, reproduces `tok` exactly;
-    else the reason (one clause). Written to a scratch directory; nothing is kept."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            write_tokenizer(tok, scratch, max_length, model_config)
-        except ValueError as e:
-            return str(e)
-    return None
