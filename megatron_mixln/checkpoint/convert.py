@@ -32,7 +32,7 @@ import torch
 
 from megatron_mixln.checkpoint.io import load_to_cpu
 from megatron_mixln.checkpoint.layout import (CONVERTED, MANIFEST, PLAIN_CONFIG, PLAIN_TRAINER_STATE, PLAIN_WEIGHTS,
-                                              UNIVERSAL, is_plain_dir, resolve_tag, write_latest)
+                                              UNIVERSAL, resolve_tag, write_latest)
 from megatron_mixln.fileio import atomic_open, atomic_write_json, atomic_write_text, atomic_write_with
 from megatron_mixln.manifest import describe, list_files, write_manifest
 from megatron_mixln.parallel.sharding import merge_tp, split_tp

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import islice
 
 from .errors import DataError
 from megatron_mixln.fileio import atomic_write_json

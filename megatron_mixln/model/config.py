@@ -108,7 +108,7 @@ class ModelConfig:
                 f"num_query_groups={self.num_query_groups}"
             )
         if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError(f"hidden_size/num_attention_heads: head dim must be even for RoPE")
+            raise ValueError("hidden_size/num_attention_heads: head dim must be even for RoPE")
         name = NORMALIZATIONS.get(self.normalization.lower())
         if name is None:
             raise ValueError(f"--normalization: unknown {self.normalization!r}; allowed: {', '.join(NORMALIZATIONS.values())}")

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_mixln.model.norms import Norm, make_norm
+from megatron_mixln.model.norms import make_norm
 
 
 def start_streams(h):

@@ -22,7 +22,7 @@ from megatron_mixln.model import ModelConfig
 from megatron_mixln.checkpoint.compat import check_resume_layout
 from megatron_mixln.checkpoint.layout import write_latest
 from megatron_mixln.checkpoint.load import fallback_warning, inspect_checkpoint, load_checkpoint
-from megatron_mixln.checkpoint.meta import LR_SCHEDULE_FIELDS, TrainState
+from megatron_mixln.checkpoint.meta import TrainState
 from megatron_mixln.checkpoint.rng import seed_everything
 from megatron_mixln.checkpoint.save import save_checkpoint
 from megatron_mixln.errors import UsageError
@@ -361,8 +361,7 @@ def setup_run(model_config: ModelConfig, cfg: TrainingConfig, datasets, watchdog
     if resume:
         train_state, saved_training = load_checkpoint(engine, cfg.load, resume["tag"])
         if resume.get("lr_schedule") is None:  # written before mixln_meta.json recorded it: the client state has it
-            saved = {k: saved_training[k] for k in LR_SCHEDULE_FIELDS if k in saved_training}
-            _warn(check_resumed_schedule(saved, cfg, f"--load {cfg.load} ({resume['tag']})"))
+            _warn(check_resumed_schedule(saved_training, cfg, f"--load {cfg.load} ({resume['tag']})"))
     watchdog.progress("the first step (after building the model)", max(watchdog.timeout_s, STARTUP_MIN_S))
 
     n_params = _num_params(engine.module, state)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from megatron_mixln.model import ModelConfig, build_model
-from megatron_mixln.model.block import resolve_stream
 from model_reference import apply_norm, block_ref, linear_ref
 
 TINY = dict(vocab_size=61, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, seq_length=16,

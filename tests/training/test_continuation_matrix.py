@@ -6,7 +6,6 @@ must leave the weights equal to the loaded ones (rounded to bf16 in a bf16 run):
 master weights were refreshed from what was loaded, not left at the random initialisation. A universal
 reshape and a stop save keep the optimizer states, so there a normal continuation equals the
 uninterrupted run. (Rollback: tests/training/test_rollback.py; signals: test_preemption.py.)"""
-import os
 
 import pytest
 import torch
